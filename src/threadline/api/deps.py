@@ -1,0 +1,80 @@
+"""Request dependencies: the services, one transaction, the signed-in user, owned resources."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from threadline.api.services import Services
+from threadline.auth.tokens import TokenClaims
+from threadline.context import UserContext
+from threadline.errors import AuthError, RateLimitedError
+from threadline.logs import bind_context
+from threadline.store.threads import Thread
+
+_bearer = HTTPBearer(auto_error=False, description="A token from POST /v1/auth/token")
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def _transaction(services: ServicesDep) -> AsyncIterator[AsyncConnection]:
+    async with services.engine.begin() as conn:
+        yield conn
+
+
+# scope="function": commit before the response is sent, so a client that got a 201 always
+# finds its write on the next request.
+DbConn = Annotated[AsyncConnection, Depends(_transaction, scope="function")]
+
+
+async def _current_claims(
+    services: ServicesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> TokenClaims:
+    if credentials is None:
+        raise AuthError("Send a bearer token in the Authorization header", code="not_authenticated")
+    return await services.auth.validate(credentials.credentials)
+
+
+CurrentClaims = Annotated[TokenClaims, Depends(_current_claims)]
+
+
+def _current_user(claims: CurrentClaims, request: Request) -> UserContext:
+    ctx = UserContext.create(claims.user_id, request_id=getattr(request.state, "request_id", None))
+    bind_context(ctx)
+    return ctx
+
+
+CurrentUser = Annotated[UserContext, Depends(_current_user)]
+
+
+async def _owned_thread(
+    thread_id: str, user: CurrentUser, conn: DbConn, services: ServicesDep
+) -> Thread:
+    return await services.threads.get(conn, user, thread_id)
+
+
+OwnedThread = Annotated[Thread, Depends(_owned_thread)]
+
+
+async def _message_rate_limit(user: CurrentUser, services: ServicesDep) -> None:
+    limit = services.settings.messages_per_minute
+    decision = await services.limiter.hit(f"messages:{user.user_id}", limit=limit, window_seconds=60)
+    if not decision.allowed:
+        raise RateLimitedError(
+            f"At most {limit} messages a minute; retry in {decision.retry_after_seconds} s",
+            retry_after_seconds=decision.retry_after_seconds,
+        )
+
+
+MessageRateLimit = Depends(_message_rate_limit)

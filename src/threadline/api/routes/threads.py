@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response, status
+
+from threadline.api.deps import CurrentUser, DbConn, OwnedThread, ServicesDep
+from threadline.api.schemas import ErrorOut, ListOut, ThreadCreate, ThreadOut, ThreadUpdate
+from threadline.errors import InvalidInputError
+from threadline.store.pagination import MAX_PAGE_SIZE
+from threadline.store.threads import UNSET, JSONObject, ThreadChanges, ThreadFilter, ThreadStatus
+
+router = APIRouter(prefix="/v1/threads", tags=["threads"])
+_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorOut},
+    404: {"model": ErrorOut},
+    422: {"model": ErrorOut},
+}
+
+
+def _etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def _parse_if_match(value: str | None) -> int | None:
+    if value is None or value.strip() == "*":
+        return None
+    raw = value.strip().removeprefix("W/").strip('"')
+    if not raw.isdigit():
+        raise InvalidInputError(
+            'If-Match must be a thread version as returned in ETag, e.g. "3"',
+            code="invalid_if_match",
+        )
+    return int(raw)
+
+
+def _parse_metadata_filter(value: str | None) -> JSONObject | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise InvalidInputError(
+            "metadata must be a JSON object, e.g. {\"project\":\"apollo\"}",
+            code="invalid_metadata_filter",
+        ) from exc
+    if not isinstance(parsed, dict):
+        raise InvalidInputError("metadata must be a JSON object", code="invalid_metadata_filter")
+    return parsed
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses=_ERRORS)
+async def create_thread(
+    body: ThreadCreate, user: CurrentUser, conn: DbConn, services: ServicesDep, response: Response
+) -> ThreadOut:
+    thread = await services.threads.create(
+        conn, user, title=body.title, metadata=dict(body.metadata)
+    )
+    response.headers["ETag"] = _etag(thread.version)
+    return ThreadOut.of(thread)
+
+
+@router.get("", responses=_ERRORS)
+async def list_threads(
+    user: CurrentUser,
+    conn: DbConn,
+    services: ServicesDep,
+    status_filter: Annotated[ThreadStatus | None, Query(alias="status")] = None,
+    metadata: Annotated[str | None, Query(description="JSON object the metadata must contain")] = None,
+    q: Annotated[str | None, Query(min_length=1, max_length=200, description="Text search")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> ListOut[ThreadOut]:
+    filters = ThreadFilter(status=status_filter, metadata=_parse_metadata_filter(metadata), query=q)
+    page = await services.threads.list(conn, user, filters=filters, limit=limit, cursor=cursor)
+    return ListOut(data=[ThreadOut.of(t) for t in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{thread_id}", responses=_ERRORS)
+async def get_thread(thread: OwnedThread, response: Response) -> ThreadOut:
+    response.headers["ETag"] = _etag(thread.version)
+    return ThreadOut.of(thread)
+
+
+@router.patch("/{thread_id}", responses={**_ERRORS, 409: {"model": ErrorOut}})
+async def update_thread(
+    thread_id: str,
+    body: ThreadUpdate,
+    user: CurrentUser,
+    conn: DbConn,
+    services: ServicesDep,
+    response: Response,
+    if_match: Annotated[str | None, Header(max_length=64)] = None,
+) -> ThreadOut:
+    given = body.model_fields_set
+    changes = ThreadChanges(
+        title=body.title if "title" in given else UNSET,
+        metadata_patch=dict(body.metadata) if body.metadata is not None else UNSET,
+        status=body.status if body.status is not None else UNSET,
+    )
+    thread = await services.threads.update(
+        conn, user, thread_id, changes, expected_version=_parse_if_match(if_match)
+    )
+    response.headers["ETag"] = _etag(thread.version)
+    return ThreadOut.of(thread)
+
+
+@router.delete(
+    "/{thread_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS
+)
+async def delete_thread(
+    thread_id: str,
+    user: CurrentUser,
+    conn: DbConn,
+    services: ServicesDep,
+    permanent: bool = False,
+) -> Response:
+    """Archive the thread (restorable with `PATCH {"status": "active"}`), or with
+    `?permanent=true` remove it and everything it owns."""
+    if permanent:
+        await services.threads.delete(conn, user, thread_id)
+    else:
+        await services.threads.archive(conn, user, thread_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,132 @@
+"""Request and response bodies. Unknown fields (a forged `user_id`, say) are ignored."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+
+from threadline.store.messages import Message, MessageRole
+from threadline.store.threads import Thread, ThreadStatus
+from threadline.store.users import User
+
+T = TypeVar("T")
+Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Metadata = dict[str, JsonValue]
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorBody(Schema):
+    code: str = Field(description="Stable, machine-readable error code")
+    message: str
+
+
+class ErrorOut(Schema):
+    error: ErrorBody
+
+
+class Credentials(Schema):
+    email: Annotated[str, StringConstraints(max_length=320)]
+    password: Annotated[str, StringConstraints(max_length=1024)]
+
+
+class UserOut(Schema):
+    id: str
+    email: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, user: User) -> UserOut:
+        return cls(id=user.id, email=user.email, created_at=user.created_at)
+
+
+class TokenOut(Schema):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int
+
+
+class ThreadCreate(Schema):
+    title: Title | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class ThreadUpdate(Schema):
+    """Only the fields present change. `metadata` is merged: a null value removes its key."""
+
+    title: Title | None = None
+    metadata: Metadata | None = None
+    status: ThreadStatus | None = None
+
+
+class ThreadOut(Schema):
+    id: str
+    title: str | None
+    status: ThreadStatus
+    metadata: Metadata
+    version: int
+    message_count: int
+    created_at: datetime
+    updated_at: datetime
+    last_activity_at: datetime
+
+    @classmethod
+    def of(cls, thread: Thread) -> ThreadOut:
+        return cls(
+            id=thread.id,
+            title=thread.title,
+            status=thread.status,
+            metadata=thread.metadata,  # type: ignore[arg-type]
+            version=thread.version,
+            message_count=thread.message_count,
+            created_at=thread.created_at,
+            updated_at=thread.updated_at,
+            last_activity_at=thread.last_activity_at,
+        )
+
+
+class MessageCreate(Schema):
+    content: Annotated[str, StringConstraints(max_length=1_000_000)]
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class MessageOut(Schema):
+    id: str
+    thread_id: str
+    position: int
+    role: MessageRole
+    content: str
+    metadata: Metadata
+    run_id: str | None
+    tool_calls: list[dict[str, JsonValue]] | None
+    tool_call_id: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, message: Message) -> MessageOut:
+        return cls(
+            id=message.id,
+            thread_id=message.thread_id,
+            position=message.position,
+            role=message.role,
+            content=message.content,
+            metadata=message.metadata,  # type: ignore[arg-type]
+            run_id=message.run_id,
+            tool_calls=message.tool_calls,  # type: ignore[arg-type]
+            tool_call_id=message.tool_call_id,
+            created_at=message.created_at,
+        )
+
+
+class ListOut(Schema, Generic[T]):
+    data: list[T]
+    next_cursor: str | None
+
+
+class HealthOut(Schema):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,83 @@
+"""The `threadline` command: serve, migrate."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import typer
+import uvicorn
+from rich.console import Console
+
+from threadline.errors import ConfigurationError
+from threadline.logs import configure_logging
+from threadline.settings import Settings, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Threadline server and tools.")
+console = Console(stderr=True)
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigurationError as exc:
+        console.print(f"[red]Configuration error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind [THREADLINE_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [THREADLINE_PORT]")] = None,
+) -> None:
+    """Run the API server. With no configuration: SQLite file, in-process worker, demo agent."""
+    from threadline.api.app import create_app
+
+    settings = _settings(host=host, port=port)
+    configure_logging(settings.log_level)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level.lower(),
+            proxy_headers=True,
+            timeout_graceful_shutdown=30,
+        )
+    )
+    shown_host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
+    console.print(f"Threadline on [bold]http://{shown_host}:{settings.port}[/bold]")
+    console.print(f"Database: {_redacted(settings.database_url)}")
+    server.run()
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (needed before `serve` on PostgreSQL)."""
+    from threadline.store.db import create_engine
+    from threadline.store.migrate import upgrade_to_head
+
+    settings = _settings()
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url)
+        try:
+            await upgrade_to_head(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    console.print(f"Migrated {_redacted(settings.database_url)} to the latest schema.")
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for printing."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, location = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{location}"
+
+
+def main() -> None:
+    app()

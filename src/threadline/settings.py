@@ -1,0 +1,204 @@
+"""Configuration: `THREADLINE_*` environment variables over an optional TOML file over defaults.
+
+Parsed once by the entry point (CLI or `create_app`) into a frozen `Settings` that is passed
+down explicitly; nothing else in the package reads the environment. Provider keys keep their
+vendors' usual names (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`) so existing set-ups just work.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from threadline.errors import ConfigurationError
+
+CONFIG_FILE_VARIABLE = "THREADLINE_CONFIG_FILE"
+_PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "changethis", "test"})
+# libpq spells TLS policy `sslmode`; asyncpg takes the same values under `ssl`.
+_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
+_POSTGRES_SCHEMES = frozenset(
+    {"postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "postgresql+asyncpg"}
+)
+_SQLITE_SCHEMES = frozenset({"sqlite", "sqlite+aiosqlite"})
+
+
+def normalize_database_url(url: str, *, setting: str = "THREADLINE_DATABASE_URL") -> str:
+    """Turn any common spelling of a database URL into the async-driver form SQLAlchemy needs.
+
+    `postgres://`, `postgresql://` and `postgresql+psycopg://` become `postgresql+asyncpg://`,
+    `sslmode=` becomes asyncpg's `ssl=`, and a Cloud SQL `host=/cloudsql/…` socket is kept.
+    A relative SQLite path is made absolute against the working directory so every process and
+    the migration runner open the same file. Raises `ConfigurationError` naming `setting`.
+    """
+    url = url.strip()
+    if not url:
+        raise ConfigurationError(setting, "is empty")
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigurationError(setting, f"{url!r} is not a URL (expected scheme://...)")
+    scheme = scheme.lower()
+    if scheme in _POSTGRES_SCHEMES:
+        return _normalize_postgres(rest, setting)
+    if scheme in _SQLITE_SCHEMES:
+        return _normalize_sqlite(rest, setting)
+    raise ConfigurationError(
+        setting, f"unsupported database {scheme!r}: use postgresql://... or sqlite:///path"
+    )
+
+
+def _normalize_postgres(rest: str, setting: str) -> str:
+    parts = urlsplit(f"postgresql+asyncpg://{rest}")
+    if not parts.path.strip("/") and "host=" not in parts.query and not parts.hostname:
+        raise ConfigurationError(setting, "a PostgreSQL URL needs a host and a database name")
+    query = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "sslmode":
+            if value not in _SSLMODES:
+                raise ConfigurationError(setting, f"unknown sslmode {value!r}")
+            key = "ssl"
+        query.append((key, value))
+    try:
+        _ = parts.port  # urlsplit only validates the port when asked
+    except ValueError as exc:
+        raise ConfigurationError(setting, f"invalid port: {exc}") from exc
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/:")))
+
+
+def _normalize_sqlite(rest: str, setting: str) -> str:
+    # sqlite:///relative.db -> rest "/relative.db"; sqlite:////abs.db -> rest "//abs.db"
+    if not rest.startswith("/"):
+        raise ConfigurationError(setting, "SQLite URLs look like sqlite:///file.db")
+    path_part, _, query = rest[1:].partition("?")
+    if path_part in ("", ":memory:"):
+        raise ConfigurationError(
+            setting, "an in-memory SQLite database would vanish between connections; use a file"
+        )
+    path = Path(path_part).expanduser()
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    normalized = f"sqlite+aiosqlite:///{path.resolve()}"
+    return f"{normalized}?{query}" if query else normalized
+
+
+def _split_comma_list(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting, with its environment variable `THREADLINE_<NAME>`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="THREADLINE_", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    environment: Literal["development", "production", "test"] = "development"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    database_url: str = "sqlite:///threadline.db"
+    """Normalized on load; see `normalize_database_url`."""
+    database_pool_size: int = Field(default=10, ge=1, le=200)
+    redis_url: str | None = None
+    """When set, token revocations and rate-limit counters live in Redis (shared by processes)."""
+    redis_prefix: str = "threadline"
+    """Prefix of every Redis key, so several deployments (or test runs) can share one Redis."""
+
+    secret_key: SecretStr | None = None
+    """Signs tokens. In development, a random key is kept in `data_dir` when unset."""
+    data_dir: Path = Path(".threadline")
+    token_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Allowed browser origins, comma-separated (`*` allows any)."""
+    messages_per_minute: int = Field(default=60, ge=1)
+    max_request_bytes: int = Field(default=1_000_000, ge=1024)
+    max_message_chars: int = Field(default=32_000, ge=1)
+    max_metadata_bytes: int = Field(default=8_192, ge=2)
+    log_level: str = "INFO"
+
+    openai_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("THREADLINE_OPENAI_API_KEY", "OPENAI_API_KEY")
+    )
+    openai_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("THREADLINE_OPENAI_BASE_URL", "OPENAI_BASE_URL"),
+    )
+    anthropic_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("THREADLINE_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"),
+    )
+    anthropic_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("THREADLINE_ANTHROPIC_BASE_URL", "ANTHROPIC_BASE_URL"),
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: object) -> object:
+        return _split_comma_list(value)
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalize_database(cls, value: str) -> str:
+        return normalize_database_url(value)
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secret(self) -> Settings:
+        if self.environment != "production":
+            return self
+        secret = self.secret_key.get_secret_value() if self.secret_key else ""
+        if secret.strip().lower() in _PLACEHOLDER_SECRETS or len(secret) < 32:
+            raise ConfigurationError(
+                "THREADLINE_SECRET_KEY",
+                "must be set to a random value of at least 32 characters in production",
+            )
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_VARIABLE)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigurationError(CONFIG_FILE_VARIABLE, f"no such file: {path}")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings once, at the entry point. Errors name the offending variable."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, ConfigurationError):
+            raise cause from exc
+        raise ConfigurationError(f"THREADLINE_{field.upper()}", first["msg"]) from exc

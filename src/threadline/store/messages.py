@@ -1,0 +1,222 @@
+"""Messages: appended under the thread's row lock, so positions have no gaps or duplicates."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Literal
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from threadline.context import UserContext
+from threadline.errors import ConflictError, InvalidInputError, NotFoundError
+from threadline.ids import IdPrefix, is_valid_id, new_id
+from threadline.store.pagination import Page, check_limit, decode_cursor, encode_cursor
+from threadline.store.tables import messages, threads
+from threadline.store.threads import JSONObject, ThreadStatus
+
+_TITLE_CHARS = 60
+
+
+class MessageRole(StrEnum):
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+    SYSTEM = "system"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: str
+    thread_id: str
+    position: int
+    role: MessageRole
+    content: str
+    metadata: JSONObject
+    created_at: datetime
+    run_id: str | None = None
+    tool_calls: list[JSONObject] | None = None
+    tool_call_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    role: MessageRole
+    content: str
+    metadata: JSONObject = field(default_factory=dict)
+    run_id: str | None = None
+    tool_calls: list[JSONObject] | None = None
+    tool_call_id: str | None = None
+
+
+def title_from(content: str) -> str:
+    """A thread title from its first message: the first words, cut at a word boundary."""
+    text = re.sub(r"\s+", " ", content).strip()
+    if len(text) <= _TITLE_CHARS:
+        return text or "New thread"
+    cut = text[:_TITLE_CHARS].rsplit(" ", 1)[0] or text[:_TITLE_CHARS]
+    return cut.rstrip(" ,.;:") + "…"
+
+
+def _message(row: sa.Row[tuple[object, ...]]) -> Message:
+    m = row._mapping
+    return Message(
+        id=m["id"],
+        thread_id=m["thread_id"],
+        position=m["position"],
+        role=MessageRole(m["role"]),
+        content=m["content"],
+        metadata=dict(m["metadata"]),
+        created_at=m["created_at"],
+        run_id=m["run_id"],
+        tool_calls=m["tool_calls"],
+        tool_call_id=m["tool_call_id"],
+    )
+
+
+class MessageStore:
+    def __init__(self, *, max_message_chars: int, max_metadata_bytes: int) -> None:
+        self._max_chars = max_message_chars
+        self._max_metadata_bytes = max_metadata_bytes
+
+    def _check(self, new: NewMessage) -> None:
+        if len(new.content) > self._max_chars:
+            raise InvalidInputError(
+                f"content is {len(new.content)} characters; the limit is {self._max_chars}",
+                code="message_too_long",
+                field="content",
+            )
+        if new.role is MessageRole.USER and not new.content.strip():
+            raise InvalidInputError("content is empty", code="message_empty", field="content")
+        size = len(json.dumps(new.metadata, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > self._max_metadata_bytes:
+            raise InvalidInputError(
+                f"metadata is {size} bytes; the limit is {self._max_metadata_bytes}",
+                code="metadata_too_large",
+                field="metadata",
+            )
+
+    async def append(
+        self, conn: AsyncConnection, ctx: UserContext, thread_id: str, new: NewMessage
+    ) -> Message:
+        """Append one message, move the thread's activity, and title an untitled thread."""
+        self._check(new)
+        now = datetime.now(UTC)
+        position = await self._claim_position(conn, ctx, thread_id, new, now)
+        message = Message(
+            id=new_id(IdPrefix.MESSAGE),
+            thread_id=thread_id,
+            position=position,
+            role=new.role,
+            content=new.content,
+            metadata=dict(new.metadata),
+            created_at=now,
+            run_id=new.run_id,
+            tool_calls=new.tool_calls,
+            tool_call_id=new.tool_call_id,
+        )
+        await conn.execute(
+            messages.insert().values(
+                id=message.id,
+                thread_id=thread_id,
+                user_id=ctx.user_id,
+                position=position,
+                role=new.role.value,
+                content=new.content,
+                metadata=message.metadata,
+                tool_calls=new.tool_calls,
+                tool_call_id=new.tool_call_id,
+                run_id=new.run_id,
+                created_at=now,
+            )
+        )
+        return message
+
+    async def _claim_position(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        new: NewMessage,
+        now: datetime,
+    ) -> int:
+        if not is_valid_id(thread_id, IdPrefix.THREAD):
+            raise NotFoundError("thread", thread_id)
+        values: dict[str, object] = {
+            "message_count": threads.c.message_count + 1,
+            "last_activity_at": now,
+        }
+        if new.role is MessageRole.USER:
+            values["title"] = sa.func.coalesce(threads.c.title, title_from(new.content))
+        row = (
+            await conn.execute(
+                threads.update()
+                .where(
+                    threads.c.id == thread_id,
+                    threads.c.user_id == ctx.user_id,
+                    threads.c.status != ThreadStatus.ARCHIVED.value,
+                )
+                .values(**values)
+                .returning(threads.c.message_count)
+            )
+        ).first()
+        if row is not None:
+            return int(row.message_count)
+        exists = await conn.scalar(
+            sa.select(threads.c.id).where(
+                threads.c.id == thread_id, threads.c.user_id == ctx.user_id
+            )
+        )
+        if exists is None:
+            raise NotFoundError("thread", thread_id)
+        raise ConflictError(
+            "The thread is archived; restore it (status: active) to continue",
+            code="thread_archived",
+        )
+
+    async def list(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+        order: Literal["asc", "desc"] = "asc",
+    ) -> Page[Message]:
+        """Oldest first by default; `order="desc"` pages back from the newest."""
+        check_limit(limit)
+        column = messages.c.position
+        query = (
+            sa.select(messages)
+            .where(messages.c.thread_id == thread_id, messages.c.user_id == ctx.user_id)
+            .order_by(column.asc() if order == "asc" else column.desc())
+            .limit(limit + 1)
+        )
+        if cursor is not None:
+            (after,) = decode_cursor(cursor, arity=1)
+            if not isinstance(after, int):
+                raise InvalidInputError("Malformed cursor", code="invalid_cursor")
+            query = query.where(column > after if order == "asc" else column < after)
+        rows = (await conn.execute(query)).all()
+        items = [_message(row) for row in rows[:limit]]
+        next_cursor = encode_cursor(items[-1].position) if len(rows) > limit else None
+        return Page(items=items, next_cursor=next_cursor)
+
+    async def recent(
+        self, conn: AsyncConnection, ctx: UserContext, thread_id: str, *, window: int
+    ) -> list[Message]:
+        """The last `window` messages in conversation order (an agent run's context)."""
+        rows = (
+            await conn.execute(
+                sa.select(messages)
+                .where(messages.c.thread_id == thread_id, messages.c.user_id == ctx.user_id)
+                .order_by(messages.c.position.desc())
+                .limit(window)
+            )
+        ).all()
+        return [_message(row) for row in reversed(rows)]

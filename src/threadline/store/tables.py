@@ -1,0 +1,105 @@
+"""Table definitions (SQLAlchemy Core). Migrations in `migrations/` create exactly these.
+
+Every row a user owns carries `user_id`, even where it could be reached through a parent, so a
+store can scope any query by user with one indexed condition.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+metadata_obj = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend (SQLite stores them naive, as text)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+ID = sa.String(32)
+
+users = sa.Table(
+    "users",
+    metadata_obj,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("email", sa.String(320), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(255), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+)
+
+threads = sa.Table(
+    "threads",
+    metadata_obj,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("user_id", ID, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("title", sa.String(200), nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("metadata", JSONType, nullable=False),
+    # Optimistic concurrency: every update bumps it and checks the value it read.
+    sa.Column("version", sa.Integer, nullable=False),
+    # Incremented under the row lock by each append; gives messages a gap-free order.
+    sa.Column("message_count", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("last_activity_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_threads_user_activity", "user_id", "last_activity_at", "id"),
+    sa.Index("ix_threads_user_status", "user_id", "status"),
+)
+
+messages = sa.Table(
+    "messages",
+    metadata_obj,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column(
+        "thread_id", ID, sa.ForeignKey("threads.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("user_id", ID, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("content", sa.Text, nullable=False),
+    sa.Column("metadata", JSONType, nullable=False),
+    sa.Column("tool_calls", JSONType, nullable=True),
+    sa.Column("tool_call_id", sa.String(128), nullable=True),
+    sa.Column("run_id", ID, nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("thread_id", "position", name="uq_messages_thread_position"),
+)
+
+revoked_tokens = sa.Table(
+    "revoked_tokens",
+    metadata_obj,
+    sa.Column("jti", sa.String(64), primary_key=True),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+)
