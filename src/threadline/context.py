@@ -69,7 +69,9 @@ class UserContext:
         if request_id is not None and not _REQUEST_ID.match(request_id):
             raise InvalidContextError("request_id", "must be 1-128 characters of [A-Za-z0-9._:-]")
         if connection_id is not None and not _REQUEST_ID.match(connection_id):
-            raise InvalidContextError("connection_id", "must be 1-128 characters of [A-Za-z0-9._:-]")
+            raise InvalidContextError(
+                "connection_id", "must be 1-128 characters of [A-Za-z0-9._:-]"
+            )
         return cls(user_id, request_id, thread_id, run_id, connection_id)
 
     def for_thread(self, thread_id: str) -> UserContext:

@@ -128,6 +128,23 @@ class Settings(BaseSettings):
     max_metadata_bytes: int = Field(default=8_192, ge=2)
     log_level: str = "INFO"
 
+    agents: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Python modules whose agents to register (comma-separated), besides the built-in `demo`."""
+    default_model: str = "demo"
+    """Model of the built-in agent: `demo`, `openai:<model>` or `anthropic:<model>`."""
+    demo_delay_seconds: float = Field(default=0.0, ge=0)
+    """Pause between the demo model's chunks, to watch streaming happen."""
+    embedded_worker: bool = True
+    """Run agents inside the API process. Turn off when `threadline worker` processes run them."""
+    worker_concurrency: int = Field(default=32, ge=1, le=1000)
+    worker_poll_seconds: float = Field(default=0.5, gt=0)
+    run_timeout_seconds: float = Field(default=300.0, gt=0)
+    max_concurrent_runs_per_user: int = Field(default=4, ge=1)
+    run_max_attempts: int = Field(default=3, ge=1)
+    run_lease_seconds: float = Field(default=30.0, ge=1)
+    socket_queue_size: int = Field(default=1000, ge=8)
+    """Events a connection may fall behind by before it is closed and told to resume."""
+
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("THREADLINE_OPENAI_API_KEY", "OPENAI_API_KEY")
     )
@@ -144,9 +161,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("THREADLINE_ANTHROPIC_BASE_URL", "ANTHROPIC_BASE_URL"),
     )
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "agents", mode="before")
     @classmethod
-    def _parse_origins(cls, value: object) -> object:
+    def _parse_lists(cls, value: object) -> object:
         return _split_comma_list(value)
 
     @field_validator("database_url")

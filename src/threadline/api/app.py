@@ -8,9 +8,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from threadline.api import ws
 from threadline.api.errors import install_error_handlers
 from threadline.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
-from threadline.api.routes import auth, health, messages, threads
+from threadline.api.routes import agents, auth, events, health, messages, runs, threads
 from threadline.api.services import open_services
 from threadline.settings import Settings
 
@@ -29,8 +30,8 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for router in (auth.router, threads.router, messages.router, health.router):
-        app.include_router(router)
+    for module in (auth, threads, messages, runs, events, agents, health, ws):
+        app.include_router(module.router)
     # Outermost first in the stack: CORS must answer preflights before the size check runs.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(
@@ -38,7 +39,13 @@ def create_app(settings: Settings) -> FastAPI:
         allow_origins=settings.cors_origins,
         allow_credentials=False,
         allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "If-Match", "Last-Event-ID", "X-Request-ID"],
+        allow_headers=[
+            "Authorization",
+            "Content-Type",
+            "If-Match",
+            "Last-Event-ID",
+            "X-Request-ID",
+        ],
         expose_headers=["ETag", "Retry-After", "X-Request-ID"],
         max_age=600,
     )

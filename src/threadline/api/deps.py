@@ -69,7 +69,9 @@ OwnedThread = Annotated[Thread, Depends(_owned_thread)]
 
 async def _message_rate_limit(user: CurrentUser, services: ServicesDep) -> None:
     limit = services.settings.messages_per_minute
-    decision = await services.limiter.hit(f"messages:{user.user_id}", limit=limit, window_seconds=60)
+    decision = await services.limiter.hit(
+        f"messages:{user.user_id}", limit=limit, window_seconds=60
+    )
     if not decision.allowed:
         raise RateLimitedError(
             f"At most {limit} messages a minute; retry in {decision.retry_after_seconds} s",

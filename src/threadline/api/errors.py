@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from threadline.agents.errors import UnknownAgentError
 from threadline.errors import (
     AuthError,
     ConflictError,
@@ -18,10 +19,15 @@ from threadline.errors import (
     RateLimitedError,
     ThreadlineError,
 )
+from threadline.llm.providers import UnknownModelError
+from threadline.runs.engine import RunLimitError
 
 logger = logging.getLogger(__name__)
 
 _STATUS_BY_ERROR: tuple[tuple[type[ThreadlineError], int], ...] = (
+    (UnknownAgentError, 422),
+    (UnknownModelError, 422),
+    (RunLimitError, 429),
     (NotFoundError, 404),
     (ConflictError, 409),
     (InvalidInputError, 422),
@@ -82,7 +88,8 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, StarletteHTTPException):  # pragma: no cover
         raise exc
     code = _CODE_BY_STATUS.get(exc.status_code, f"http_{exc.status_code}")
-    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(exc.status_code, code, str(exc.detail), headers=headers)
 
 
 async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:

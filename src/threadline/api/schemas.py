@@ -7,7 +7,9 @@ from typing import Annotated, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
+from threadline.runs.service import MultitaskStrategy
 from threadline.store.messages import Message, MessageRole
+from threadline.store.runs import Run, RunStatus
 from threadline.store.threads import Thread, ThreadStatus
 from threadline.store.users import User
 
@@ -80,7 +82,7 @@ class ThreadOut(Schema):
             id=thread.id,
             title=thread.title,
             status=thread.status,
-            metadata=thread.metadata,  # type: ignore[arg-type]
+            metadata=thread.metadata,
             version=thread.version,
             message_count=thread.message_count,
             created_at=thread.created_at,
@@ -89,9 +91,19 @@ class ThreadOut(Schema):
         )
 
 
+class RunCreate(Schema):
+    agent: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    multitask_strategy: MultitaskStrategy = Field(
+        default=MultitaskStrategy.ENQUEUE,
+        description="When the thread already has an active run: reject (409), enqueue after "
+        "it, or interrupt it (cancel) and run this one next",
+    )
+
+
 class MessageCreate(Schema):
     content: Annotated[str, StringConstraints(max_length=1_000_000)]
     metadata: Metadata = Field(default_factory=dict)
+    run: RunCreate | None = Field(default=None, description="Start an agent run on the thread")
 
 
 class MessageOut(Schema):
@@ -114,12 +126,59 @@ class MessageOut(Schema):
             position=message.position,
             role=message.role,
             content=message.content,
-            metadata=message.metadata,  # type: ignore[arg-type]
+            metadata=message.metadata,
             run_id=message.run_id,
-            tool_calls=message.tool_calls,  # type: ignore[arg-type]
+            tool_calls=message.tool_calls,
             tool_call_id=message.tool_call_id,
             created_at=message.created_at,
         )
+
+
+class RunOut(Schema):
+    id: str
+    thread_id: str
+    agent: str
+    status: RunStatus
+    attempt: int
+    cancel_requested: bool
+    result: dict[str, JsonValue] | None
+    error: dict[str, JsonValue] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, run: Run) -> RunOut:
+        return cls(
+            id=run.id,
+            thread_id=run.thread_id,
+            agent=run.agent,
+            status=run.status,
+            attempt=run.attempt,
+            cancel_requested=run.cancel_requested,
+            result=run.result,
+            error=run.error,
+            created_at=run.created_at,
+            started_at=run.started_at,
+            finished_at=run.finished_at,
+        )
+
+
+class MessagePosted(MessageOut):
+    run: RunOut | None = None
+
+
+class ToolOut(Schema):
+    name: str
+    description: str
+    parameters: dict[str, JsonValue]
+
+
+class AgentOut(Schema):
+    name: str
+    description: str
+    model: str
+    tools: list[ToolOut]
 
 
 class ListOut(Schema, Generic[T]):

@@ -7,24 +7,43 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pydantic import SecretStr
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from threadline.agents.demo import demo_agent
+from threadline.agents.registry import AgentRegistry
+from threadline.api.gateway import Gateway
 from threadline.auth.passwords import Passwords
-from threadline.auth.revocation import DatabaseRevocationList, RedisRevocationList
+from threadline.auth.revocation import (
+    DatabaseRevocationList,
+    RedisRevocationList,
+    RevocationList,
+)
 from threadline.auth.service import AuthService
 from threadline.auth.tokens import TokenCodec
 from threadline.errors import ConfigurationError
+from threadline.events.bus import EventBus, MemoryBus
+from threadline.events.publisher import EventPublisher
+from threadline.llm.demo import DemoProvider
+from threadline.llm.providers import ProviderSet, build_providers
+from threadline.metrics import Metrics
 from threadline.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from threadline.runs.engine import EngineConfig, ExecutionEngine
+from threadline.runs.service import RunService
+from threadline.runs.worker import Worker, WorkerConfig
 from threadline.settings import Settings
 from threadline.store.db import create_engine
+from threadline.store.events import EventStore
 from threadline.store.messages import MessageStore
 from threadline.store.migrate import ensure_schema_current, upgrade_to_head
+from threadline.store.runs import RunStore
 from threadline.store.threads import ThreadStore
 from threadline.store.users import UserStore
+from threadline.threads_service import ThreadService
 
 logger = logging.getLogger(__name__)
 _REDIS_TIMEOUT_SECONDS = 5.0
@@ -38,8 +57,19 @@ class Services:
     users: UserStore
     threads: ThreadStore
     messages: MessageStore
+    runs: RunStore
+    events: EventStore
     auth: AuthService
     limiter: RateLimiter
+    metrics: Metrics
+    bus: EventBus
+    gateway: Gateway
+    registry: AgentRegistry
+    providers: ProviderSet
+    thread_service: ThreadService
+    run_service: RunService
+    execution: ExecutionEngine
+    worker: Worker | None
 
 
 def resolve_secret(settings: Settings) -> str:
@@ -76,8 +106,35 @@ async def _connect_redis(url: str) -> Redis:
     return redis
 
 
+def build_registry(settings: Settings) -> AgentRegistry:
+    """The built-in demo agent (on `default_model`) plus every agent of `settings.agents`."""
+    registry = AgentRegistry([replace(demo_agent(), model=settings.default_model)])
+    for module in settings.agents:
+        registry.load_module(module)
+    return registry
+
+
+def build_provider_set(settings: Settings) -> ProviderSet:
+    def secret(value: SecretStr | None) -> str | None:
+        return value.get_secret_value() if value is not None else None
+
+    openai_key = secret(settings.openai_api_key)
+    if openai_key is None and settings.openai_base_url:
+        # Local OpenAI-compatible servers (vLLM, Ollama, llama.cpp) take any key.
+        openai_key = "not-needed"
+    providers = build_providers(
+        openai_api_key=openai_key,
+        openai_base_url=settings.openai_base_url,
+        anthropic_api_key=secret(settings.anthropic_api_key),
+        anthropic_base_url=settings.anthropic_base_url,
+        demo=DemoProvider(delay_seconds=settings.demo_delay_seconds),
+    )
+    return providers
+
+
 @asynccontextmanager
 async def open_services(settings: Settings) -> AsyncIterator[Services]:
+    """Build everything, run the embedded worker if enabled, and close it all in reverse."""
     async with AsyncExitStack() as stack:
         engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
         stack.push_async_callback(engine.dispose)
@@ -88,34 +145,107 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         redis = await _connect_redis(settings.redis_url) if settings.redis_url else None
         if redis is not None:
             stack.push_async_callback(redis.aclose)
-        revocations = (
-            RedisRevocationList(redis, prefix=settings.redis_prefix)
-            if redis is not None
-            else DatabaseRevocationList(engine)
-        )
-        limiter: RateLimiter = (
-            RedisRateLimiter(redis, prefix=settings.redis_prefix)
-            if redis is not None
-            else MemoryRateLimiter()
-        )
-        users = UserStore()
-        auth = AuthService(
-            engine=engine,
-            users=users,
-            passwords=Passwords(),
-            tokens=TokenCodec(resolve_secret(settings), ttl_seconds=settings.token_ttl_seconds),
-            revocations=revocations,
-        )
-        yield Services(
-            settings=settings,
-            engine=engine,
-            redis=redis,
-            users=users,
-            threads=ThreadStore(max_metadata_bytes=settings.max_metadata_bytes),
-            messages=MessageStore(
-                max_message_chars=settings.max_message_chars,
-                max_metadata_bytes=settings.max_metadata_bytes,
+        services = _assemble(settings, engine, redis)
+        stack.push_async_callback(services.providers.aclose)
+        stack.push_async_callback(services.bus.aclose)
+        if services.worker is None:
+            yield services
+            return
+        async with asyncio.TaskGroup() as group:
+            group.create_task(services.worker.run())
+            try:
+                yield services
+            finally:
+                await services.worker.stop()
+
+
+def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> Services:
+    revocations: RevocationList = (
+        RedisRevocationList(redis, prefix=settings.redis_prefix)
+        if redis is not None
+        else DatabaseRevocationList(engine)
+    )
+    limiter: RateLimiter = (
+        RedisRateLimiter(redis, prefix=settings.redis_prefix)
+        if redis is not None
+        else MemoryRateLimiter()
+    )
+    users = UserStore()
+    threads = ThreadStore(max_metadata_bytes=settings.max_metadata_bytes)
+    messages = MessageStore(
+        max_message_chars=settings.max_message_chars,
+        max_metadata_bytes=settings.max_metadata_bytes,
+    )
+    runs, events, metrics = RunStore(), EventStore(), Metrics()
+    bus: EventBus = MemoryBus()
+    publisher = EventPublisher(bus=bus, store=events, engine=engine)
+    registry = build_registry(settings)
+    providers = build_provider_set(settings)
+    for info in registry.describe():
+        providers.resolve(info.model)  # a missing key fails at start-up, naming the variable
+    execution = ExecutionEngine(
+        db=engine,
+        registry=registry,
+        providers=providers,
+        publisher=publisher,
+        runs=runs,
+        messages=messages,
+        metrics=metrics,
+        config=EngineConfig(
+            run_timeout_seconds=settings.run_timeout_seconds,
+            per_user_concurrency=settings.max_concurrent_runs_per_user,
+            max_attempts=settings.run_max_attempts,
+            lease_seconds=settings.run_lease_seconds,
+        ),
+    )
+    worker = (
+        Worker(
+            execution,
+            bus=bus,
+            config=WorkerConfig(
+                concurrency=settings.worker_concurrency,
+                poll_seconds=settings.worker_poll_seconds,
+                heartbeat_seconds=max(settings.run_lease_seconds / 4, 0.5),
             ),
-            auth=auth,
-            limiter=limiter,
         )
+        if settings.embedded_worker
+        else None
+    )
+    auth = AuthService(
+        engine=engine,
+        users=users,
+        passwords=Passwords(),
+        tokens=TokenCodec(resolve_secret(settings), ttl_seconds=settings.token_ttl_seconds),
+        revocations=revocations,
+    )
+    return Services(
+        settings=settings,
+        engine=engine,
+        redis=redis,
+        users=users,
+        threads=threads,
+        messages=messages,
+        runs=runs,
+        events=events,
+        auth=auth,
+        limiter=limiter,
+        metrics=metrics,
+        bus=bus,
+        gateway=Gateway(bus, metrics),
+        registry=registry,
+        providers=providers,
+        thread_service=ThreadService(threads=threads, events=events, publisher=publisher),
+        run_service=RunService(
+            db=engine,
+            threads=threads,
+            messages=messages,
+            runs=runs,
+            registry=registry,
+            publisher=publisher,
+            bus=bus,
+            max_attempts=settings.run_max_attempts,
+            wake_worker=worker.notify if worker is not None else lambda: None,
+        ),
+        execution=execution,
+        worker=worker,
+    )

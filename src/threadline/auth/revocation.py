@@ -46,7 +46,9 @@ class DatabaseRevocationList:
             )
             try:
                 async with conn.begin_nested():
-                    await conn.execute(revoked_tokens.insert().values(jti=jti, expires_at=expires_at))
+                    await conn.execute(
+                        revoked_tokens.insert().values(jti=jti, expires_at=expires_at)
+                    )
             except IntegrityError:
                 pass  # already revoked: logging out twice is not an error
 

@@ -178,7 +178,7 @@ class MessageStore:
             code="thread_archived",
         )
 
-    async def list(
+    async def page(
         self,
         conn: AsyncConnection,
         ctx: UserContext,

@@ -42,9 +42,8 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value)
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        moment: datetime = datetime.fromisoformat(value) if isinstance(value, str) else value
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
@@ -71,6 +70,8 @@ threads = sa.Table(
     sa.Column("version", sa.Integer, nullable=False),
     # Incremented under the row lock by each append; gives messages a gap-free order.
     sa.Column("message_count", sa.Integer, nullable=False),
+    # Last event sequence number handed out for this thread (see events/publisher.py).
+    sa.Column("event_seq", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
     sa.Column("last_activity_at", UTCDateTime(), nullable=False),
@@ -82,9 +83,7 @@ messages = sa.Table(
     "messages",
     metadata_obj,
     sa.Column("id", ID, primary_key=True),
-    sa.Column(
-        "thread_id", ID, sa.ForeignKey("threads.id", ondelete="CASCADE"), nullable=False
-    ),
+    sa.Column("thread_id", ID, sa.ForeignKey("threads.id", ondelete="CASCADE"), nullable=False),
     sa.Column("user_id", ID, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
     sa.Column("position", sa.Integer, nullable=False),
     sa.Column("role", sa.String(16), nullable=False),
@@ -95,6 +94,54 @@ messages = sa.Table(
     sa.Column("run_id", ID, nullable=True),
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.UniqueConstraint("thread_id", "position", name="uq_messages_thread_position"),
+    # A tool call's result is stored once per run: a retried run reuses it instead of calling
+    # the tool again (the idempotency key is run id + call id).
+    sa.Index(
+        "uq_messages_run_tool_call",
+        "run_id",
+        "tool_call_id",
+        unique=True,
+        postgresql_where=sa.text("tool_call_id IS NOT NULL AND role = 'tool'"),
+        sqlite_where=sa.text("tool_call_id IS NOT NULL AND role = 'tool'"),
+    ),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata_obj,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("thread_id", ID, sa.ForeignKey("threads.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("user_id", ID, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("agent", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("input", JSONType, nullable=False),
+    sa.Column("result", JSONType, nullable=True),
+    sa.Column("error", JSONType, nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=True),
+    sa.Column("finished_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_runs_status_created", "status", "created_at"),
+    sa.Index("ix_runs_thread_status", "thread_id", "status"),
+    sa.Index("ix_runs_user_status", "user_id", "status"),
+)
+
+events = sa.Table(
+    "events",
+    metadata_obj,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("thread_id", ID, sa.ForeignKey("threads.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("user_id", ID, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("run_id", ID, nullable=True),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("data", JSONType, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("thread_id", "seq", name="uq_events_thread_seq"),
 )
 
 revoked_tokens = sa.Table(

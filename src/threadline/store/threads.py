@@ -16,7 +16,7 @@ from threadline.context import UserContext
 from threadline.errors import ConflictError, InvalidInputError, NotFoundError
 from threadline.ids import IdPrefix, is_valid_id, new_id
 from threadline.store.pagination import Page, check_limit, decode_cursor, encode_cursor
-from threadline.store.tables import messages, threads
+from threadline.store.tables import events, messages, runs, threads
 
 JSONObject = dict[str, object]
 _FILTER_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -169,7 +169,7 @@ class ThreadStore:
             raise NotFoundError("thread", thread_id)
         return _thread(row)
 
-    async def list(
+    async def page(
         self,
         conn: AsyncConnection,
         ctx: UserContext,
@@ -292,11 +292,10 @@ class ThreadStore:
         if not is_valid_id(thread_id, IdPrefix.THREAD):
             raise NotFoundError("thread", thread_id)
         # Children first, explicitly: the cascade must not depend on SQLite's foreign_keys pragma.
-        await conn.execute(
-            messages.delete().where(
-                messages.c.thread_id == thread_id, messages.c.user_id == ctx.user_id
+        for child in (events, runs, messages):
+            await conn.execute(
+                child.delete().where(child.c.thread_id == thread_id, child.c.user_id == ctx.user_id)
             )
-        )
         result = await conn.execute(
             threads.delete().where(threads.c.id == thread_id, threads.c.user_id == ctx.user_id)
         )

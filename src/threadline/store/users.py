@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -28,7 +29,7 @@ class UserCredentials:
     password_hash: str
 
 
-def _user(row: sa.Row[tuple[str, str, datetime]]) -> User:
+def _user(row: Any) -> User:  # a Row of any arity (SQLAlchemy 2.1 rows are variadic)
     return User(id=row.id, email=row.email, created_at=row.created_at)
 
 
@@ -57,8 +58,9 @@ class UserStore:
     ) -> UserCredentials | None:
         row = (
             await conn.execute(
-                sa.select(users.c.id, users.c.email, users.c.created_at, users.c.password_hash)
-                .where(users.c.email == email)
+                sa.select(
+                    users.c.id, users.c.email, users.c.created_at, users.c.password_hash
+                ).where(users.c.email == email)
             )
         ).first()
         if row is None:

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from threadline.api.deps import ServicesDep
 from threadline.api.schemas import HealthOut
 from threadline.store.db import ping
+from threadline.store.runs import RunStatus
 
 router = APIRouter(tags=["operations"])
 _CHECK_TIMEOUT_SECONDS = 3.0
@@ -30,10 +33,20 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-async def _check(probe: object) -> str:
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(services: ServicesDep) -> Response:
+    """Prometheus metrics of this process (and run counts by state from the database)."""
+    async with services.engine.connect() as conn:
+        counts = await services.runs.count_by_status(conn)
+    for status in RunStatus:
+        services.metrics.runs_by_state.labels(status.value).set(counts.get(status.value, 0))
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _check(probe: Awaitable[object]) -> str:
     try:
         async with asyncio.timeout(_CHECK_TIMEOUT_SECONDS):
-            await probe  # type: ignore[misc]
+            await probe
     except Exception as exc:
         return f"error: {type(exc).__name__}"
     return "ok"

@@ -5,7 +5,15 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, status
 
 from threadline.api.deps import CurrentUser, DbConn, MessageRateLimit, OwnedThread, ServicesDep
-from threadline.api.schemas import ErrorOut, ListOut, MessageCreate, MessageOut
+from threadline.api.schemas import (
+    ErrorOut,
+    ListOut,
+    MessageCreate,
+    MessageOut,
+    MessagePosted,
+    RunOut,
+)
+from threadline.runs.service import RunRequest
 from threadline.store.messages import MessageRole, NewMessage
 from threadline.store.pagination import MAX_PAGE_SIZE
 
@@ -21,22 +29,34 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     "",
     status_code=status.HTTP_201_CREATED,
     dependencies=[MessageRateLimit],
-    responses={**_ERRORS, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 429: {"model": ErrorOut}},
+    responses={
+        **_ERRORS,
+        409: {"model": ErrorOut},
+        413: {"model": ErrorOut},
+        429: {"model": ErrorOut},
+    },
 )
 async def post_message(
-    thread: OwnedThread,
-    body: MessageCreate,
-    user: CurrentUser,
-    conn: DbConn,
-    services: ServicesDep,
-) -> MessageOut:
-    message = await services.messages.append(
-        conn,
-        user,
-        thread.id,
-        NewMessage(role=MessageRole.USER, content=body.content, metadata=dict(body.metadata)),
+    thread_id: str, body: MessageCreate, user: CurrentUser, services: ServicesDep
+) -> MessagePosted:
+    """Append a user message; with `run`, also queue an agent run in the same transaction."""
+    run = (
+        RunRequest(agent=body.run.agent, multitask_strategy=body.run.multitask_strategy)
+        if body.run
+        else None
     )
-    return MessageOut.of(message)
+    posted = await services.run_service.post(
+        user,
+        thread_id,
+        message=NewMessage(
+            role=MessageRole.USER, content=body.content, metadata=dict(body.metadata)
+        ),
+        run=run,
+    )
+    if posted.message is None:  # pragma: no cover - a message was given
+        raise RuntimeError("message not stored")
+    out = MessageOut.of(posted.message).model_dump()
+    return MessagePosted(**out, run=RunOut.of(posted.run) if posted.run else None)
 
 
 @router.get("", responses=_ERRORS)
@@ -49,7 +69,7 @@ async def list_messages(
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     order: Literal["asc", "desc"] = "asc",
 ) -> ListOut[MessageOut]:
-    page = await services.messages.list(
+    page = await services.messages.page(
         conn, user, thread.id, limit=limit, cursor=cursor, order=order
     )
     return ListOut(data=[MessageOut.of(m) for m in page.items], next_cursor=page.next_cursor)

@@ -42,7 +42,7 @@ def _parse_metadata_filter(value: str | None) -> JSONObject | None:
         parsed = json.loads(value)
     except ValueError as exc:
         raise InvalidInputError(
-            "metadata must be a JSON object, e.g. {\"project\":\"apollo\"}",
+            'metadata must be a JSON object, e.g. {"project":"apollo"}',
             code="invalid_metadata_filter",
         ) from exc
     if not isinstance(parsed, dict):
@@ -54,7 +54,7 @@ def _parse_metadata_filter(value: str | None) -> JSONObject | None:
 async def create_thread(
     body: ThreadCreate, user: CurrentUser, conn: DbConn, services: ServicesDep, response: Response
 ) -> ThreadOut:
-    thread = await services.threads.create(
+    thread = await services.thread_service.create(
         conn, user, title=body.title, metadata=dict(body.metadata)
     )
     response.headers["ETag"] = _etag(thread.version)
@@ -67,13 +67,15 @@ async def list_threads(
     conn: DbConn,
     services: ServicesDep,
     status_filter: Annotated[ThreadStatus | None, Query(alias="status")] = None,
-    metadata: Annotated[str | None, Query(description="JSON object the metadata must contain")] = None,
+    metadata: Annotated[
+        str | None, Query(description="JSON object the metadata must contain")
+    ] = None,
     q: Annotated[str | None, Query(min_length=1, max_length=200, description="Text search")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> ListOut[ThreadOut]:
     filters = ThreadFilter(status=status_filter, metadata=_parse_metadata_filter(metadata), query=q)
-    page = await services.threads.list(conn, user, filters=filters, limit=limit, cursor=cursor)
+    page = await services.threads.page(conn, user, filters=filters, limit=limit, cursor=cursor)
     return ListOut(data=[ThreadOut.of(t) for t in page.items], next_cursor=page.next_cursor)
 
 
@@ -99,16 +101,14 @@ async def update_thread(
         metadata_patch=dict(body.metadata) if body.metadata is not None else UNSET,
         status=body.status if body.status is not None else UNSET,
     )
-    thread = await services.threads.update(
+    thread = await services.thread_service.update(
         conn, user, thread_id, changes, expected_version=_parse_if_match(if_match)
     )
     response.headers["ETag"] = _etag(thread.version)
     return ThreadOut.of(thread)
 
 
-@router.delete(
-    "/{thread_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS
-)
+@router.delete("/{thread_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
 async def delete_thread(
     thread_id: str,
     user: CurrentUser,
@@ -119,7 +119,7 @@ async def delete_thread(
     """Archive the thread (restorable with `PATCH {"status": "active"}`), or with
     `?permanent=true` remove it and everything it owns."""
     if permanent:
-        await services.threads.delete(conn, user, thread_id)
+        await services.thread_service.delete(conn, user, thread_id)
     else:
-        await services.threads.archive(conn, user, thread_id)
+        await services.thread_service.archive(conn, user, thread_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,268 @@
+"""The WebSocket endpoint `/v1/ws`: live events for several threads on one connection.
+
+Auth: the first message `{"type": "auth", "token": "..."}`, or the subprotocols
+`["threadline", "bearer.<token>"]` (the server answers with `threadline`). The token never
+appears in a URL, so it never lands in access logs.
+
+Client messages: `auth`, `subscribe {thread_id, after_seq?}`, `unsubscribe {thread_id}`,
+`send_message {thread_id, content, agent?, multitask_strategy?}`, `cancel_run {thread_id, run_id}`,
+`ping`. Server messages: events, `{"type": "batch", "events": [...]}` under load, `snapshot`,
+`subscribed`, `unsubscribed`, `message_accepted`, `run_cancel_requested`, `pong`, `error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from threadline.api.errors import status_for
+from threadline.api.gateway import (
+    CLOSE_RESUME,
+    CLOSE_UNAUTHENTICATED,
+    OVERFLOW,
+    Connection,
+    Gateway,
+    ThreadSubscription,
+    WireMessage,
+)
+from threadline.api.services import Services
+from threadline.api.streams import run_wire, subscribe
+from threadline.context import UserContext
+from threadline.errors import AuthError, RateLimitedError, ThreadlineError
+from threadline.runs.service import MultitaskStrategy, RunRequest
+from threadline.store.messages import MessageRole, NewMessage
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+_AUTH_TIMEOUT_SECONDS = 10.0
+_SUBPROTOCOL = "threadline"
+
+
+class _Auth(BaseModel):
+    type: str = "auth"
+    token: str
+
+
+class _Subscribe(BaseModel):
+    thread_id: str = Field(max_length=64)
+    after_seq: int | None = Field(default=None, ge=0)
+
+
+class _SendMessage(BaseModel):
+    thread_id: str = Field(max_length=64)
+    content: str
+    agent: str | None = Field(default=None, max_length=64)
+    multitask_strategy: MultitaskStrategy = MultitaskStrategy.ENQUEUE
+
+
+class _CancelRun(BaseModel):
+    thread_id: str = Field(max_length=64)
+    run_id: str = Field(max_length=64)
+
+
+_ClientMessage = TypeAdapter(dict[str, object])
+
+
+@router.websocket("/v1/ws")
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    services: Services = websocket.app.state.services
+    offered = websocket.scope.get("subprotocols", [])
+    header_token = next((p[len("bearer.") :] for p in offered if p.startswith("bearer.")), None)
+    await websocket.accept(subprotocol=_SUBPROTOCOL if _SUBPROTOCOL in offered else None)
+    ctx = await _authenticate(websocket, services, header_token)
+    if ctx is None:
+        return
+    connection = Connection(
+        user_id=ctx.user_id,
+        connection_id=ctx.connection_id or "",
+        queue_size=services.settings.socket_queue_size,
+        metrics=services.metrics,
+    )
+    session = _Session(websocket, services, services.gateway, connection, ctx)
+    services.metrics.sockets_active.inc()
+    try:
+        await session.serve()
+    finally:
+        services.metrics.sockets_active.dec()
+        session.close_subscriptions()
+
+
+async def _authenticate(
+    websocket: WebSocket, services: Services, header_token: str | None
+) -> UserContext | None:
+    try:
+        token = header_token
+        if token is None:
+            async with asyncio.timeout(_AUTH_TIMEOUT_SECONDS):
+                raw = await websocket.receive_text()
+            token = _Auth.model_validate_json(raw).token
+        claims = await services.auth.validate(token)
+        ctx = UserContext.create(claims.user_id, connection_id=f"ws-{uuid.uuid4().hex[:16]}")
+    except (AuthError, ValidationError, TimeoutError, ValueError) as exc:
+        code = exc.code if isinstance(exc, ThreadlineError) else "not_authenticated"
+        await _send_json(websocket, {"type": "error", "code": code, "message": "Not authenticated"})
+        await websocket.close(CLOSE_UNAUTHENTICATED, code)
+        return None
+    except WebSocketDisconnect:
+        return None
+    await _send_json(websocket, {"type": "authenticated", "user_id": ctx.user_id})
+    return ctx
+
+
+async def _send_json(websocket: WebSocket, message: WireMessage) -> None:
+    await websocket.send_text(json.dumps(message, separators=(",", ":"), default=str))
+
+
+class _Session:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        services: Services,
+        gateway: Gateway,
+        connection: Connection,
+        ctx: UserContext,
+    ) -> None:
+        self.websocket = websocket
+        self.services = services
+        self.gateway = gateway
+        self.connection = connection
+        self.ctx = ctx
+        self.subscriptions: dict[str, ThreadSubscription] = {}
+
+    async def serve(self) -> None:
+        """Read and write concurrently; whichever ends first (disconnect, overflow) ends both."""
+        async with asyncio.TaskGroup() as group:
+            reader = group.create_task(self._read_loop())
+            writer = group.create_task(self._write_loop())
+            reader.add_done_callback(lambda _: writer.cancel())
+            writer.add_done_callback(lambda _: reader.cancel())
+
+    def close_subscriptions(self) -> None:
+        for subscription in self.subscriptions.values():
+            self.gateway.detach(subscription)
+        self.subscriptions.clear()
+
+    async def _write_loop(self) -> None:
+        try:
+            await self._write_batches()
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return  # the client went away mid-send; the reader sees the disconnect too
+
+    async def _write_batches(self) -> None:
+        metrics = self.services.metrics
+        while True:
+            batch = await self.connection.next_batch()
+            if batch[-1] is OVERFLOW:
+                await self.websocket.close(CLOSE_RESUME, "slow consumer: reconnect and resume")
+                return
+            if len(batch) == 1:
+                await _send_json(self.websocket, batch[0])
+            else:
+                await _send_json(self.websocket, {"type": "batch", "events": batch})
+            metrics.events_delivered.inc(len(batch))
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                raw = await self.websocket.receive_text()
+            except WebSocketDisconnect:
+                return
+            except RuntimeError:  # receive after close
+                return
+            await self._handle(raw)
+
+    async def _handle(self, raw: str) -> None:
+        try:
+            message = _ClientMessage.validate_json(raw)
+            kind = message.get("type")
+            handler = {
+                "subscribe": self._subscribe,
+                "unsubscribe": self._unsubscribe,
+                "send_message": self._send_message,
+                "cancel_run": self._cancel_run,
+                "ping": self._ping,
+            }.get(str(kind))
+            if handler is None:
+                self._error("unknown_message_type", f"Unknown message type {kind!r}")
+                return
+            await handler(message)
+        except ValidationError as exc:
+            self._error("validation_error", exc.errors()[0]["msg"] if exc.errors() else "invalid")
+        except ThreadlineError as exc:
+            extra: dict[str, object] = {"status": status_for(exc)}
+            if isinstance(exc, RateLimitedError):
+                extra["retry_after"] = exc.retry_after_seconds
+            self._error(exc.code, exc.message, **extra)
+        except Exception:
+            logger.exception("WebSocket message handler failed")
+            self._error("internal_error", "Internal server error")
+
+    def _error(self, code: str, message: str, **extra: object) -> None:
+        self.connection.offer({"type": "error", "code": code, "message": message, **extra})
+
+    async def _ping(self, _message: dict[str, object]) -> None:
+        self.connection.offer({"type": "pong"})
+
+    async def _subscribe(self, message: dict[str, object]) -> None:
+        request = _Subscribe.model_validate(message)
+        previous = self.subscriptions.pop(request.thread_id, None)
+        if previous is not None:
+            self.gateway.detach(previous)
+        subscribed = await subscribe(
+            self.services,
+            self.gateway,
+            self.connection,
+            self.ctx,
+            request.thread_id,
+            after_seq=request.after_seq,
+        )
+        self.subscriptions[request.thread_id] = subscribed.subscription
+
+    async def _unsubscribe(self, message: dict[str, object]) -> None:
+        thread_id = str(message.get("thread_id", ""))
+        subscription = self.subscriptions.pop(thread_id, None)
+        if subscription is not None:
+            self.gateway.detach(subscription)
+        self.connection.offer({"type": "unsubscribed", "thread_id": thread_id})
+
+    async def _send_message(self, message: dict[str, object]) -> None:
+        request = _SendMessage.model_validate(message)
+        services = self.services
+        decision = await services.limiter.hit(
+            f"messages:{self.ctx.user_id}",
+            limit=services.settings.messages_per_minute,
+            window_seconds=60,
+        )
+        if not decision.allowed:
+            raise RateLimitedError(
+                "Too many messages", retry_after_seconds=decision.retry_after_seconds
+            )
+        run = (
+            RunRequest(agent=request.agent, multitask_strategy=request.multitask_strategy)
+            if request.agent
+            else None
+        )
+        posted = await services.run_service.post(
+            self.ctx,
+            request.thread_id,
+            message=NewMessage(role=MessageRole.USER, content=request.content),
+            run=run,
+        )
+        self.connection.offer(
+            {
+                "type": "message_accepted",
+                "thread_id": request.thread_id,
+                "message_id": posted.message.id if posted.message else None,
+                "run_id": posted.run.id if posted.run else None,
+            }
+        )
+
+    async def _cancel_run(self, message: dict[str, object]) -> None:
+        request = _CancelRun.model_validate(message)
+        run = await self.services.run_service.cancel(self.ctx, request.thread_id, request.run_id)
+        self.connection.offer({"type": "run_cancel_requested", "run": run_wire(run)})

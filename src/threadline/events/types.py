@@ -1,0 +1,59 @@
+"""Event types and the envelope every live event travels in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+JSONObject = dict[str, object]
+
+
+class EventType(StrEnum):
+    AGENT_STARTED = "agent_started"
+    AGENT_THINKING = "agent_thinking"
+    MESSAGE_DELTA = "message_delta"
+    TOOL_EXECUTING = "tool_executing"
+    TOOL_COMPLETED = "tool_completed"
+    AGENT_COMPLETED = "agent_completed"
+    AGENT_FAILED = "agent_failed"
+    RUN_CANCELLED = "run_cancelled"
+    RUN_QUEUED = "run_queued"
+    THREAD_CREATED = "thread_created"
+    THREAD_UPDATED = "thread_updated"
+    THREAD_DELETED = "thread_deleted"
+    MESSAGE_CREATED = "message_created"
+
+
+# Streamed text is only worth something live: the finished message is stored and announced by
+# `message_created`, so deltas are numbered and published but never written to the events table.
+EPHEMERAL = frozenset({EventType.MESSAGE_DELTA})
+TERMINAL = frozenset({EventType.AGENT_COMPLETED, EventType.AGENT_FAILED, EventType.RUN_CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event on a thread. `seq` increases by one per event within the thread."""
+
+    type: EventType
+    thread_id: str
+    user_id: str
+    seq: int
+    data: JSONObject
+    run_id: str | None = None
+    ts: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def durable(self) -> bool:
+        return self.type not in EPHEMERAL
+
+    def to_wire(self) -> JSONObject:
+        """The client-facing form. The owner's user id stays server-side."""
+        return {
+            "type": self.type.value,
+            "seq": self.seq,
+            "thread_id": self.thread_id,
+            "run_id": self.run_id,
+            "ts": self.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "data": self.data,
+        }

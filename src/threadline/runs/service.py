@@ -1,0 +1,197 @@
+"""Starting and cancelling runs: what the API and the WebSocket call.
+
+Each method owns its transaction, so that it can act *after* the commit: wake the local worker,
+and tell whichever process executes a run to cancel it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from threadline.agents.registry import AgentRegistry
+from threadline.context import UserContext
+from threadline.errors import ConflictError, NotFoundError
+from threadline.events.bus import EventBus
+from threadline.events.publisher import EventPublisher
+from threadline.events.types import EventType
+from threadline.runs.engine import CancelReason
+from threadline.store.messages import Message, MessageStore, NewMessage
+from threadline.store.runs import Run, RunStatus, RunStore
+from threadline.store.threads import ThreadStatus, ThreadStore
+
+CANCEL_CONTROL = "cancel_run"
+
+
+class MultitaskStrategy(StrEnum):
+    REJECT = "reject"
+    ENQUEUE = "enqueue"
+    INTERRUPT = "interrupt"
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    agent: str
+    multitask_strategy: MultitaskStrategy = MultitaskStrategy.ENQUEUE
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    message: Message | None
+    run: Run | None
+
+
+def message_event_data(message: Message) -> dict[str, object]:
+    return {
+        "message_id": message.id,
+        "role": message.role.value,
+        "content": message.content,
+        "position": message.position,
+    }
+
+
+def run_event_data(run: Run) -> dict[str, object]:
+    return {"run_id": run.id, "agent": run.agent, "status": run.status.value}
+
+
+class RunService:
+    def __init__(
+        self,
+        *,
+        db: AsyncEngine,
+        threads: ThreadStore,
+        messages: MessageStore,
+        runs: RunStore,
+        registry: AgentRegistry,
+        publisher: EventPublisher,
+        bus: EventBus,
+        max_attempts: int,
+        wake_worker: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._db = db
+        self._threads = threads
+        self._messages = messages
+        self._runs = runs
+        self._registry = registry
+        self._publisher = publisher
+        self._bus = bus
+        self._max_attempts = max_attempts
+        self._wake_worker = wake_worker
+
+    async def post(
+        self,
+        ctx: UserContext,
+        thread_id: str,
+        *,
+        message: NewMessage | None,
+        run: RunRequest | None,
+    ) -> Posted:
+        """Append a user message and/or queue a run, in one transaction."""
+        if run is not None:
+            self._registry.get(run.agent)  # unknown agent: fail before writing anything
+        to_cancel: list[Run] = []
+        async with self._db.begin() as conn:
+            # The row lock serializes starts on one thread, so two `reject` requests cannot
+            # both see an idle thread.
+            thread = await self._threads.get(conn, ctx, thread_id, for_update=True)
+            if thread.status is ThreadStatus.ARCHIVED:
+                raise ConflictError(
+                    "The thread is archived; restore it (status: active) to continue",
+                    code="thread_archived",
+                )
+            stored = None
+            if message is not None:
+                stored = await self._messages.append(conn, ctx, thread_id, message)
+                await self._publisher.emit(
+                    conn, ctx, thread_id, EventType.MESSAGE_CREATED, message_event_data(stored)
+                )
+            created = None
+            if run is not None:
+                created, to_cancel = await self._queue(conn, ctx, thread_id, run, stored)
+        for running in to_cancel:
+            await self._bus.publish_control(
+                {"action": CANCEL_CONTROL, "run_id": running.id, "reason": CancelReason.INTERRUPT}
+            )
+        if created is not None:
+            self._wake_worker()
+        return Posted(message=stored, run=created)
+
+    async def _queue(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        request: RunRequest,
+        message: Message | None,
+    ) -> tuple[Run, list[Run]]:
+        active = await self._runs.active_for_thread(conn, ctx, thread_id)
+        to_cancel: list[Run] = []
+        if active and request.multitask_strategy is MultitaskStrategy.REJECT:
+            raise ConflictError(
+                f"Run {active[0].id} is still {active[0].status}; "
+                "use multitask_strategy enqueue or interrupt",
+                code="run_in_progress",
+            )
+        if request.multitask_strategy is MultitaskStrategy.INTERRUPT:
+            for other in active:
+                if other.status is RunStatus.QUEUED:
+                    await self._cancel_queued(conn, ctx, other, CancelReason.INTERRUPT)
+                else:
+                    await self._runs.mark_cancel_requested(conn, ctx, other.id)
+                    to_cancel.append(other)
+        run = await self._runs.create(
+            conn,
+            ctx,
+            thread_id,
+            agent=request.agent,
+            input={"message_id": message.id if message else None},
+            max_attempts=self._max_attempts,
+        )
+        await self._publisher.emit(
+            conn, ctx, thread_id, EventType.RUN_QUEUED, run_event_data(run), run_id=run.id
+        )
+        return run, to_cancel
+
+    async def _cancel_queued(
+        self, conn: AsyncConnection, ctx: UserContext, run: Run, reason: CancelReason
+    ) -> bool:
+        applied = await self._runs.finish(
+            conn,
+            run.id,
+            status=RunStatus.CANCELLED,
+            worker_id=None,
+            error={"reason": reason.value},
+        )
+        if applied:
+            await self._publisher.emit(
+                conn,
+                ctx,
+                run.thread_id,
+                EventType.RUN_CANCELLED,
+                {"reason": reason.value},
+                run_id=run.id,
+            )
+        return applied
+
+    async def cancel(self, ctx: UserContext, thread_id: str, run_id: str) -> Run:
+        """Cancel a queued run at once, or ask the process executing it to stop it.
+        Cancelling a finished run changes nothing and returns it as it is."""
+        async with self._db.begin() as conn:
+            run = await self._runs.get(conn, ctx, run_id)
+            if run.thread_id != thread_id:
+                raise NotFoundError("run", run_id)
+            if run.status is RunStatus.QUEUED and await self._cancel_queued(
+                conn, ctx, run, CancelReason.USER
+            ):
+                return await self._runs.get(conn, ctx, run_id)
+            if run.status is not RunStatus.RUNNING:
+                return run
+            await self._runs.mark_cancel_requested(conn, ctx, run_id)
+        await self._bus.publish_control(
+            {"action": CANCEL_CONTROL, "run_id": run_id, "reason": CancelReason.USER}
+        )
+        async with self._db.connect() as conn:
+            return await self._runs.get(conn, ctx, run_id)

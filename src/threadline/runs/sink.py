@@ -1,0 +1,143 @@
+"""The engine's side of the agent loop: persist what the run produces and publish its events.
+
+Text deltas are coalesced at the leading edge: a chunk goes out at once unless another went out
+less than `delta_flush_seconds` ago; then it waits for the next chunk after that interval or for
+the next event. A slow model's text is never held back, and a fast one costs a few events per
+answer instead of one database round trip per token. A pending delta is always flushed before
+any later event, so nothing is reordered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from threadline.agents.tools import ToolResult
+from threadline.context import UserContext
+from threadline.events.publisher import EventPublisher
+from threadline.events.types import EventType
+from threadline.llm.types import ChatMessage, ToolCall
+from threadline.runs.conversation import assistant_message, calls_to_json, tool_result_message
+from threadline.store.messages import Message, MessageStore
+
+
+class RunEventSink:
+    def __init__(
+        self,
+        *,
+        db: AsyncEngine,
+        publisher: EventPublisher,
+        messages: MessageStore,
+        ctx: UserContext,
+        delta_flush_seconds: float = 0.02,
+    ) -> None:
+        if ctx.thread_id is None or ctx.run_id is None:
+            raise ValueError("a run's sink needs a context with thread_id and run_id")
+        self._db = db
+        self._publisher = publisher
+        self._messages = messages
+        self._ctx = ctx
+        self._thread_id: str = ctx.thread_id
+        self._run_id: str = ctx.run_id
+        self._flush_after = delta_flush_seconds
+        self._pending_text: list[str] = []
+        self._last_flush = float("-inf")
+        # Tools run concurrently; their events must still be numbered one at a time.
+        self._lock = asyncio.Lock()
+        self.last_assistant: Message | None = None
+        self.tool_calls = 0
+
+    async def emit(self, event_type: EventType, data: dict[str, object]) -> None:
+        async with self._lock:
+            await self._flush()
+            await self._publisher.emit_now(
+                self._ctx, self._thread_id, event_type, data, run_id=self._run_id
+            )
+
+    async def thinking(self, text: str) -> None:
+        await self.emit(EventType.AGENT_THINKING, {"text": text})
+
+    async def text_delta(self, text: str) -> None:
+        async with self._lock:
+            self._pending_text.append(text)
+            if time.monotonic() - self._last_flush >= self._flush_after:
+                await self._flush()
+
+    async def assistant_message(self, message: ChatMessage) -> None:
+        async with self._lock:
+            await self._flush()
+            async with self._db.begin() as conn:
+                stored = await self._messages.append(
+                    conn,
+                    self._ctx,
+                    self._thread_id,
+                    assistant_message(message, run_id=self._run_id),
+                )
+                await self._publisher.emit(
+                    conn,
+                    self._ctx,
+                    self._thread_id,
+                    EventType.MESSAGE_CREATED,
+                    {
+                        "message_id": stored.id,
+                        "role": stored.role.value,
+                        "content": stored.content,
+                        "tool_calls": calls_to_json(message.tool_calls),
+                    },
+                    run_id=self._run_id,
+                )
+            self.last_assistant = stored
+
+    async def tool_executing(self, call: ToolCall) -> None:
+        self.tool_calls += 1
+        await self.emit(
+            EventType.TOOL_EXECUTING,
+            {"tool": call.name, "call_id": call.call_id, "arguments": call.arguments},
+        )
+
+    async def tool_completed(self, call: ToolCall, result: ToolResult) -> None:
+        async with self._lock:
+            await self._flush()
+            async with self._db.begin() as conn:
+                await self._messages.append(
+                    conn,
+                    self._ctx,
+                    self._thread_id,
+                    tool_result_message(
+                        call,
+                        content=result.content,
+                        is_error=result.is_error,
+                        duration_ms=result.duration_ms,
+                        run_id=self._run_id,
+                    ),
+                )
+                key = "error" if result.is_error else "result"
+                await self._publisher.emit(
+                    conn,
+                    self._ctx,
+                    self._thread_id,
+                    EventType.TOOL_COMPLETED,
+                    {
+                        "tool": call.name,
+                        "call_id": call.call_id,
+                        key: result.content,
+                        "is_error": result.is_error,
+                        "duration_ms": round(result.duration_ms, 3),
+                    },
+                    run_id=self._run_id,
+                )
+
+    async def flush(self) -> None:
+        async with self._lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._pending_text:
+            return
+        text, self._pending_text = "".join(self._pending_text), []
+        self._last_flush = time.monotonic()
+        await self._publisher.emit_now(
+            self._ctx, self._thread_id, EventType.MESSAGE_DELTA, {"text": text}, run_id=self._run_id
+        )

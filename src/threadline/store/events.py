@@ -1,0 +1,93 @@
+"""Event numbering and the durable event log, scoped by user like every store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from threadline.context import UserContext
+from threadline.errors import NotFoundError
+from threadline.events.types import Event, EventType
+from threadline.ids import IdPrefix, new_id
+from threadline.store.tables import events, threads
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvents:
+    events: list[Event]
+    last_seq: int
+
+
+def _event(row: sa.Row[tuple[object, ...]]) -> Event:
+    m = row._mapping
+    return Event(
+        type=EventType(m["type"]),
+        thread_id=m["thread_id"],
+        user_id=m["user_id"],
+        seq=m["seq"],
+        data=dict(m["data"]),
+        run_id=m["run_id"],
+        ts=m["created_at"],
+    )
+
+
+class EventStore:
+    async def next_seq(self, conn: AsyncConnection, ctx: UserContext, thread_id: str) -> int:
+        """Hand out the thread's next sequence number. The row lock this takes is held until
+        the transaction ends, which is what keeps publication in sequence order."""
+        seq = await conn.scalar(
+            threads.update()
+            .where(threads.c.id == thread_id, threads.c.user_id == ctx.user_id)
+            .values(event_seq=threads.c.event_seq + 1)
+            .returning(threads.c.event_seq)
+        )
+        if seq is None:
+            raise NotFoundError("thread", thread_id)
+        return int(seq)
+
+    async def insert(self, conn: AsyncConnection, event: Event) -> None:
+        await conn.execute(
+            events.insert().values(
+                id=new_id(IdPrefix.EVENT),
+                thread_id=event.thread_id,
+                user_id=event.user_id,
+                run_id=event.run_id,
+                seq=event.seq,
+                type=event.type.value,
+                data=event.data,
+                created_at=event.ts,
+            )
+        )
+
+    async def after(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        *,
+        after_seq: int,
+        limit: int = 1000,
+    ) -> StoredEvents:
+        """Durable events with `seq > after_seq`, oldest first, and the thread's last seq."""
+        last_seq = await conn.scalar(
+            sa.select(threads.c.event_seq).where(
+                threads.c.id == thread_id, threads.c.user_id == ctx.user_id
+            )
+        )
+        if last_seq is None:
+            raise NotFoundError("thread", thread_id)
+        rows = (
+            await conn.execute(
+                sa.select(events)
+                .where(
+                    events.c.thread_id == thread_id,
+                    events.c.user_id == ctx.user_id,
+                    events.c.seq > after_seq,
+                )
+                .order_by(events.c.seq)
+                .limit(limit)
+            )
+        ).all()
+        return StoredEvents(events=[_event(row) for row in rows], last_seq=int(last_seq))

@@ -1,0 +1,65 @@
+"""Thread changes together with the events that announce them, in one transaction."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from threadline.context import UserContext
+from threadline.events.publisher import EventPublisher
+from threadline.events.types import EventType
+from threadline.store.events import EventStore
+from threadline.store.threads import JSONObject, Thread, ThreadChanges, ThreadStatus, ThreadStore
+
+
+def thread_event_data(thread: Thread) -> dict[str, object]:
+    return {
+        "thread_id": thread.id,
+        "title": thread.title,
+        "status": thread.status.value,
+        "metadata": thread.metadata,
+        "version": thread.version,
+    }
+
+
+class ThreadService:
+    def __init__(self, *, threads: ThreadStore, events: EventStore, publisher: EventPublisher):
+        self._threads = threads
+        self._events = events
+        self._publisher = publisher
+
+    async def create(
+        self, conn: AsyncConnection, ctx: UserContext, *, title: str | None, metadata: JSONObject
+    ) -> Thread:
+        thread = await self._threads.create(conn, ctx, title=title, metadata=metadata)
+        await self._publisher.emit(
+            conn, ctx, thread.id, EventType.THREAD_CREATED, thread_event_data(thread)
+        )
+        return thread
+
+    async def update(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        changes: ThreadChanges,
+        *,
+        expected_version: int | None,
+    ) -> Thread:
+        before = await self._threads.get(conn, ctx, thread_id)
+        thread = await self._threads.update(
+            conn, ctx, thread_id, changes, expected_version=expected_version
+        )
+        if thread.version != before.version:
+            await self._publisher.emit(
+                conn, ctx, thread.id, EventType.THREAD_UPDATED, thread_event_data(thread)
+            )
+        return thread
+
+    async def archive(self, conn: AsyncConnection, ctx: UserContext, thread_id: str) -> Thread:
+        changes = ThreadChanges(status=ThreadStatus.ARCHIVED)
+        return await self.update(conn, ctx, thread_id, changes, expected_version=None)
+
+    async def delete(self, conn: AsyncConnection, ctx: UserContext, thread_id: str) -> None:
+        seq = await self._events.next_seq(conn, ctx, thread_id)
+        await self._threads.delete(conn, ctx, thread_id)
+        await self._publisher.publish_deleted(ctx, thread_id, seq)
