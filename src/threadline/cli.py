@@ -29,11 +29,15 @@ def _settings(**overrides: object) -> Settings:
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind [THREADLINE_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="Port [THREADLINE_PORT]")] = None,
+    agents: Annotated[
+        list[str] | None,
+        typer.Option(help="Module whose agents to register (repeatable) [THREADLINE_AGENTS]"),
+    ] = None,
 ) -> None:
     """Run the API server. With no configuration: SQLite file, in-process worker, demo agent."""
     from threadline.api.app import create_app
 
-    settings = _settings(host=host, port=port)
+    settings = _settings(host=host, port=port, agents=agents or None)
     configure_logging(settings.log_level)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -49,6 +53,26 @@ def serve(
     console.print(f"Threadline on [bold]http://{shown_host}:{settings.port}[/bold]")
     console.print(f"Database: {_redacted(settings.database_url)}")
     server.run()
+
+
+@app.command()
+def worker(
+    agents: Annotated[
+        list[str] | None,
+        typer.Option(help="Module whose agents to register (repeatable) [THREADLINE_AGENTS]"),
+    ] = None,
+) -> None:
+    """Run agents from the queue, without serving HTTP (start API processes with
+    THREADLINE_EMBEDDED_WORKER=false when workers run apart)."""
+    from threadline.runs.standalone import run_worker
+
+    settings = _settings(agents=agents or None, embedded_worker=True)
+    configure_logging(settings.log_level)
+    console.print(f"Threadline worker on {_redacted(settings.database_url)}")
+    try:
+        asyncio.run(run_worker(settings))
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()
