@@ -9,7 +9,8 @@ import typer
 import uvicorn
 from rich.console import Console
 
-from threadline.errors import ConfigurationError
+from threadline.api.services import check_agents
+from threadline.errors import ThreadlineError
 from threadline.logs import configure_logging
 from threadline.settings import Settings, load_settings
 
@@ -19,10 +20,12 @@ console = Console(stderr=True)
 
 def _settings(**overrides: object) -> Settings:
     try:
-        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ConfigurationError as exc:
+        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
+        check_agents(settings)
+    except ThreadlineError as exc:
         console.print(f"[red]Configuration error:[/red] {exc}")
         raise typer.Exit(2) from exc
+    return settings
 
 
 @app.command()
@@ -69,10 +72,7 @@ def worker(
     settings = _settings(agents=agents or None, embedded_worker=True)
     configure_logging(settings.log_level)
     console.print(f"Threadline worker on {_redacted(settings.database_url)}")
-    try:
-        asyncio.run(run_worker(settings))
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(run_worker(settings))  # SIGINT and SIGTERM stop it gracefully
 
 
 @app.command()

@@ -105,11 +105,15 @@ class Settings(BaseSettings):
     )
 
     environment: Literal["development", "production", "test"] = "development"
+    """`production` refuses a missing or weak secret key."""
     host: str = "127.0.0.1"
+    """Interface `serve` binds; `0.0.0.0` to accept connections from other machines."""
     port: int = Field(default=8000, ge=0, le=65535)
+    """Port `serve` listens on."""
     database_url: str = "sqlite:///threadline.db"
     """Normalized on load; see `normalize_database_url`."""
     database_pool_size: int = Field(default=10, ge=1, le=200)
+    """PostgreSQL connections per process (the pool may overflow by as many again)."""
     redis_url: str | None = None
     """When set, token revocations and rate-limit counters live in Redis (shared by processes)."""
     redis_prefix: str = "threadline"
@@ -118,15 +122,22 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None
     """Signs tokens. In development, a random key is kept in `data_dir` when unset."""
     data_dir: Path = Path(".threadline")
+    """Where the embedded server keeps its generated secret key."""
     token_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    """How long a bearer token is valid."""
 
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Allowed browser origins, comma-separated (`*` allows any)."""
     messages_per_minute: int = Field(default=60, ge=1)
+    """Messages one user may post per minute (HTTP and WebSocket together); then 429."""
     max_request_bytes: int = Field(default=1_000_000, ge=1024)
+    """Largest request body accepted; larger is a 413."""
     max_message_chars: int = Field(default=32_000, ge=1)
+    """Longest message content; longer is a 422 `message_too_long`."""
     max_metadata_bytes: int = Field(default=8_192, ge=2)
+    """Largest metadata object (thread or message), as compact JSON."""
     log_level: str = "INFO"
+    """Threadline logs JSON lines at this level."""
 
     agents: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Python modules whose agents to register (comma-separated), besides the built-in `demo`."""
@@ -137,29 +148,41 @@ class Settings(BaseSettings):
     embedded_worker: bool = True
     """Run agents inside the API process. Turn off when `threadline worker` processes run them."""
     worker_concurrency: int = Field(default=32, ge=1, le=1000)
+    """Runs one worker (process) executes at once."""
     worker_poll_seconds: float = Field(default=0.5, gt=0)
+    """How often an idle worker looks for runs queued by other processes."""
     run_timeout_seconds: float = Field(default=300.0, gt=0)
+    """A run still going after this ends as `timed_out`."""
     max_concurrent_runs_per_user: int = Field(default=4, ge=1)
+    """Runs of one user that execute at once; more wait in the queue."""
+    max_active_runs_per_user: int = Field(default=200, ge=1)
+    """Queued plus running runs one user may have; beyond it a new run is a 429."""
     run_max_attempts: int = Field(default=3, ge=1)
+    """Attempts of a run whose worker died (lease expired) before it is failed."""
     run_lease_seconds: float = Field(default=30.0, ge=1)
+    """A worker that has not heartbeated its run for this long is taken for dead."""
     socket_queue_size: int = Field(default=1000, ge=8)
     """Events a connection may fall behind by before it is closed and told to resume."""
 
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("THREADLINE_OPENAI_API_KEY", "OPENAI_API_KEY")
     )
+    """Enables `openai:<model>` agents."""
     openai_base_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("THREADLINE_OPENAI_BASE_URL", "OPENAI_BASE_URL"),
     )
+    """An OpenAI-compatible server (vLLM, Ollama, llama.cpp); no key needed then."""
     anthropic_api_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("THREADLINE_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"),
     )
+    """Enables `anthropic:<model>` agents."""
     anthropic_base_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("THREADLINE_ANTHROPIC_BASE_URL", "ANTHROPIC_BASE_URL"),
     )
+    """Another Anthropic API endpoint."""
 
     @field_validator("cors_origins", "agents", mode="before")
     @classmethod

@@ -10,7 +10,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pydantic import SecretStr
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -29,7 +28,7 @@ from threadline.errors import ConfigurationError
 from threadline.events.bus import EventBus, MemoryBus
 from threadline.events.publisher import EventPublisher
 from threadline.llm.demo import DemoProvider
-from threadline.llm.providers import ProviderSet, build_providers
+from threadline.llm.providers import ANTHROPIC, DEMO, OPENAI, ProviderSet, build_providers
 from threadline.metrics import Metrics
 from threadline.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from threadline.runs.engine import EngineConfig, ExecutionEngine
@@ -115,21 +114,35 @@ def build_registry(settings: Settings) -> AgentRegistry:
 
 
 def build_provider_set(settings: Settings) -> ProviderSet:
-    def secret(value: SecretStr | None) -> str | None:
-        return value.get_secret_value() if value is not None else None
-
-    openai_key = secret(settings.openai_api_key)
-    if openai_key is None and settings.openai_base_url:
-        # Local OpenAI-compatible servers (vLLM, Ollama, llama.cpp) take any key.
-        openai_key = "not-needed"
-    providers = build_providers(
-        openai_api_key=openai_key,
+    anthropic_key = settings.anthropic_api_key
+    return build_providers(
+        openai_api_key=_openai_key(settings),
         openai_base_url=settings.openai_base_url,
-        anthropic_api_key=secret(settings.anthropic_api_key),
+        anthropic_api_key=anthropic_key.get_secret_value() if anthropic_key else None,
         anthropic_base_url=settings.anthropic_base_url,
         demo=DemoProvider(delay_seconds=settings.demo_delay_seconds),
     )
-    return providers
+
+
+def check_agents(settings: Settings) -> AgentRegistry:
+    """Load the agents and check each one's model has a configured provider: a missing key is
+    a start-up error naming the variable, not a failed run later."""
+    registry = build_registry(settings)
+    # Stand-ins named like the configured providers: resolving needs only the names, and real
+    # SDK clients would need closing.
+    configured = {DEMO: True, OPENAI: _openai_key(settings) is not None}
+    configured[ANTHROPIC] = settings.anthropic_api_key is not None
+    stand_ins = ProviderSet({name: DemoProvider() for name, on in configured.items() if on})
+    for info in registry.describe():
+        stand_ins.resolve(info.model)
+    return registry
+
+
+def _openai_key(settings: Settings) -> str | None:
+    if settings.openai_api_key is not None:
+        return settings.openai_api_key.get_secret_value()
+    # Local OpenAI-compatible servers (vLLM, Ollama, llama.cpp) take any key.
+    return "not-needed" if settings.openai_base_url else None
 
 
 @asynccontextmanager
@@ -179,10 +192,8 @@ def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> S
     runs, events, metrics = RunStore(), EventStore(), Metrics()
     bus: EventBus = MemoryBus()
     publisher = EventPublisher(bus=bus, store=events, engine=engine)
-    registry = build_registry(settings)
+    registry = check_agents(settings)
     providers = build_provider_set(settings)
-    for info in registry.describe():
-        providers.resolve(info.model)  # a missing key fails at start-up, naming the variable
     execution = ExecutionEngine(
         db=engine,
         registry=registry,
@@ -244,6 +255,7 @@ def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> S
             publisher=publisher,
             bus=bus,
             max_attempts=settings.run_max_attempts,
+            max_active_per_user=settings.max_active_runs_per_user,
             wake_worker=worker.notify if worker is not None else lambda: None,
         ),
         execution=execution,

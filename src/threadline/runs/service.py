@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from threadline.agents.registry import AgentRegistry
 from threadline.context import UserContext
-from threadline.errors import ConflictError, NotFoundError
+from threadline.errors import ConflictError, NotFoundError, RateLimitedError
 from threadline.events.bus import EventBus
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
@@ -69,6 +69,7 @@ class RunService:
         publisher: EventPublisher,
         bus: EventBus,
         max_attempts: int,
+        max_active_per_user: int,
         wake_worker: Callable[[], None] = lambda: None,
     ) -> None:
         self._db = db
@@ -79,6 +80,7 @@ class RunService:
         self._publisher = publisher
         self._bus = bus
         self._max_attempts = max_attempts
+        self._max_active_per_user = max_active_per_user
         self._wake_worker = wake_worker
 
     async def post(
@@ -127,6 +129,11 @@ class RunService:
         request: RunRequest,
         message: Message | None,
     ) -> tuple[Run, list[Run]]:
+        if await self._runs.count_active_for_user(conn, ctx) >= self._max_active_per_user:
+            raise RateLimitedError(
+                f"At most {self._max_active_per_user} runs may be queued or running per user",
+                retry_after_seconds=5,
+            )
         active = await self._runs.active_for_thread(conn, ctx, thread_id)
         to_cancel: list[Run] = []
         if active and request.multitask_strategy is MultitaskStrategy.REJECT:

@@ -211,6 +211,14 @@ class RunStore:
         ).all()
         return [_run(row) for row in rows]
 
+    async def count_active_for_user(self, conn: AsyncConnection, ctx: UserContext) -> int:
+        count = await conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(runs)
+            .where(runs.c.user_id == ctx.user_id, runs.c.status.in_(ACTIVE_STATUSES))
+        )
+        return int(count or 0)
+
     async def mark_cancel_requested(
         self, conn: AsyncConnection, ctx: UserContext, run_id: str
     ) -> None:
