@@ -19,7 +19,7 @@ from threadline.store.threads import Thread
 _bearer = HTTPBearer(auto_error=False, description="A token from POST /v1/auth/token")
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -49,7 +49,7 @@ async def _current_claims(
 CurrentClaims = Annotated[TokenClaims, Depends(_current_claims)]
 
 
-def _current_user(claims: CurrentClaims, request: Request) -> UserContext:
+async def _current_user(claims: CurrentClaims, request: Request) -> UserContext:
     ctx = UserContext.create(claims.user_id, request_id=getattr(request.state, "request_id", None))
     bind_context(ctx)
     return ctx
