@@ -9,6 +9,9 @@ from threadline.api.services import Services
 from threadline.context import UserContext
 from threadline.store.runs import Run
 
+# Sequence numbers are 32-bit integers in the database.
+MAX_SEQ = 2**31 - 1
+
 
 def run_wire(run: Run) -> dict[str, object]:
     return {
@@ -44,9 +47,7 @@ async def subscribe(
         async with services.engine.connect() as conn:
             await services.threads.get(conn, ctx, thread_id)
             active = await services.runs.active_for_thread(conn, ctx, thread_id)
-            stored = await services.events.after(
-                conn, ctx, thread_id, after_seq=after_seq if after_seq is not None else 2**62
-            )
+            stored = await services.events.after(conn, ctx, thread_id, after_seq=after_seq)
     except BaseException:
         gateway.detach(subscription)
         raise

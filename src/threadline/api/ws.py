@@ -6,8 +6,9 @@ appears in a URL, so it never lands in access logs.
 
 Client messages: `auth`, `subscribe {thread_id, after_seq?}`, `unsubscribe {thread_id}`,
 `send_message {thread_id, content, agent?, multitask_strategy?}`, `cancel_run {thread_id, run_id}`,
-`ping`. Server messages: events, `{"type": "batch", "events": [...]}` under load, `snapshot`,
-`subscribed`, `unsubscribed`, `message_accepted`, `run_cancel_requested`, `pong`, `error`.
+`ping`. Server messages: events, `snapshot`, `unsubscribed`, `message_accepted`,
+`run_cancel_requested`, `pong`, `error`; whatever is queued when the writer wakes (under load,
+or a snapshot with its replay) goes out as one `{"type": "batch", "events": [...]}` frame.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from threadline.api.gateway import (
     WireMessage,
 )
 from threadline.api.services import Services
-from threadline.api.streams import run_wire, subscribe
+from threadline.api.streams import MAX_SEQ, run_wire, subscribe
 from threadline.context import UserContext
 from threadline.errors import AuthError, RateLimitedError, ThreadlineError
 from threadline.runs.service import MultitaskStrategy, RunRequest
@@ -50,7 +51,7 @@ class _Auth(BaseModel):
 
 class _Subscribe(BaseModel):
     thread_id: str = Field(max_length=64)
-    after_seq: int | None = Field(default=None, ge=0)
+    after_seq: int | None = Field(default=None, ge=0, le=MAX_SEQ)
 
 
 class _SendMessage(BaseModel):

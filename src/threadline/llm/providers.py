@@ -13,8 +13,6 @@ from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
 from threadline.errors import ThreadlineError
-from threadline.llm.anthropic import AnthropicProvider
-from threadline.llm.openai import OpenAIProvider
 from threadline.llm.types import ModelProvider
 
 DEMO = "demo"
@@ -101,9 +99,14 @@ def build_providers(
     demo: ModelProvider,
 ) -> ProviderSet:
     """Build the providers whose credentials are given; the demo provider is always there."""
+    # The SDKs are imported only when configured: together they add ~50 MB to every process.
     providers: dict[str, ModelProvider] = {DEMO: demo}
     if openai_api_key:
+        from threadline.llm.openai import OpenAIProvider
+
         providers[OPENAI] = OpenAIProvider(openai_api_key, base_url=openai_base_url)
     if anthropic_api_key:
+        from threadline.llm.anthropic import AnthropicProvider
+
         providers[ANTHROPIC] = AnthropicProvider(anthropic_api_key, base_url=anthropic_base_url)
     return ProviderSet(providers)

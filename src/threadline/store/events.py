@@ -67,10 +67,11 @@ class EventStore:
         ctx: UserContext,
         thread_id: str,
         *,
-        after_seq: int,
+        after_seq: int | None,
         limit: int = 1000,
     ) -> StoredEvents:
-        """Durable events with `seq > after_seq`, oldest first, and the thread's last seq."""
+        """Durable events with `seq > after_seq`, oldest first, and the thread's last seq.
+        With `after_seq=None`, only the last seq (a subscriber that wants live events only)."""
         last_seq = await conn.scalar(
             sa.select(threads.c.event_seq).where(
                 threads.c.id == thread_id, threads.c.user_id == ctx.user_id
@@ -78,6 +79,8 @@ class EventStore:
         )
         if last_seq is None:
             raise NotFoundError("thread", thread_id)
+        if after_seq is None:
+            return StoredEvents(events=[], last_seq=int(last_seq))
         rows = (
             await conn.execute(
                 sa.select(events)

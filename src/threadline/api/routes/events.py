@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from threadline.api.deps import CurrentUser, ServicesDep
 from threadline.api.gateway import OVERFLOW, Connection, WireMessage
 from threadline.api.schemas import ErrorOut
-from threadline.api.streams import subscribe
+from threadline.api.streams import MAX_SEQ, subscribe
 from threadline.errors import InvalidInputError
 
 router = APIRouter(tags=["events"])
@@ -38,7 +38,7 @@ def _resume_point(after: int | None, last_event_id: str | None) -> int | None:
         return after
     if last_event_id is None or not last_event_id.strip():
         return None
-    if not last_event_id.strip().isdigit():
+    if not last_event_id.strip().isdigit() or int(last_event_id.strip()) > MAX_SEQ:
         raise InvalidInputError("Last-Event-ID must be a sequence number", code="invalid_cursor")
     return int(last_event_id.strip())
 
@@ -57,7 +57,7 @@ async def thread_events(
     request: Request,
     user: CurrentUser,
     services: ServicesDep,
-    after: Annotated[int | None, Query(ge=0, le=2**53)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
     last_event_id: Annotated[str | None, Header(max_length=32)] = None,
 ) -> StreamingResponse:
     connection = Connection(
