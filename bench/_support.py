@@ -1,0 +1,381 @@
+"""Helpers shared by the benchmarks: a real `threadline serve` subprocess, throw-away backends,
+registered users, percentiles and machine facts for the JSON results.
+
+Copied in part from `bench/api.py` (which keeps its own copies); new benchmarks import these.
+Everything talks to loopback services only, and every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+# The installed `threadline` may be an editable install of another checkout (on the shared
+# machine it pointed at a CI snapshot): benchmark this tree, in this process and the server's.
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+SECRET_KEY = "bench-" + uuid.uuid4().hex + uuid.uuid4().hex
+PASSWORD = "correct horse battery staple"
+SERVER_START_TIMEOUT = 60.0
+SERVER_STOP_TIMEOUT = 30.0
+HTTP_TIMEOUT = 30.0
+DEFAULT_POSTGRES_URL = os.environ.get(
+    "THREADLINE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+DEFAULT_REDIS_URL = os.environ.get("THREADLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class BenchUser:
+    id: str
+    token: str
+    thread_id: str = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@dataclass(frozen=True)
+class Server:
+    base_url: str
+    pid: int
+    log: Path
+
+    @property
+    def ws_url(self) -> str:
+        return self.base_url.replace("http://", "ws://", 1) + "/v1/ws"
+
+
+# --- Small helpers --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def require_loopback(url: str, what: str) -> None:
+    """The benchmarks only ever talk to services on this machine."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix" or (parts.hostname is None and "host=/" in parts.query):
+        return
+    if parts.hostname not in LOOPBACK:
+        raise BenchError(f"{what} must be on a loopback address, not {parts.hostname!r}")
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an already sorted, non-empty list."""
+    index = max(0, math.ceil(pct / 100 * len(sorted_values)) - 1)
+    return sorted_values[index]
+
+
+def summarize(values: list[float], digits: int = 3) -> dict[str, float | int | None]:
+    """Count, p50, p90, p99, max and mean of `values` (milliseconds, say)."""
+    if not values:
+        return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None, "mean": None}
+    ordered = sorted(values)
+    return {
+        "count": len(ordered),
+        "p50": round(percentile(ordered, 50), digits),
+        "p90": round(percentile(ordered, 90), digits),
+        "p99": round(percentile(ordered, 99), digits),
+        "max": round(ordered[-1], digits),
+        "mean": round(sum(ordered) / len(ordered), digits),
+    }
+
+
+def git_commit() -> str | None:
+    """The checked-out commit, read from `.git` directly (no git process)."""
+    git = ROOT / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = Path(git.read_text().strip().removeprefix("gitdir: "))
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head.removeprefix("ref: ")
+        common = Path((git / "commondir").read_text().strip()) if (git / "commondir").is_file() \
+            else None
+        for base in (git, (git / common).resolve() if common else None):
+            if base is not None and (base / ref).is_file():
+                return (base / ref).read_text().strip()
+        for base in (git, (git / common).resolve() if common else None):
+            packed = base / "packed-refs" if base is not None else None
+            if packed is not None and packed.is_file():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(f" {ref}"):
+                        return line.split(" ", 1)[0]
+    except OSError:
+        return None
+    return None
+
+
+def machine_info(extra_packages: tuple[str, ...] = ()) -> dict[str, object]:
+    versions = {}
+    for package in ("threadline", "fastapi", "uvicorn", "sqlalchemy", "asyncpg", "aiosqlite",
+                    "redis", "httpx", "websockets", "uvloop", "httptools", *extra_packages):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    info: dict[str, object] = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "git_commit": git_commit(),
+        "threadline_source": _threadline_source(),
+        "packages": versions,
+        "note": "client and server share this machine",
+    }
+    with contextlib.suppress(OSError):
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    try:
+        import psutil
+
+        info["memory_total_mb"] = round(psutil.virtual_memory().total / 2**20)
+    except ImportError:
+        pass
+    return info
+
+
+def _threadline_source() -> str | None:
+    try:
+        import threadline
+    except ImportError:
+        return None
+    return str(Path(threadline.__file__).resolve().parent)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --- The server process ---------------------------------------------------------------------------
+
+
+def server_env(database_url: str, workdir: Path, extra: dict[str, str]) -> dict[str, str]:
+    """The parent's environment minus any THREADLINE_* setting, plus the benchmark's own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
+    env.update(
+        THREADLINE_ENVIRONMENT="production",
+        THREADLINE_DATABASE_URL=database_url,
+        THREADLINE_SECRET_KEY=SECRET_KEY,
+        THREADLINE_MESSAGES_PER_MINUTE="1000000000",
+        THREADLINE_LOG_LEVEL="WARNING",
+        THREADLINE_DATA_DIR=str(workdir / "data"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+        **extra,
+    )
+    return env
+
+
+@contextmanager
+def server_process(env: dict[str, str], workdir: Path) -> Iterator[Server]:
+    """Start `threadline serve` on a free loopback port, wait until ready, always stop it.
+
+    The command is the server itself (no wrapper), so `Server.pid` is the process whose CPU time
+    and memory a benchmark may read.
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "threadline", "serve", "--host", "127.0.0.1",
+               "--port", str(port)]
+    log_path = workdir / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped as one, never orphaned
+        )
+        server = Server(f"http://127.0.0.1:{port}", process.pid, log_path)
+        failed = False
+        try:
+            wait_ready(server.base_url, process, log_path)
+            yield server
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            stop(process)
+            if failed:
+                print(f"--- server log (tail) ---\n{tail(log_path)}", file=sys.stderr)
+
+
+def wait_ready(base_url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    with httpx.Client(base_url=base_url, timeout=2.0, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise BenchError(f"the server exited ({process.returncode}):\n{tail(log)}")
+            try:
+                if client.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    raise BenchError(f"the server was not ready within {SERVER_START_TIMEOUT:.0f} s:\n{tail(log)}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGINT (uvicorn's graceful shutdown), then SIGKILL after `SERVER_STOP_TIMEOUT`."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=SERVER_STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+def migrate(env: dict[str, str], workdir: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "threadline", "migrate"],
+        env=env, cwd=workdir, capture_output=True, text=True, timeout=180,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"threadline migrate failed:\n{done.stdout}\n{done.stderr}")
+
+
+# --- Backends -------------------------------------------------------------------------------------
+
+
+def _asyncpg_dsn(url: str) -> str:
+    """asyncpg wants plain `postgresql://`; accept the SQLAlchemy spellings too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme.startswith("postgres"):
+        raise BenchError(f"not a PostgreSQL URL: {url!r}")
+    return f"postgresql://{rest}"
+
+
+@asynccontextmanager
+async def postgres_database(admin_url: str, *, label: str = "") -> AsyncIterator[str]:
+    """A fresh database on the admin URL's server (created with asyncpg), dropped afterwards.
+    Yields its `postgresql://` URL."""
+    import asyncpg
+
+    admin_dsn = _asyncpg_dsn(admin_url)
+    name = f"threadline_bench_{label + '_' if label else ''}{uuid.uuid4().hex[:10]}"
+    async with asyncio.timeout(30):
+        conn = await asyncpg.connect(admin_dsn)
+    try:
+        async with asyncio.timeout(30):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
+        finally:
+            async with asyncio.timeout(60):
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close(timeout=10)
+
+
+async def postgres_version(url: str) -> str:
+    import asyncpg
+
+    async with asyncio.timeout(15):
+        conn = await asyncpg.connect(_asyncpg_dsn(url))
+        try:
+            return str(await conn.fetchval("SELECT version()"))
+        finally:
+            await conn.close(timeout=5)
+
+
+async def redis_version(redis_url: str) -> str:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        info = await redis.info("server")
+        return str(info.get("redis_version"))
+    finally:
+        await redis.aclose()
+
+
+async def delete_redis_prefix(redis_url: str, prefix: str) -> None:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        async with asyncio.timeout(60):
+            keys = [key async for key in redis.scan_iter(match=f"{prefix}:*", count=1000)]
+            if keys:
+                await redis.delete(*keys)
+    finally:
+        await redis.aclose()
+
+
+# --- HTTP clients ---------------------------------------------------------------------------------
+
+
+def expect(response: httpx.Response, status: int) -> None:
+    if response.status_code != status:
+        raise BenchError(
+            f"{response.request.method} {response.request.url.path} answered "
+            f"{response.status_code}, expected {status}: {response.text[:300]}"
+        )
+
+
+async def register(http: httpx.AsyncClient, *, with_thread: bool) -> BenchUser:
+    """A new user (two argon2 operations on the server), its token and maybe one thread."""
+    email = f"bench-{uuid.uuid4().hex[:16]}@example.com"
+    credentials = {"email": email, "password": PASSWORD}
+    created = await http.post("/v1/auth/register", json=credentials)
+    expect(created, 201)
+    token = await http.post("/v1/auth/token", json=credentials)
+    expect(token, 200)
+    user = BenchUser(created.json()["id"], token.json()["access_token"])
+    if not with_thread:
+        return user
+    return BenchUser(user.id, user.token, await create_thread(http, user))
+
+
+async def create_thread(http: httpx.AsyncClient, user: BenchUser, title: str = "bench") -> str:
+    thread = await http.post("/v1/threads", json={"title": title}, headers=user.headers)
+    expect(thread, 201)
+    return str(thread.json()["id"])
+
+
+async def register_many(http: httpx.AsyncClient, count: int, *, with_thread: bool,
+                        at_once: int = 4) -> list[BenchUser]:
+    """`count` users, a few at a time: each costs two argon2 operations on the server."""
+    users: list[BenchUser] = []
+    while len(users) < count:
+        batch = min(at_once, count - len(users))
+        async with asyncio.TaskGroup() as group:
+            made = [group.create_task(register(http, with_thread=with_thread))
+                    for _ in range(batch)]
+        users.extend(task.result() for task in made)
+    return users
