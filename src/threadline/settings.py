@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     """Attempts of a run whose worker died (lease expired) before it is failed."""
     run_lease_seconds: float = Field(default=30.0, ge=1)
     """A worker that has not heartbeated its run for this long is taken for dead."""
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0)
+    """On shutdown, how long running runs may take to finish before they are handed back to
+    the queue for another worker."""
     socket_queue_size: int = Field(default=1000, ge=8)
     """Events a connection may fall behind by before it is closed and told to resume."""
 

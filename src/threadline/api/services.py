@@ -217,6 +217,7 @@ def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> S
                 concurrency=settings.worker_concurrency,
                 poll_seconds=settings.worker_poll_seconds,
                 heartbeat_seconds=max(settings.run_lease_seconds / 4, 0.5),
+                grace_seconds=settings.shutdown_grace_seconds,
             ),
         )
         if settings.embedded_worker
