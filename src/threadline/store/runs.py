@@ -2,8 +2,9 @@
 
 A queued run is claimed by a worker that sets a lease (`lease_owner`, `lease_expires_at`) and
 heartbeats it. The claim is fair and safe:
-- fair across users: candidates are ranked by their position in their own user's queue, so every
-  user's first queued run comes before anyone's second;
+- fair across users: the user with the fewest running runs goes first, then the one served
+  least recently (never served first), so one user's backlog of a hundred runs does not delay
+  another user's first run: users take turns;
 - one active run per thread: only the oldest queued-or-running run of a thread is claimable;
 - a user at the concurrent-run limit is skipped;
 - on PostgreSQL, `FOR UPDATE SKIP LOCKED` lets many workers claim at once without waiting;
@@ -87,12 +88,22 @@ def _run(row: sa.Row[tuple[object, ...]]) -> Run:
 
 
 _CLAIM_SQL = """
-WITH ranked AS (
-    SELECT id, created_at,
+WITH queued AS (
+    SELECT id, user_id, created_at,
            row_number() OVER (PARTITION BY user_id ORDER BY created_at, id) AS user_rank
     FROM runs WHERE status = 'queued'
+),
+served AS (
+    SELECT user_id,
+           max(started_at) AS last_started,
+           sum(CASE WHEN status = 'running' THEN 1 ELSE 0 END) AS busy
+    FROM runs
+    WHERE started_at IS NOT NULL AND user_id IN (SELECT user_id FROM queued)
+    GROUP BY user_id
 )
-SELECT runs.id FROM runs JOIN ranked ON ranked.id = runs.id
+SELECT runs.id FROM runs
+JOIN queued ON queued.id = runs.id
+LEFT JOIN served ON served.user_id = runs.user_id
 WHERE runs.status = 'queued'
   AND NOT EXISTS (
     SELECT 1 FROM runs AS earlier
@@ -100,9 +111,9 @@ WHERE runs.status = 'queued'
       AND earlier.status IN ('queued', 'running')
       AND (earlier.created_at < runs.created_at
            OR (earlier.created_at = runs.created_at AND earlier.id < runs.id)))
-  AND (SELECT count(*) FROM runs AS busy
-       WHERE busy.user_id = runs.user_id AND busy.status = 'running') < :per_user_limit
-ORDER BY ranked.user_rank, ranked.created_at, runs.id
+  AND coalesce(served.busy, 0) < :per_user_limit
+ORDER BY coalesce(served.busy, 0), served.last_started NULLS FIRST,
+         queued.user_rank, queued.created_at, runs.id
 LIMIT 1
 """
 

@@ -128,6 +128,8 @@ runs = sa.Table(
     sa.Index("ix_runs_status_created", "status", "created_at"),
     sa.Index("ix_runs_thread_status", "thread_id", "status"),
     sa.Index("ix_runs_user_status", "user_id", "status"),
+    # The fair claim asks when each waiting user was last served.
+    sa.Index("ix_runs_user_started", "user_id", "started_at"),
 )
 
 events = sa.Table(

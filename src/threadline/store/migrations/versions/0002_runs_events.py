@@ -62,6 +62,7 @@ def upgrade() -> None:
     op.create_index("ix_runs_status_created", "runs", ["status", "created_at"])
     op.create_index("ix_runs_thread_status", "runs", ["thread_id", "status"])
     op.create_index("ix_runs_user_status", "runs", ["user_id", "status"])
+    op.create_index("ix_runs_user_started", "runs", ["user_id", "started_at"])
     op.create_table(
         "events",
         sa.Column("id", sa.String(32), nullable=False),
@@ -85,6 +86,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("events")
+    op.drop_index("ix_runs_user_started", table_name="runs")
     op.drop_index("ix_runs_user_status", table_name="runs")
     op.drop_index("ix_runs_thread_status", table_name="runs")
     op.drop_index("ix_runs_status_created", table_name="runs")
