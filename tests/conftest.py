@@ -133,6 +133,10 @@ def settings_factory(
             "secret_key": TEST_SECRET,
             "data_dir": tmp_path / "data",
             "redis_prefix": redis_prefix,
+            # Minimal argon2 cost: a production hash takes ~0.15 s of CPU here, and every
+            # registration and sign-in does one. Behaviour is the same; only the cost differs.
+            "password_time_cost": 1,
+            "password_memory_kib": 64,
         }
         if backend == "postgres":
             values["redis_url"] = request.getfixturevalue("redis_url")

@@ -41,6 +41,7 @@ def serve(
     from threadline.api.app import create_app
 
     settings = _settings(host=host, port=port, agents=agents or None)
+    _check_schema(settings)
     configure_logging(settings.log_level)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -73,6 +74,7 @@ def worker(
     from threadline.runs.standalone import run_worker
 
     settings = _settings(agents=agents or None, embedded_worker=True)
+    _check_schema(settings)
     configure_logging(settings.log_level)
     console.print(f"Threadline worker on {_redacted(settings.database_url)}")
     asyncio.run(run_worker(settings))  # SIGINT and SIGTERM stop it gracefully
@@ -95,6 +97,31 @@ def migrate() -> None:
 
     asyncio.run(run())
     console.print(f"Migrated {_redacted(settings.database_url)} to the latest schema.")
+
+
+def _check_schema(settings: Settings) -> None:
+    """On PostgreSQL, refuse to start on a database `threadline migrate` has not brought up to
+    date (SQLite is migrated by the server itself)."""
+    if settings.is_sqlite:
+        return
+    from threadline.store.db import create_engine
+    from threadline.store.migrate import ensure_schema_current
+
+    async def check() -> None:
+        engine = create_engine(settings.database_url, pool_size=1)
+        try:
+            await ensure_schema_current(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(check())
+    except ThreadlineError as exc:
+        console.print(f"[red]Configuration error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    except Exception as exc:  # any driver error: show it in one line, not a traceback
+        console.print(f"[red]Cannot reach the database:[/red] {type(exc).__name__}: {exc}")
+        raise typer.Exit(2) from exc
 
 
 def _redacted(url: str) -> str:

@@ -16,7 +16,7 @@ from threadline.ids import IdPrefix, is_valid_id
 
 # Values that show up when a caller stringified a missing value instead of failing.
 _PLACEHOLDERS = frozenset({"none", "null", "undefined", "nil", "test", "nan", "0", "-"})
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 class InvalidContextError(InvalidInputError):
@@ -40,6 +40,13 @@ def _check_id(field: str, value: str | None, prefix: IdPrefix, *, required: bool
         raise InvalidContextError(field, f"{value!r} is a placeholder, not an id")
     if not is_valid_id(value, prefix):
         raise InvalidContextError(field, f"{value!r} is not a valid {prefix.value}… id")
+
+
+def _check_token(field: str, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not _REQUEST_ID.fullmatch(value):
+        raise InvalidContextError(field, "must be 1-128 characters of [A-Za-z0-9._:-]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +73,8 @@ class UserContext:
         _check_id("user_id", user_id, IdPrefix.USER, required=True)
         _check_id("thread_id", thread_id, IdPrefix.THREAD, required=False)
         _check_id("run_id", run_id, IdPrefix.RUN, required=False)
-        if request_id is not None and not _REQUEST_ID.match(request_id):
-            raise InvalidContextError("request_id", "must be 1-128 characters of [A-Za-z0-9._:-]")
-        if connection_id is not None and not _REQUEST_ID.match(connection_id):
-            raise InvalidContextError(
-                "connection_id", "must be 1-128 characters of [A-Za-z0-9._:-]"
-            )
+        _check_token("request_id", request_id)
+        _check_token("connection_id", connection_id)
         return cls(user_id, request_id, thread_id, run_id, connection_id)
 
     def for_thread(self, thread_id: str) -> UserContext:

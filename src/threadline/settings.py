@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     """Signs tokens. In development, a random key is kept in `data_dir` when unset."""
     data_dir: Path = Path(".threadline")
     """Where the embedded server keeps its generated secret key."""
+    password_time_cost: int = Field(default=3, ge=1)
+    """Argon2 passes per hash (argon2-cffi's default). Tests lower it; production should not."""
+    password_memory_kib: int = Field(default=65_536, ge=8)
+    """Argon2 memory per hash, in KiB (argon2-cffi's default)."""
     token_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     """How long a bearer token is valid."""
 

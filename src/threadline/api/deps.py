@@ -14,6 +14,7 @@ from threadline.auth.tokens import TokenClaims
 from threadline.context import UserContext
 from threadline.errors import AuthError, RateLimitedError
 from threadline.logs import bind_context
+from threadline.store.db import read_transaction
 from threadline.store.threads import Thread
 
 _bearer = HTTPBearer(auto_error=False, description="A token from POST /v1/auth/token")
@@ -27,7 +28,11 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def _transaction(services: ServicesDep) -> AsyncIterator[AsyncConnection]:
+async def _transaction(services: ServicesDep, request: Request) -> AsyncIterator[AsyncConnection]:
+    if request.method in ("GET", "HEAD"):
+        async with read_transaction(services.engine) as conn:
+            yield conn
+        return
     async with services.engine.begin() as conn:
         yield conn
 

@@ -226,7 +226,9 @@ def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> S
     auth = AuthService(
         engine=engine,
         users=users,
-        passwords=Passwords(),
+        passwords=Passwords(
+            time_cost=settings.password_time_cost, memory_kib=settings.password_memory_kib
+        ),
         tokens=TokenCodec(resolve_secret(settings), ttl_seconds=settings.token_ttl_seconds),
         revocations=revocations,
     )
@@ -257,6 +259,7 @@ def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> S
             bus=bus,
             max_attempts=settings.run_max_attempts,
             max_active_per_user=settings.max_active_runs_per_user,
+            metrics=metrics,
             wake_worker=worker.notify if worker is not None else lambda: None,
         ),
         execution=execution,

@@ -9,8 +9,8 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 
 class Passwords:
-    def __init__(self, hasher: PasswordHasher | None = None) -> None:
-        self._hasher = hasher or PasswordHasher()
+    def __init__(self, *, time_cost: int = 3, memory_kib: int = 65_536) -> None:
+        self._hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib)
         # Verifying against this when the email is unknown makes both failures take as long,
         # so response time does not reveal which emails have accounts.
         self._dummy_hash = self._hasher.hash("threadline-timing-equalizer")

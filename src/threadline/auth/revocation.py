@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from threadline.store.db import read_transaction
 from threadline.store.tables import revoked_tokens
 
 
@@ -53,7 +54,7 @@ class DatabaseRevocationList:
                 pass  # already revoked: logging out twice is not an error
 
     async def is_revoked(self, jti: str) -> bool:
-        async with self._engine.connect() as conn:
+        async with read_transaction(self._engine) as conn:
             found = await conn.scalar(
                 sa.select(revoked_tokens.c.jti).where(revoked_tokens.c.jti == jti)
             )

@@ -12,7 +12,7 @@ from threadline.auth.revocation import RevocationList
 from threadline.auth.tokens import IssuedToken, TokenClaims, TokenCodec
 from threadline.context import UserContext
 from threadline.errors import AuthError, InvalidInputError
-from threadline.store.db import ping
+from threadline.store.db import ping, read_transaction
 from threadline.store.users import User, UserStore
 
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
@@ -22,7 +22,7 @@ MAX_PASSWORD_CHARS = 256
 
 def normalize_email(email: str) -> str:
     normalized = email.strip().lower()
-    if len(normalized) > 320 or not _EMAIL.match(normalized):
+    if len(normalized) > 320 or "\x00" in normalized or not _EMAIL.match(normalized):
         raise InvalidInputError("Not a valid email address", code="invalid_email", field="email")
     return normalized
 
@@ -68,8 +68,12 @@ class AuthService:
     async def authenticate(self, *, email: str, password: str) -> IssuedToken:
         """Issue a token. An unknown email and a wrong password fail with different codes,
         as the API promises; both take the same time (one argon2 verification)."""
-        async with self._engine.connect() as conn:
-            found = await self._users.find_credentials(conn, email=email.strip().lower())
+        try:
+            email = normalize_email(email)
+        except InvalidInputError:
+            email = ""  # cannot have an account; still verify once below, for even timing
+        async with read_transaction(self._engine) as conn:
+            found = await self._users.find_credentials(conn, email=email) if email else None
         valid = await self._passwords.verify(found.password_hash if found else None, password)
         if found is None:
             raise AuthError("No account with this email", code="unknown_user")
@@ -87,7 +91,7 @@ class AuthService:
         await self._revocations.revoke(claims.jti, expires_at=claims.expires_at)
 
     async def me(self, ctx: UserContext) -> User:
-        async with self._engine.connect() as conn:
+        async with read_transaction(self._engine) as conn:
             return await self._users.get(conn, ctx)
 
     async def health(self) -> AuthHealth:

@@ -31,8 +31,9 @@ class IssuedToken:
 
 class TokenCodec:
     def __init__(self, secret: str, *, ttl_seconds: int) -> None:
-        if len(secret) < 16:
-            raise ValueError("token secret must be at least 16 characters")
+        if len(secret.encode()) < 32:
+            # RFC 7518 wants an HS256 key at least as long as the hash: 256 bits.
+            raise ValueError("token secret must be at least 32 bytes")
         self._secret = secret
         self._ttl = ttl_seconds
 

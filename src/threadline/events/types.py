@@ -23,6 +23,8 @@ class EventType(StrEnum):
     THREAD_UPDATED = "thread_updated"
     THREAD_DELETED = "thread_deleted"
     MESSAGE_CREATED = "message_created"
+    # A queued run's message moved after the runs before it (see MessageStore).
+    MESSAGE_MOVED = "message_moved"
 
 
 # Streamed text is only worth something live: the finished message is stored and announced by

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from threadline.agents.history import INCOMPLETE_TOOL_CALL
+from threadline.context import UserContext
 from threadline.llm.types import ChatMessage, Role, ToolCall
-from threadline.store.messages import Message, MessageRole, NewMessage
+from threadline.store.messages import Message, MessageRole, MessageStore, NewMessage
+from threadline.store.runs import Run
 
 JSONObject = dict[str, object]
 _ROLES = {
@@ -70,3 +75,26 @@ def tool_result_message(
 
 def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+async def close_unanswered_tool_calls(
+    conn: AsyncConnection, messages: MessageStore, ctx: UserContext, *, run: Run
+) -> int:
+    """Give every tool call of `run` that has no result a synthetic error result, so the
+    thread stays valid for every provider however the run ended. Returns how many."""
+    stored = await messages.recent(conn, ctx, run.thread_id, window=500)
+    mine = [m for m in stored if m.run_id == run.id]
+    answered = {m.tool_call_id for m in mine if m.role is MessageRole.TOOL}
+    closed = 0
+    for message in mine:
+        if message.role is not MessageRole.ASSISTANT:
+            continue
+        for call in to_chat(message).tool_calls:
+            if call.call_id in answered:
+                continue
+            result = tool_result_message(
+                call, content=INCOMPLETE_TOOL_CALL, is_error=True, duration_ms=0.0, run_id=run.id
+            )
+            await messages.append(conn, ctx, run.thread_id, result)
+            closed += 1
+    return closed

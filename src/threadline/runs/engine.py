@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from threadline.agents.agent import Agent
 from threadline.agents.context import RunContext
-from threadline.agents.history import INCOMPLETE_TOOL_CALL, repair_history, window_history
+from threadline.agents.history import repair_history, window_history
 from threadline.agents.loop import AgentOutcome, run_agent
 from threadline.agents.registry import AgentRegistry
 from threadline.context import UserContext
@@ -38,11 +38,12 @@ from threadline.errors import ThreadlineError
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.llm.providers import ProviderSet
-from threadline.llm.types import ChatMessage, Role
+from threadline.llm.types import ChatMessage
 from threadline.logs import bound
 from threadline.metrics import Metrics
-from threadline.runs.conversation import to_chat_history, tool_result_message
+from threadline.runs.conversation import close_unanswered_tool_calls, to_chat_history
 from threadline.runs.sink import RunEventSink
+from threadline.store.db import read_transaction
 from threadline.store.messages import MessageRole, MessageStore
 from threadline.store.runs import Run, RunStatus, RunStore
 
@@ -169,7 +170,6 @@ class UserRunEngine:
             async with asyncio.timeout(engine.config.run_timeout_seconds):
                 outcome = await self._run_agent(run, ctx, sink)
             await sink.flush()
-            engine.metrics.tool_calls.inc(sink.tool_calls)
             last = sink.last_assistant
             result: JSONObject = {
                 "message_id": last.id if last else None,
@@ -200,13 +200,17 @@ class UserRunEngine:
         except Exception as exc:
             logger.exception("Agent run failed")
             return _failure(RunStatus.FAILED, "agent_error", f"{type(exc).__name__}: {exc}")
+        finally:
+            # Counted however the run ends: a tool that ran in a cancelled run still ran.
+            engine.metrics.tool_calls.inc(sink.tool_calls)
 
     async def _run_agent(self, run: Run, ctx: UserContext, sink: RunEventSink) -> AgentOutcome:
         engine = self._engine
         await sink.emit(EventType.AGENT_STARTED, {"agent": run.agent, "attempt": run.attempt})
         agent = engine.registry.build(run.agent)
         provider, model = engine.providers.resolve(agent.model)
-        history = await self._history(run, ctx, agent)
+        input_position = await self._place_input_message(run, ctx)
+        history = await self._history(run, ctx, agent, input_position=input_position)
         context: RunContext[object] = RunContext(
             user=ctx,
             thread_id=run.thread_id,
@@ -223,13 +227,43 @@ class UserRunEngine:
             sink=sink,
         )
 
-    async def _history(self, run: Run, ctx: UserContext, agent: Agent) -> list[ChatMessage]:
-        """The thread's recent messages, repaired. A trailing tool call of *this* run that has
-        no result yet is kept pending: that is a retried run resuming where it stopped."""
-        async with self._engine.db.connect() as conn:
+    async def _place_input_message(self, run: Run, ctx: UserContext) -> int | None:
+        """The position of the message this run answers, after moving it behind the output of
+        runs that finished while it waited in the queue."""
+        message_id = run.input.get("message_id")
+        if not isinstance(message_id, str):
+            return None
+        engine = self._engine
+        async with engine.db.begin() as conn:
+            placed = await engine.messages.place_after_agent_output(
+                conn, ctx, run.thread_id, message_id, run_id=run.id
+            )
+            if placed is None:
+                return None
+            position, moved = placed
+            if moved:
+                await engine.publisher.emit(
+                    conn,
+                    ctx,
+                    run.thread_id,
+                    EventType.MESSAGE_MOVED,
+                    {"message_id": message_id, "position": position},
+                    run_id=run.id,
+                )
+        return position
+
+    async def _history(
+        self, run: Run, ctx: UserContext, agent: Agent, *, input_position: int | None
+    ) -> list[ChatMessage]:
+        """The thread's recent messages up to the one this run answers (later questions belong
+        to later runs), plus this run's own output, repaired. A trailing tool call of *this*
+        run that has no result yet is kept pending: a retried run resumes where it stopped."""
+        async with read_transaction(self._engine.db) as conn:
             stored = await self._engine.messages.recent(
                 conn, ctx, run.thread_id, window=agent.history_window * 2 + 8
             )
+        if input_position is not None:
+            stored = [m for m in stored if m.position <= input_position or m.run_id == run.id]
         last_calls = next(
             (m for m in reversed(stored) if m.role is MessageRole.ASSISTANT and m.tool_calls),
             None,
@@ -242,9 +276,9 @@ class UserRunEngine:
         self, run: Run, ctx: UserContext, outcome: _Outcome, *, worker_id: str
     ) -> None:
         engine = self._engine
-        if outcome.status is not RunStatus.COMPLETED:
-            await self._answer_unfinished_tool_calls(run, ctx)
         async with engine.db.begin() as conn:
+            if outcome.status is not RunStatus.COMPLETED:
+                await close_unanswered_tool_calls(conn, engine.messages, ctx, run=run)
             applied = await engine.runs.finish(
                 conn,
                 run.id,
@@ -261,30 +295,6 @@ class UserRunEngine:
             engine.metrics.runs_finished.labels(outcome.status.value).inc()
         else:
             logger.warning("Run %s lost its lease before finishing; outcome dropped", run.id)
-
-    async def _answer_unfinished_tool_calls(self, run: Run, ctx: UserContext) -> None:
-        engine = self._engine
-        async with engine.db.begin() as conn:
-            stored = await engine.messages.recent(conn, ctx, run.thread_id, window=200)
-            mine = [m for m in stored if m.run_id == run.id]
-            answered = {m.tool_call_id for m in mine if m.role is MessageRole.TOOL}
-            history = to_chat_history([m for m in mine if m.role is MessageRole.ASSISTANT])
-            for message in history:
-                for call in message.tool_calls:
-                    if call.call_id in answered or message.role is not Role.ASSISTANT:
-                        continue
-                    await engine.messages.append(
-                        conn,
-                        ctx,
-                        run.thread_id,
-                        tool_result_message(
-                            call,
-                            content=INCOMPLETE_TOOL_CALL,
-                            is_error=True,
-                            duration_ms=0.0,
-                            run_id=run.id,
-                        ),
-                    )
 
 
 def _failure(status: RunStatus, code: str, message: str) -> _Outcome:

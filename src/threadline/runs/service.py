@@ -18,7 +18,9 @@ from threadline.errors import ConflictError, NotFoundError, RateLimitedError
 from threadline.events.bus import EventBus
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
+from threadline.metrics import Metrics
 from threadline.runs.engine import CancelReason
+from threadline.store.db import read_transaction
 from threadline.store.messages import Message, MessageStore, NewMessage
 from threadline.store.runs import Run, RunStatus, RunStore
 from threadline.store.threads import ThreadStatus, ThreadStore
@@ -70,6 +72,7 @@ class RunService:
         bus: EventBus,
         max_attempts: int,
         max_active_per_user: int,
+        metrics: Metrics,
         wake_worker: Callable[[], None] = lambda: None,
     ) -> None:
         self._db = db
@@ -81,6 +84,7 @@ class RunService:
         self._bus = bus
         self._max_attempts = max_attempts
         self._max_active_per_user = max_active_per_user
+        self._metrics = metrics
         self._wake_worker = wake_worker
 
     async def post(
@@ -173,6 +177,7 @@ class RunService:
             error={"reason": reason.value},
         )
         if applied:
+            self._metrics.runs_finished.labels(RunStatus.CANCELLED.value).inc()
             await self._publisher.emit(
                 conn,
                 ctx,
@@ -200,5 +205,5 @@ class RunService:
         await self._bus.publish_control(
             {"action": CANCEL_CONTROL, "run_id": run_id, "reason": CancelReason.USER}
         )
-        async with self._db.connect() as conn:
+        async with read_transaction(self._db) as conn:
             return await self._runs.get(conn, ctx, run_id)

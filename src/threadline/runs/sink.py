@@ -91,13 +91,13 @@ class RunEventSink:
             self.last_assistant = stored
 
     async def tool_executing(self, call: ToolCall) -> None:
-        self.tool_calls += 1
         await self.emit(
             EventType.TOOL_EXECUTING,
             {"tool": call.name, "call_id": call.call_id, "arguments": call.arguments},
         )
 
     async def tool_completed(self, call: ToolCall, result: ToolResult) -> None:
+        self.tool_calls += 1
         async with self._lock:
             await self._flush()
             async with self._db.begin() as conn:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from threadline.context import UserContext
 from threadline.events.bus import EventBus, Unsubscribe
 from threadline.events.types import EventType
+from threadline.runs.conversation import close_unanswered_tool_calls
 from threadline.runs.engine import CancelReason, ExecutionEngine, RunLimitError
 from threadline.runs.service import CANCEL_CONTROL
 from threadline.store.runs import Run, RunStatus
@@ -187,6 +188,7 @@ class Worker:
                     "code": "worker_lost",
                     "message": f"The worker stopped responding {run.attempt} times",
                 }
+                await close_unanswered_tool_calls(conn, engine.messages, ctx, run=run)
                 if await engine.runs.finish(
                     conn, run.id, status=RunStatus.FAILED, worker_id=run.lease_owner, error=error
                 ):

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 logger = logging.getLogger(__name__)
 
+_READ_ONLY = "threadline_read_only"
 # How long a SQLite writer waits for the lock before failing with "database is locked".
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -57,17 +58,24 @@ def _create_sqlite_engine(database_url: str, *, echo: bool) -> AsyncEngine:
     def _on_begin(connection: Any) -> None:
         # A deferred transaction that reads and then writes cannot wait for the write lock:
         # SQLite fails it at once with SQLITE_BUSY. Taking the lock up front makes writers queue
-        # on busy_timeout instead. Readers still run concurrently under WAL.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # on busy_timeout instead. Read-only transactions (`read_transaction`) begin deferred,
+        # so under WAL they never wait for a writer.
+        if connection.get_execution_options().get(_READ_ONLY):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
 
 @asynccontextmanager
-async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """One transaction: committed when the block ends, rolled back if it raises."""
-    async with engine.begin() as connection:
-        yield connection
+async def read_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A transaction that only reads. On SQLite it does not take the write lock, so it runs
+    beside writers; use `engine.begin()` for anything that may write."""
+    async with engine.connect() as connection:
+        await connection.execution_options(**{_READ_ONLY: True})
+        async with connection.begin():
+            yield connection
 
 
 async def ping(engine: AsyncEngine) -> None:

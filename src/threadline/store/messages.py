@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ from threadline.ids import IdPrefix, is_valid_id, new_id
 from threadline.store.pagination import Page, check_limit, decode_cursor, encode_cursor
 from threadline.store.tables import messages, threads
 from threadline.store.threads import JSONObject, ThreadStatus
+from threadline.store.validation import check_text, json_size
 
 _TITLE_CHARS = 60
 
@@ -92,7 +92,8 @@ class MessageStore:
             )
         if new.role is MessageRole.USER and not new.content.strip():
             raise InvalidInputError("content is empty", code="message_empty", field="content")
-        size = len(json.dumps(new.metadata, separators=(",", ":"), ensure_ascii=False).encode())
+        check_text(new.content, field="content")
+        size = json_size(new.metadata, field="metadata")
         if size > self._max_metadata_bytes:
             raise InvalidInputError(
                 f"metadata is {size} bytes; the limit is {self._max_metadata_bytes}",
@@ -152,14 +153,15 @@ class MessageStore:
         }
         if new.role is MessageRole.USER:
             values["title"] = sa.func.coalesce(threads.c.title, title_from(new.content))
+        conditions = [threads.c.id == thread_id, threads.c.user_id == ctx.user_id]
+        if new.role is MessageRole.USER:
+            # Users cannot write to an archived thread; a run started before it was archived
+            # may still finish (and its tool calls must still get their results).
+            conditions.append(threads.c.status != ThreadStatus.ARCHIVED.value)
         row = (
             await conn.execute(
                 threads.update()
-                .where(
-                    threads.c.id == thread_id,
-                    threads.c.user_id == ctx.user_id,
-                    threads.c.status != ThreadStatus.ARCHIVED.value,
-                )
+                .where(*conditions)
                 .values(**values)
                 .returning(threads.c.message_count)
             )
@@ -199,13 +201,62 @@ class MessageStore:
         )
         if cursor is not None:
             (after,) = decode_cursor(cursor, arity=1)
-            if not isinstance(after, int):
+            if not isinstance(after, int) or not 0 <= after <= 2**31 - 1:
                 raise InvalidInputError("Malformed cursor", code="invalid_cursor")
             query = query.where(column > after if order == "asc" else column < after)
         rows = (await conn.execute(query)).all()
         items = [_message(row) for row in rows[:limit]]
         next_cursor = encode_cursor(items[-1].position) if len(rows) > limit else None
         return Page(items=items, next_cursor=next_cursor)
+
+    async def place_after_agent_output(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        message_id: str,
+        *,
+        run_id: str,
+    ) -> tuple[int, bool] | None:
+        """Move a queued run's user message after the output of the runs that went before it.
+
+        A message posted while another run was active was stored at once, so that run's later
+        output (tool results, its answer) landed after it. When the queued run `run_id` starts,
+        its message moves to the end, so the stored conversation reads in the order it happened.
+        Returns (position, moved), or None if the message is gone.
+        """
+        position = await conn.scalar(
+            sa.select(messages.c.position).where(
+                messages.c.id == message_id,
+                messages.c.thread_id == thread_id,
+                messages.c.user_id == ctx.user_id,
+            )
+        )
+        if position is None:
+            return None
+        overtaken = await conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(messages)
+            .where(
+                messages.c.thread_id == thread_id,
+                messages.c.user_id == ctx.user_id,
+                messages.c.position > position,
+                messages.c.run_id.is_not(None),
+                messages.c.run_id != run_id,
+            )
+        )
+        if not overtaken:
+            return int(position), False
+        new_position = await conn.scalar(
+            threads.update()
+            .where(threads.c.id == thread_id, threads.c.user_id == ctx.user_id)
+            .values(message_count=threads.c.message_count + 1)
+            .returning(threads.c.message_count)
+        )
+        await conn.execute(
+            messages.update().where(messages.c.id == message_id).values(position=new_position)
+        )
+        return int(new_position), True
 
     async def recent(
         self, conn: AsyncConnection, ctx: UserContext, thread_id: str, *, window: int

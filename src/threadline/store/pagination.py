@@ -32,7 +32,7 @@ def decode_cursor(cursor: str, *, arity: int) -> list[str | int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         values = json.loads(raw)
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidInputError("Malformed cursor", code="invalid_cursor", field="cursor") from exc
     if (
         not isinstance(values, list)

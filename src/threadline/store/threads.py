@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from threadline.context import UserContext
@@ -17,6 +17,7 @@ from threadline.errors import ConflictError, InvalidInputError, NotFoundError
 from threadline.ids import IdPrefix, is_valid_id, new_id
 from threadline.store.pagination import Page, check_limit, decode_cursor, encode_cursor
 from threadline.store.tables import events, messages, runs, threads
+from threadline.store.validation import INT64_MAX, check_text, json_size
 
 JSONObject = dict[str, object]
 _FILTER_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -110,7 +111,7 @@ class ThreadStore:
         self._max_metadata_bytes = max_metadata_bytes
 
     def check_metadata(self, metadata: JSONObject) -> JSONObject:
-        size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
+        size = json_size(metadata, field="metadata")
         if size > self._max_metadata_bytes:
             raise InvalidInputError(
                 f"metadata is {size} bytes; the limit is {self._max_metadata_bytes}",
@@ -127,6 +128,8 @@ class ThreadStore:
         title: str | None = None,
         metadata: JSONObject | None = None,
     ) -> Thread:
+        if title is not None:
+            check_text(title, field="title")
         now = datetime.now(UTC)
         values = {
             "id": new_id(IdPrefix.THREAD),
@@ -187,10 +190,7 @@ class ThreadStore:
         )
         if cursor is not None:
             activity, last_id = decode_cursor(cursor, arity=2)
-            try:
-                after = datetime.fromisoformat(str(activity))
-            except ValueError as exc:
-                raise InvalidInputError("Malformed cursor", code="invalid_cursor") from exc
+            after = _cursor_time(activity)
             query = query.where(
                 sa.or_(
                     threads.c.last_activity_at < after,
@@ -214,7 +214,7 @@ class ThreadStore:
         if filters.metadata:
             conditions.extend(_metadata_conditions(conn.dialect.name, filters.metadata))
         if filters.query:
-            pattern = _like_pattern(filters.query)
+            pattern = _like_pattern(check_text(filters.query, field="q"))
             in_messages = (
                 sa.select(messages.c.id)
                 .where(
@@ -270,7 +270,7 @@ class ThreadStore:
     def _changed_values(self, current: Thread, changes: ThreadChanges) -> dict[str, object]:
         values: dict[str, object] = {}
         if not isinstance(changes.title, _Unset) and changes.title != current.title:
-            values["title"] = changes.title
+            values["title"] = changes.title and check_text(changes.title, field="title")
         if not isinstance(changes.metadata_patch, _Unset):
             merged = merge_metadata(current.metadata, changes.metadata_patch)
             if merged != current.metadata:
@@ -303,6 +303,16 @@ class ThreadStore:
             raise NotFoundError("thread", thread_id)
 
 
+def _cursor_time(value: object) -> datetime:
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError as exc:
+        raise InvalidInputError("Malformed cursor", code="invalid_cursor") from exc
+    if moment.tzinfo is None:
+        raise InvalidInputError("Malformed cursor", code="invalid_cursor")
+    return moment
+
+
 def _version_conflict(current_version: int | None) -> ConflictError:
     detail = f" (it is now at version {current_version})" if current_version else ""
     return ConflictError(
@@ -318,14 +328,19 @@ def _metadata_conditions(dialect: str, wanted: JSONObject) -> list[sa.ColumnElem
                 f"metadata filter key {key!r} must match [A-Za-z0-9_-]{{1,64}}",
                 code="invalid_metadata_filter",
             )
-        if not isinstance(value, str | int | float | bool):
+        if not isinstance(value, str | int | float | bool) or (
+            isinstance(value, int) and abs(value) > INT64_MAX
+        ):
             raise InvalidInputError(
-                "metadata filter values must be strings, numbers or booleans",
+                "metadata filter values must be strings, numbers (64-bit) or booleans",
                 code="invalid_metadata_filter",
             )
+        if isinstance(value, str):
+            check_text(value, field="metadata")
     if dialect == "postgresql":
-        # JSONB containment uses the column's type and matches numbers and booleans exactly.
-        return [threads.c.metadata.contains(wanted)]
+        # JSONB containment (@>, served by the column's type) matches numbers and booleans
+        # exactly. The column is JSON-with-a-JSONB-variant, so say which comparator to use.
+        return [sa.type_coerce(threads.c.metadata, JSONB).contains(wanted)]
     conditions: list[sa.ColumnElement[bool]] = []
     for key, value in wanted.items():
         extracted = sa.func.json_extract(threads.c.metadata, f'$."{key}"')

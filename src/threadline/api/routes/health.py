@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from threadline.api.deps import ServicesDep
 from threadline.api.schemas import HealthOut
-from threadline.store.db import ping
+from threadline.store.db import ping, read_transaction
 from threadline.store.runs import RunStatus
 
 router = APIRouter(tags=["operations"])
@@ -36,7 +36,7 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(services: ServicesDep) -> Response:
     """Prometheus metrics of this process (and run counts by state from the database)."""
-    async with services.engine.connect() as conn:
+    async with read_transaction(services.engine) as conn:
         counts = await services.runs.count_by_status(conn)
     for status in RunStatus:
         services.metrics.runs_by_state.labels(status.value).set(counts.get(status.value, 0))

@@ -35,11 +35,15 @@ def _parse_if_match(value: str | None) -> int | None:
     return int(raw)
 
 
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _parse_metadata_filter(value: str | None) -> JSONObject | None:
     if value is None:
         return None
     try:
-        parsed = json.loads(value)
+        parsed = json.loads(value, parse_constant=_refuse_constant)
     except ValueError as exc:
         raise InvalidInputError(
             'metadata must be a JSON object, e.g. {"project":"apollo"}',

@@ -1,0 +1,377 @@
+"""Settings: database URL normalization, sources (env over TOML file over defaults), refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from threadline.errors import ConfigurationError
+from threadline.settings import Settings, load_settings, normalize_database_url
+from threadline.store.db import create_engine, read_transaction
+
+pytestmark = pytest.mark.unit
+
+STRONG_SECRET = "k3y-" + "a1B2c3D4e5F6g7H8i9J0" * 2
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Settings read the process environment and resolve SQLite paths against the working
+    directory; keep the developer's shell (a THREADLINE_* export, an OPENAI_API_KEY) and the
+    checkout out of every test here."""
+    for name in list(os.environ):
+        if name.startswith("THREADLINE_") or name.startswith(("OPENAI_", "ANTHROPIC_")):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+# --- PostgreSQL URLs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scheme", ["postgres", "postgresql", "postgresql+psycopg", "postgresql+asyncpg", "POSTGRES"]
+)
+def test_every_postgres_spelling_becomes_asyncpg(scheme: str) -> None:
+    url = normalize_database_url(f"{scheme}://ada:s3cret@db.internal:6543/threadline")
+
+    assert url == "postgresql+asyncpg://ada:s3cret@db.internal:6543/threadline"
+
+
+def test_postgres_credentials_host_port_and_database_survive() -> None:
+    # A password with "@", "/", ":" and "%" must be URL-escaped in the URL and stay so.
+    url = normalize_database_url("postgres://ada:p%40ss%2Fw%3Ard%25@db.internal:6543/app_db")
+
+    parsed = make_url(url)
+    assert parsed.drivername == "postgresql+asyncpg"
+    assert parsed.username == "ada"
+    assert parsed.password == "p@ss/w:rd%"
+    assert parsed.host == "db.internal"
+    assert parsed.port == 6543
+    assert parsed.database == "app_db"
+
+
+def test_escaped_password_reaches_the_driver_unescaped() -> None:
+    url = make_url(normalize_database_url("postgresql://ada:p%40ss%2Fw@localhost/app"))
+    _, kwargs = create_async_engine(url).dialect.create_connect_args(url)
+
+    assert kwargs["password"] == "p@ss/w"
+    assert kwargs["user"] == "ada"
+
+
+@pytest.mark.parametrize("mode", ["require", "verify-full", "disable"])
+def test_sslmode_becomes_asyncpg_ssl_and_other_parameters_stay(mode: str) -> None:
+    url = normalize_database_url(
+        f"postgresql://ada@db/app?application_name=threadline&sslmode={mode}&connect_timeout=5"
+    )
+
+    query = make_url(url).query
+    assert query == {"application_name": "threadline", "ssl": mode, "connect_timeout": "5"}
+    assert "sslmode" not in url
+
+
+def test_an_unknown_sslmode_is_refused() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        normalize_database_url("postgresql://ada@db/app?sslmode=sometimes")
+
+    assert caught.value.setting == "THREADLINE_DATABASE_URL"
+    assert "sometimes" in str(caught.value)
+
+
+def test_cloud_sql_unix_socket_is_kept() -> None:
+    url = normalize_database_url("postgresql://ada:pw@/app?host=/cloudsql/proj:region:inst")
+
+    assert url == "postgresql+asyncpg://ada:pw@/app?host=/cloudsql/proj:region:inst"
+
+
+def test_cloud_sql_socket_reaches_asyncpg_as_the_host() -> None:
+    """SQLAlchemy must hand asyncpg the socket directory as `host` (no connection is made)."""
+    url = make_url(
+        normalize_database_url("postgresql://ada:pw@/app?host=/cloudsql/proj:region:inst")
+    )
+    engine = create_async_engine(url)
+
+    _, kwargs = engine.dialect.create_connect_args(url)
+
+    assert kwargs["host"] == "/cloudsql/proj:region:inst"
+    assert kwargs["database"] == "app"
+    assert kwargs["user"] == "ada"
+    assert kwargs["password"] == "pw"
+
+
+# --- SQLite URLs -------------------------------------------------------------------------------
+
+
+def test_relative_sqlite_path_is_made_absolute_under_the_working_directory(
+    tmp_path: Path,
+) -> None:
+    url = normalize_database_url("sqlite:///data/t.db")
+
+    expected = (tmp_path / "data" / "t.db").resolve()
+    assert url == f"sqlite+aiosqlite:///{expected}"
+    assert Path(make_url(url).database or "") == expected
+
+
+def test_absolute_sqlite_path_is_kept() -> None:
+    assert normalize_database_url("sqlite:////var/x.db") == "sqlite+aiosqlite:////var/x.db"
+
+
+def test_sqlite_aiosqlite_scheme_and_query_are_accepted(tmp_path: Path) -> None:
+    url = normalize_database_url("sqlite+aiosqlite:///t.db?timeout=3")
+
+    assert url == f"sqlite+aiosqlite:///{(tmp_path / 't.db').resolve()}?timeout=3"
+
+
+# --- Refused URLs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("   ", id="blank"),
+        pytest.param("db.internal/app", id="no-scheme"),
+        pytest.param("mysql://ada@db/app", id="mysql"),
+        pytest.param("sqlite://:memory:", id="sqlite-memory-no-slash"),
+        pytest.param("sqlite:///:memory:", id="sqlite-memory"),
+        pytest.param("sqlite://", id="sqlite-no-path"),
+        pytest.param("postgresql://", id="postgres-nothing"),
+        pytest.param("postgresql://ada@db:99999/app", id="port-out-of-range"),
+        pytest.param("postgresql://ada@db:fivefour/app", id="port-not-a-number"),
+    ],
+)
+def test_unusable_database_urls_name_the_setting(url: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        normalize_database_url(url)
+
+    assert caught.value.setting == "THREADLINE_DATABASE_URL"
+    assert str(caught.value).startswith("THREADLINE_DATABASE_URL:")
+
+
+def test_a_bad_database_url_in_the_environment_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("THREADLINE_DATABASE_URL", "mysql://ada@db/app")
+
+    with pytest.raises(ConfigurationError, match="THREADLINE_DATABASE_URL"):
+        load_settings()
+
+
+# --- Sources -----------------------------------------------------------------------------------
+
+
+def test_defaults_with_an_empty_environment(tmp_path: Path) -> None:
+    settings = Settings()
+
+    assert settings.environment == "development"
+    assert settings.port == 8000
+    assert settings.cors_origins == []
+    assert settings.openai_api_key is None
+    assert settings.database_url == f"sqlite+aiosqlite:///{(tmp_path / 'threadline.db').resolve()}"
+    assert settings.is_sqlite
+
+
+def test_settings_come_from_threadline_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THREADLINE_PORT", "9123")
+    monkeypatch.setenv("THREADLINE_CORS_ORIGINS", "a,b")
+    monkeypatch.setenv("THREADLINE_DATABASE_URL", "postgres://ada@db/app?sslmode=require")
+
+    settings = Settings()
+
+    assert settings.port == 9123
+    assert settings.cors_origins == ["a", "b"]
+    assert settings.database_url == "postgresql+asyncpg://ada@db/app?ssl=require"
+    assert not settings.is_sqlite
+
+
+def test_cors_origins_ignore_blanks_around_commas(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THREADLINE_CORS_ORIGINS", " https://a.example , https://b.example, ")
+
+    assert Settings().cors_origins == ["https://a.example", "https://b.example"]
+
+
+def test_provider_keys_keep_their_vendor_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-vendor-name")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-from-vendor-name")
+
+    settings = Settings()
+
+    assert settings.openai_api_key is not None
+    assert settings.openai_api_key.get_secret_value() == "sk-from-vendor-name"
+    assert settings.anthropic_api_key is not None
+    assert settings.anthropic_api_key.get_secret_value() == "sk-ant-from-vendor-name"
+    assert "sk-from-vendor-name" not in repr(settings)
+
+
+def test_the_threadline_prefixed_key_is_accepted_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THREADLINE_OPENAI_API_KEY", "sk-prefixed")
+
+    key = Settings().openai_api_key
+    assert key is not None and key.get_secret_value() == "sk-prefixed"
+
+
+def _write_config(path: Path) -> Path:
+    path.write_text(
+        'port = 7001\nlog_level = "DEBUG"\ncors_origins = ["https://file.example"]\n'
+        'database_url = "sqlite:///from-file.db"\n'
+    )
+    return path
+
+
+def test_settings_come_from_the_toml_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("THREADLINE_CONFIG_FILE", str(_write_config(tmp_path / "threadline.toml")))
+
+    settings = Settings()
+
+    assert settings.port == 7001
+    assert settings.log_level == "DEBUG"
+    assert settings.cors_origins == ["https://file.example"]
+    assert settings.database_url == f"sqlite+aiosqlite:///{(tmp_path / 'from-file.db').resolve()}"
+
+
+def test_environment_beats_the_toml_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("THREADLINE_CONFIG_FILE", str(_write_config(tmp_path / "threadline.toml")))
+    monkeypatch.setenv("THREADLINE_PORT", "9002")
+    monkeypatch.setenv("THREADLINE_CORS_ORIGINS", "https://env.example")
+
+    settings = Settings()
+
+    assert settings.port == 9002
+    assert settings.cors_origins == ["https://env.example"]
+    assert settings.log_level == "DEBUG"  # not in the environment: the file still applies
+
+
+def test_arguments_beat_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THREADLINE_PORT", "9002")
+
+    assert Settings(port=9003).port == 9003
+
+
+def test_a_missing_config_file_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("THREADLINE_CONFIG_FILE", str(tmp_path / "nowhere.toml"))
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert caught.value.setting == "THREADLINE_CONFIG_FILE"
+    assert "nowhere.toml" in str(caught.value)
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+
+    with pytest.raises(ValidationError, match="frozen"):
+        settings.port = 1  # type: ignore[misc]
+    assert settings.port == 8000
+
+
+# --- Refusals ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        pytest.param(None, id="missing"),
+        pytest.param("changethis", id="placeholder"),
+        pytest.param("CHANGEME", id="placeholder-uppercase"),
+        pytest.param(" " * 40, id="blank"),
+        pytest.param("x" * 31, id="one-short"),
+    ],
+)
+def test_production_refuses_a_weak_secret_key(secret: str | None) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings(environment="production", secret_key=secret)  # type: ignore[arg-type]
+
+    assert caught.value.setting == "THREADLINE_SECRET_KEY"
+
+
+def test_production_refusal_also_applies_through_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("THREADLINE_ENVIRONMENT", "production")
+    monkeypatch.setenv("THREADLINE_SECRET_KEY", "secret")
+
+    with pytest.raises(ConfigurationError, match="THREADLINE_SECRET_KEY"):
+        load_settings()
+
+
+def test_production_accepts_a_long_random_secret_key() -> None:
+    settings = Settings(environment="production", secret_key=STRONG_SECRET)  # type: ignore[arg-type]
+
+    assert settings.secret_key is not None
+    assert settings.secret_key.get_secret_value() == STRONG_SECRET
+
+
+@pytest.mark.parametrize("environment", ["development", "test"])
+def test_outside_production_no_secret_key_is_needed(environment: str) -> None:
+    assert Settings(environment=environment).secret_key is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("THREADLINE_PORT", "abc"),
+        ("THREADLINE_PORT", "70000"),
+        ("THREADLINE_ENVIRONMENT", "staging"),
+        ("THREADLINE_MESSAGES_PER_MINUTE", "0"),
+    ],
+)
+def test_load_settings_names_the_variable_of_a_validation_error(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert caught.value.setting == variable
+    assert str(caught.value).startswith(f"{variable}:")
+    assert isinstance(caught.value.__cause__, ValidationError)
+
+
+def test_load_settings_applies_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THREADLINE_PORT", "9002")
+
+    assert load_settings(port=9004).port == 9004
+
+
+# --- The SQLite engine built from a normalized URL ---------------------------------------------
+
+
+async def test_a_sqlite_read_transaction_does_not_wait_for_a_writer(tmp_path: Path) -> None:
+    engine = create_engine(normalize_database_url(f"sqlite:///{tmp_path / 'locks.db'}"))
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("CREATE TABLE notes (body TEXT)"))
+        writing = asyncio.Event()
+
+        async def writer() -> None:
+            async with engine.begin() as conn:
+                await conn.execute(sa.text("INSERT INTO notes VALUES ('draft')"))
+                writing.set()
+                await asyncio.sleep(1.0)  # a slow write transaction
+
+        async def read_while_writing() -> float:
+            await writing.wait()
+            started = asyncio.get_running_loop().time()
+            async with read_transaction(engine) as conn:
+                await conn.execute(sa.text("SELECT count(*) FROM notes"))
+            return asyncio.get_running_loop().time() - started
+
+        async with asyncio.timeout(30), asyncio.TaskGroup() as group:
+            group.create_task(writer())
+            read = group.create_task(read_while_writing())
+        waited = read.result()
+    finally:
+        await engine.dispose()
+
+    if waited > 0.5:
+        pytest.fail(f"a read transaction waited {waited:.2f} s for the writer's transaction")

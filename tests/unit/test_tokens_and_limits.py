@@ -1,0 +1,361 @@
+"""Bearer tokens, the in-process rate limiter, and list cursors."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import jwt
+import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+
+from threadline.auth.tokens import TokenCodec
+from threadline.context import UserContext
+from threadline.errors import AuthError, InvalidInputError
+from threadline.ids import IdPrefix, new_id
+from threadline.ratelimit import MemoryRateLimiter
+from threadline.store.pagination import decode_cursor, encode_cursor
+from threadline.store.tables import metadata_obj
+from threadline.store.threads import ThreadStore
+
+pytestmark = pytest.mark.unit
+
+# 64 bytes: long enough for PyJWT to sign HS512 with it too without an InsecureKeyLengthWarning.
+SECRET = "unit-test-signing-key-0123456789abcdef-0123456789abcdef-01234567"
+OTHER_SECRET = "another-signing-key-fedcba9876543210"
+
+
+@pytest.fixture
+def codec() -> TokenCodec:
+    return TokenCodec(SECRET, ttl_seconds=3600)
+
+
+def _sign(payload: dict[str, object], *, secret: str = SECRET, algorithm: str = "HS256") -> str:
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+def _claims(**overrides: object) -> dict[str, object]:
+    now = datetime.now(UTC)
+    payload: dict[str, object] = {
+        "sub": new_id(IdPrefix.USER),
+        "jti": "jti-1",
+        "iss": "threadline",
+        "iat": int(now.timestamp()),
+        "exp": int((now + timedelta(hours=1)).timestamp()),
+    }
+    payload.update(overrides)
+    return {k: v for k, v in payload.items() if v is not None}
+
+
+# --- Tokens ------------------------------------------------------------------------------------
+
+
+def test_issue_then_decode_roundtrip(codec: TokenCodec) -> None:
+    user_id = new_id(IdPrefix.USER)
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    issued = codec.issue(user_id, now=now)
+    claims = codec.decode(issued.token)
+
+    assert claims == issued.claims
+    assert claims.user_id == user_id
+    assert claims.expires_at == now + timedelta(hours=1)
+    assert issued.expires_in == 3600
+
+
+def test_every_token_has_its_own_jti(codec: TokenCodec) -> None:
+    user_id = new_id(IdPrefix.USER)
+
+    jtis = {codec.decode(codec.issue(user_id).token).jti for _ in range(50)}
+
+    assert len(jtis) == 50
+
+
+# HS256 wants a key of at least 32 bytes (RFC 7518 3.2); PyJWT warns on every use of a shorter one.
+@pytest.mark.parametrize("secret", ["too-short", "s" * 20, "s" * 31, "é" * 15])
+def test_a_secret_shorter_than_32_bytes_is_refused(secret: str) -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        TokenCodec(secret, ttl_seconds=60)
+
+
+def test_a_32_byte_secret_signs_without_warnings() -> None:
+    # pytest runs with filterwarnings=error: an InsecureKeyLengthWarning would fail this test.
+    codec = TokenCodec("s" * 32, ttl_seconds=60)
+
+    assert codec.decode(codec.issue(new_id(IdPrefix.USER)).token).jti
+
+
+def test_an_expired_token_is_token_expired(codec: TokenCodec) -> None:
+    issued = codec.issue(new_id(IdPrefix.USER), now=datetime.now(UTC) - timedelta(hours=2))
+
+    with pytest.raises(AuthError) as caught:
+        codec.decode(issued.token)
+
+    assert caught.value.code == "token_expired"
+
+
+def _tamper_signature(token: str) -> str:
+    # Change a character in the middle of the signature: the last base64url character of an
+    # HS256 signature carries padding bits, so changing it may leave the signature valid.
+    head, payload, signature = token.split(".")
+    middle = len(signature) // 2
+    swapped = "A" if signature[middle] != "A" else "B"
+    return f"{head}.{payload}.{signature[:middle]}{swapped}{signature[middle + 1 :]}"
+
+
+def _tamper_payload(token: str) -> str:
+    head, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["sub"] = new_id(IdPrefix.USER)  # act as someone else, keep the signature
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    return f"{head}.{forged}.{signature}"
+
+
+def _alg_none(token: str) -> str:
+    payload = jwt.decode(token, options={"verify_signature": False})
+    return jwt.encode(payload, None, algorithm="none")
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        pytest.param(_tamper_signature, id="tampered-signature"),
+        pytest.param(_tamper_payload, id="tampered-payload"),
+        pytest.param(_alg_none, id="alg-none"),
+        pytest.param(lambda t: t.rsplit(".", 1)[0] + ".", id="signature-stripped"),
+        pytest.param(lambda t: t + "x", id="trailing-garbage"),
+    ],
+)
+def test_forged_tokens_are_token_invalid(codec: TokenCodec, forge: object) -> None:
+    token = codec.issue(new_id(IdPrefix.USER)).token
+    forged = forge(token)  # type: ignore[operator]
+    assert forged != token
+
+    with pytest.raises(AuthError) as caught:
+        codec.decode(forged)
+
+    assert caught.value.code == "token_invalid"
+
+
+def test_a_token_from_another_secret_is_token_invalid(codec: TokenCodec) -> None:
+    other = TokenCodec(OTHER_SECRET, ttl_seconds=3600).issue(new_id(IdPrefix.USER)).token
+
+    with pytest.raises(AuthError) as caught:
+        codec.decode(other)
+
+    assert caught.value.code == "token_invalid"
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", "garbage", "a.b.c", "....", "Bearer x", "eyJhbGciOiJIUzI1NiJ9", "ü.ö.ä"],
+)
+def test_garbage_is_token_invalid(codec: TokenCodec, token: str) -> None:
+    with pytest.raises(AuthError) as caught:
+        codec.decode(token)
+
+    assert caught.value.code == "token_invalid"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(_claims(iss="someone-else"), id="other-issuer"),
+        pytest.param(_claims(iss=None), id="no-issuer"),
+        pytest.param(_claims(jti=None), id="no-jti"),
+        pytest.param(_claims(exp=None), id="no-expiry"),
+        pytest.param(_claims(sub=None), id="no-subject"),
+        pytest.param(_claims(sub="thr_01JD3X5Q0B7W4W3M9R8P2V6KZN"), id="subject-not-a-user"),
+        pytest.param(_claims(sub="null"), id="subject-placeholder"),
+        pytest.param(_claims(jti=12345), id="jti-not-a-string"),
+    ],
+)
+def test_correctly_signed_but_wrong_claims_are_token_invalid(
+    codec: TokenCodec, payload: dict[str, object]
+) -> None:
+    with pytest.raises(AuthError) as caught:
+        codec.decode(_sign(payload))
+
+    assert caught.value.code == "token_invalid"
+
+
+def test_another_hmac_algorithm_with_the_same_secret_is_token_invalid(codec: TokenCodec) -> None:
+    with pytest.raises(AuthError) as caught:
+        codec.decode(_sign(_claims(), algorithm="HS512"))
+
+    assert caught.value.code == "token_invalid"
+
+
+# --- Rate limits -------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+WINDOW_START = 1_700_000_040.0  # a multiple of 60: the start of a one-minute window
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.25, 30.0, 59.0, 59.9999])
+async def test_the_limit_is_reached_then_retry_after_says_when(offset: float) -> None:
+    clock = FakeClock(WINDOW_START + offset)
+    limiter = MemoryRateLimiter(clock=clock)
+
+    decisions = [await limiter.hit("u1", limit=3, window_seconds=60) for _ in range(4)]
+
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    retry_after = decisions[-1].retry_after_seconds
+    assert 1 <= retry_after <= 60
+    # Waiting that long always lands in the next window.
+    assert int((clock.now + retry_after) // 60) == int(clock.now // 60) + 1
+
+
+async def test_retry_after_counts_down_through_the_window() -> None:
+    clock = FakeClock(WINDOW_START)
+    limiter = MemoryRateLimiter(clock=clock)
+    seen = []
+    for offset in (0.0, 10.0, 45.5, 59.0):
+        clock.now = WINDOW_START + offset
+        seen.append((await limiter.hit("u1", limit=1, window_seconds=60)).retry_after_seconds)
+
+    assert seen == [60, 50, 15, 1]
+
+
+async def test_the_next_window_starts_from_zero() -> None:
+    clock = FakeClock(WINDOW_START + 58)
+    limiter = MemoryRateLimiter(clock=clock)
+    for _ in range(2):
+        await limiter.hit("u1", limit=2, window_seconds=60)
+    assert not (await limiter.hit("u1", limit=2, window_seconds=60)).allowed
+
+    clock.now = WINDOW_START + 60
+
+    assert [(await limiter.hit("u1", limit=2, window_seconds=60)).allowed for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+
+
+async def test_keys_are_counted_apart() -> None:
+    limiter = MemoryRateLimiter(clock=FakeClock(WINDOW_START))
+
+    assert (await limiter.hit("u1", limit=1, window_seconds=60)).allowed
+    assert not (await limiter.hit("u1", limit=1, window_seconds=60)).allowed
+    assert (await limiter.hit("u2", limit=1, window_seconds=60)).allowed
+
+
+async def test_old_windows_are_forgotten_without_losing_the_current_one() -> None:
+    clock = FakeClock(WINDOW_START)
+    limiter = MemoryRateLimiter(clock=clock)
+    for i in range(10_001):
+        await limiter.hit(f"old-{i}", limit=1, window_seconds=60)
+    clock.now += 60
+    await limiter.hit("current", limit=2, window_seconds=60)
+
+    # The next hit sweeps the 10,001 stale windows but must still count "current".
+    assert (await limiter.hit("current", limit=2, window_seconds=60)).allowed
+    assert not (await limiter.hit("current", limit=2, window_seconds=60)).allowed
+    assert len(limiter._counts) == 1
+
+
+# --- Cursors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("2024-05-01T12:00:00.123456+00:00", "thr_01JD3X5Q0B7W4W3M9R8P2V6KZN"),
+        (42,),
+        ("", -1, "ünïcødé ✓", 2**62),
+    ],
+)
+def test_cursor_roundtrip(values: tuple[str | int, ...]) -> None:
+    cursor = encode_cursor(*values)
+
+    assert decode_cursor(cursor, arity=len(values)) == list(values)
+    assert "=" not in cursor
+    assert cursor.isascii() and "/" not in cursor and "+" not in cursor  # URL-safe
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("cursor", "arity"),
+    [
+        pytest.param("", 2, id="empty"),
+        pytest.param("!!!!", 2, id="not-base64"),
+        pytest.param("a", 2, id="bad-length"),
+        pytest.param("é", 2, id="non-ascii"),
+        pytest.param(_b64(b"not json"), 2, id="not-json"),
+        pytest.param(_b64(b"\xff\xfe"), 2, id="not-utf8"),
+        pytest.param(_b64(b'{"a": 1}'), 2, id="object"),
+        pytest.param(_b64(b'"x"'), 1, id="bare-string"),
+        pytest.param(encode_cursor("x"), 2, id="too-few"),
+        pytest.param(encode_cursor("x", "y", "z"), 2, id="too-many"),
+        pytest.param(_b64(b"[true, false]"), 2, id="booleans"),
+        pytest.param(_b64(b"[1.5, 2]"), 2, id="float"),
+        pytest.param(_b64(b"[null, 1]"), 2, id="null"),
+        pytest.param(_b64(b'[["x"], 1]'), 2, id="nested"),
+    ],
+)
+def test_malformed_cursors_are_invalid_cursor(cursor: str, arity: int) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        decode_cursor(cursor, arity=arity)
+
+    assert caught.value.code == "invalid_cursor"
+    assert caught.value.field == "cursor"
+
+
+def test_a_deeply_nested_cursor_is_invalid_cursor() -> None:
+    cursor = _b64(b"[" * 100_000 + b"]" * 100_000)
+
+    with pytest.raises(InvalidInputError) as caught:
+        decode_cursor(cursor, arity=2)
+
+    assert caught.value.code == "invalid_cursor"
+
+
+@pytest.fixture
+async def sqlite_conn() -> AsyncIterator[AsyncConnection]:
+    """An in-memory SQLite with the tables: enough to run the thread store's cursor parsing."""
+    engine = create_async_engine("sqlite+aiosqlite://")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata_obj.create_all)
+            yield conn
+    finally:
+        await engine.dispose()
+
+
+async def test_a_thread_cursor_with_a_bad_timestamp_is_invalid_cursor(
+    sqlite_conn: AsyncConnection,
+) -> None:
+    store = ThreadStore(max_metadata_bytes=8192)
+    ctx = UserContext.create(new_id(IdPrefix.USER))
+
+    with pytest.raises(InvalidInputError) as caught:
+        await store.page(sqlite_conn, ctx, cursor=encode_cursor("yesterday", "thr_x"))
+
+    assert caught.value.code == "invalid_cursor"
+
+
+async def test_a_thread_cursor_with_a_naive_timestamp_is_invalid_cursor(
+    sqlite_conn: AsyncConnection,
+) -> None:
+    store = ThreadStore(max_metadata_bytes=8192)
+    ctx = UserContext.create(new_id(IdPrefix.USER))
+    cursor = encode_cursor("2024-05-01T12:00:00", new_id(IdPrefix.THREAD))
+
+    with pytest.raises(InvalidInputError) as caught:
+        await store.page(sqlite_conn, ctx, cursor=cursor)
+
+    assert caught.value.code == "invalid_cursor"
