@@ -8,15 +8,26 @@ Client messages: `auth`, `subscribe {thread_id, after_seq?}`, `unsubscribe {thre
 `send_message {thread_id, content, agent?, multitask_strategy?}`, `cancel_run {thread_id, run_id}`,
 `ping`. Server messages: events, `snapshot`, `unsubscribed`, `message_accepted`,
 `run_cancel_requested`, `pong`, `error`; whatever is queued when the writer wakes (under load,
-or a snapshot with its replay) goes out as one `{"type": "batch", "events": [...]}` frame.
+or a snapshot with its replay) goes out in `{"type": "batch", "events": [...]}` frames, in
+order, each at most `_MAX_FRAME_BYTES` of JSON (a larger message goes alone, as itself).
+
+A session is three tasks: the reader (which handles client messages one at a time, a
+subscribe's whole replay included, so a `pong` always follows the replay before it), the
+writer, and a watch on the connection's `overflow`. Whichever ends first ends the others.
+A client that stops reading is let go: its queue overflows, or a send waits longer than
+`_SEND_TIMEOUT_SECONDS`; the session then ends at once (subscriptions detached, the socket no
+longer counted as active), and the endpoint tries, for as long again, to close it with
+`CLOSE_RESUME` behind what was already on its way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
+from collections.abc import Iterator
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
@@ -41,6 +52,12 @@ from threadline.store.messages import MessageRole, NewMessage
 logger = logging.getLogger(__name__)
 router = APIRouter()
 _AUTH_TIMEOUT_SECONDS = 10.0
+# A send waits for the client's TCP window; a client that reads nothing for this long is gone.
+_SEND_TIMEOUT_SECONDS = 30.0
+# The websockets client refuses frames over 1 MiB by default; 64 KiB keeps batches well clear
+# and still carries dozens of typical events per frame.
+_MAX_FRAME_BYTES = 64 * 1024
+_BATCH_OPEN, _BATCH_CLOSE = '{"type":"batch","events":[', "]}"
 _SUBPROTOCOL = "threadline"
 
 
@@ -91,6 +108,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     finally:
         services.metrics.sockets_active.dec()
         session.close_subscriptions()
+    if connection.overflowed:
+        await _close_for_resume(websocket)
 
 
 async def _authenticate(
@@ -115,8 +134,41 @@ async def _authenticate(
     return ctx
 
 
+def _dumps(message: WireMessage) -> str:
+    # ASCII-only (the default `ensure_ascii`): the length of the text is its size in bytes.
+    return json.dumps(message, separators=(",", ":"), default=str)
+
+
 async def _send_json(websocket: WebSocket, message: WireMessage) -> None:
-    await websocket.send_text(json.dumps(message, separators=(",", ":"), default=str))
+    await websocket.send_text(_dumps(message))
+
+
+def _frames(messages: list[WireMessage]) -> Iterator[tuple[str, int]]:
+    """Each message serialized once; consecutive ones grouped into `batch` frames of at most
+    `_MAX_FRAME_BYTES`, a lone one sent as itself. Yields (frame text, messages in it)."""
+    group: list[str] = []
+    size = len(_BATCH_OPEN) + len(_BATCH_CLOSE)
+    for message in messages:
+        text = _dumps(message)
+        if group and size + len(text) + 1 > _MAX_FRAME_BYTES:
+            yield _frame(group), len(group)
+            group, size = [], len(_BATCH_OPEN) + len(_BATCH_CLOSE)
+        group.append(text)
+        size += len(text) + 1
+    if group:
+        yield _frame(group), len(group)
+
+
+def _frame(texts: list[str]) -> str:
+    return texts[0] if len(texts) == 1 else _BATCH_OPEN + ",".join(texts) + _BATCH_CLOSE
+
+
+async def _close_for_resume(websocket: WebSocket) -> None:
+    """Tell the client to resume, behind whatever it has not read yet; give up if it still
+    reads nothing (the close then waits for its TCP window like any send)."""
+    with contextlib.suppress(TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
+        async with asyncio.timeout(_SEND_TIMEOUT_SECONDS):
+            await websocket.close(CLOSE_RESUME, "slow consumer: reconnect and resume")
 
 
 class _Session:
@@ -136,12 +188,21 @@ class _Session:
         self.subscriptions: dict[str, ThreadSubscription] = {}
 
     async def serve(self) -> None:
-        """Read and write concurrently; whichever ends first (disconnect, overflow) ends both."""
+        """Read, write and watch for overflow concurrently; whichever ends first (disconnect,
+        overflow, a send that timed out) ends all three."""
         async with asyncio.TaskGroup() as group:
-            reader = group.create_task(self._read_loop())
-            writer = group.create_task(self._write_loop())
-            reader.add_done_callback(lambda _: writer.cancel())
-            writer.add_done_callback(lambda _: reader.cancel())
+            tasks = [
+                group.create_task(self._read_loop()),
+                group.create_task(self._write_loop()),
+                group.create_task(self._watch_overflow()),
+            ]
+            for task in tasks:
+                task.add_done_callback(lambda _: [other.cancel() for other in tasks])
+
+    async def _watch_overflow(self) -> None:
+        # The writer may be stuck in a send to a client that reads nothing: it would never
+        # reach the OVERFLOW marker, so the overflow itself ends the session.
+        await self.connection.overflow.wait()
 
     def close_subscriptions(self) -> None:
         for subscription in self.subscriptions.values():
@@ -155,17 +216,37 @@ class _Session:
             return  # the client went away mid-send; the reader sees the disconnect too
 
     async def _write_batches(self) -> None:
-        metrics = self.services.metrics
+        """Send until the connection is dropped (OVERFLOW, anywhere in a batch, ends it)."""
         while True:
             batch = await self.connection.next_batch()
-            if batch[-1] is OVERFLOW:
-                await self.websocket.close(CLOSE_RESUME, "slow consumer: reconnect and resume")
+            end = next((i for i, m in enumerate(batch) if m is OVERFLOW), len(batch))
+            if not await self._send_all(batch[:end]) or end < len(batch):
                 return
-            if len(batch) == 1:
-                await _send_json(self.websocket, batch[0])
-            else:
-                await _send_json(self.websocket, {"type": "batch", "events": batch})
-            metrics.events_delivered.inc(len(batch))
+
+    async def _send_all(self, messages: list[WireMessage]) -> bool:
+        """Send `messages` in frames; False if the client stopped reading (then dropped)."""
+        unsent = len(messages)
+        try:
+            for text, count in _frames(messages):
+                if not await self._send(text):
+                    self.connection.drop(unsent=unsent)
+                    return False
+                unsent -= count
+                self.services.metrics.events_delivered.inc(count)
+        except asyncio.CancelledError:
+            if self.connection.overflowed:  # stopped mid-batch by the overflow watch
+                self.services.metrics.events_dropped.inc(unsent)
+            raise
+        return True
+
+    async def _send(self, text: str) -> bool:
+        """Send one frame; False if the client took longer than `_SEND_TIMEOUT_SECONDS`."""
+        try:
+            async with asyncio.timeout(_SEND_TIMEOUT_SECONDS):
+                await self.websocket.send_text(text)
+        except TimeoutError:
+            return False
+        return True
 
     async def _read_loop(self) -> None:
         while True:

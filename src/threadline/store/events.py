@@ -69,14 +69,24 @@ class EventStore:
         *,
         after_seq: int | None,
         limit: int = 1000,
+        settled: bool = False,
     ) -> StoredEvents:
-        """Durable events with `seq > after_seq`, oldest first, and the thread's last seq.
-        With `after_seq=None`, only the last seq (a subscriber that wants live events only)."""
-        last_seq = await conn.scalar(
-            sa.select(threads.c.event_seq).where(
-                threads.c.id == thread_id, threads.c.user_id == ctx.user_id
-            )
+        """Durable events with `seq > after_seq`, oldest first, at most `limit` of them (a
+        page: fewer than `limit` means the log ends there), and the thread's last seq.
+        With `after_seq=None`, only the last seq (a subscriber that wants live events only).
+
+        `settled=True` first waits for a transaction that has numbered (and so published) an
+        event of the thread but not committed it yet, so that every event published so far is
+        at or below the last seq returned and readable. On PostgreSQL that is a share lock on
+        the thread's row, held until the caller's transaction ends; on SQLite the caller's
+        transaction must hold the write lock (`engine.begin()`/`connect()`, not
+        `read_transaction`)."""
+        if limit < 1:
+            raise ValueError(f"limit must be positive, not {limit}")
+        query = sa.select(threads.c.event_seq).where(
+            threads.c.id == thread_id, threads.c.user_id == ctx.user_id
         )
+        last_seq = await conn.scalar(query.with_for_update(read=True) if settled else query)
         if last_seq is None:
             raise NotFoundError("thread", thread_id)
         if after_seq is None:

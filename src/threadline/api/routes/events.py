@@ -3,6 +3,11 @@
 Resume with `Last-Event-ID` (what browsers' EventSource sends on reconnect) or `?after=<seq>`.
 Each event is `id: <seq>`, `event: <type>`, `data: <json>`; a comment line every
 `_HEARTBEAT_SECONDS` keeps proxies from closing an idle stream.
+
+The subscription is opened before the response starts (a thread the user does not own is a
+plain 404). The stream generator is its own writer: it yields the snapshot and the replay page
+by page, so a long replay goes at the pace the client reads, then drains the connection's
+queue of live events. If that queue overflows, the stream ends with a `resume` event.
 """
 
 from __future__ import annotations
@@ -11,15 +16,19 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from threadline.api.deps import CurrentUser, ServicesDep
 from threadline.api.gateway import OVERFLOW, Connection, WireMessage
 from threadline.api.schemas import ErrorOut
-from threadline.api.streams import MAX_SEQ, subscribe
+from threadline.api.services import Services
+from threadline.api.streams import MAX_SEQ, Opened, open_subscription, replay
+from threadline.context import UserContext
 from threadline.errors import InvalidInputError
 
 router = APIRouter(tags=["events"])
@@ -31,6 +40,10 @@ def _frame(message: WireMessage) -> str:
     seq = message.get("seq")
     head = f"id: {seq}\n" if isinstance(seq, int) else ""
     return f"{head}event: {message.get('type')}\ndata: {data}\n\n"
+
+
+def _frames(messages: list[WireMessage]) -> str:
+    return "".join(_frame(message) for message in messages)
 
 
 def _resume_point(after: int | None, last_event_id: str | None) -> int | None:
@@ -67,7 +80,7 @@ async def thread_events(
         metrics=services.metrics,
     )
     # Subscribe before answering, so a thread the user does not own is a plain 404.
-    subscribed = await subscribe(
+    opened = await open_subscription(
         services,
         services.gateway,
         connection,
@@ -75,29 +88,45 @@ async def thread_events(
         thread_id,
         after_seq=_resume_point(after, last_event_id),
     )
-
-    async def stream() -> AsyncIterator[str]:
-        services.metrics.sockets_active.inc()
-        try:
-            yield ": connected\n\n"
-            while not await request.is_disconnected():
-                try:
-                    async with asyncio.timeout(_HEARTBEAT_SECONDS):
-                        batch = await connection.next_batch()
-                except TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
-                if batch[-1] is OVERFLOW:
-                    yield 'event: resume\ndata: {"reason":"slow consumer"}\n\n'
-                    return
-                yield "".join(_frame(message) for message in batch)
-                services.metrics.events_delivered.inc(len(batch))
-        finally:
-            services.metrics.sockets_active.dec()
-            services.gateway.detach(subscribed.subscription)
-
     return StreamingResponse(
-        stream(),
+        _stream(services, user, opened, request),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        # The stream's own `finally` never runs if the client leaves before it starts; this
+        # runs either way (detaching twice is harmless).
+        background=BackgroundTask(services.gateway.detach, opened.subscription),
     )
+
+
+async def _stream(
+    services: Services, ctx: UserContext, opened: Opened, request: Request
+) -> AsyncIterator[str]:
+    services.metrics.sockets_active.inc()
+    try:
+        yield ": connected\n\n"
+        async with aclosing(replay(services, ctx, opened)) as pages:
+            async for page in pages:
+                yield _frames(page)
+                services.metrics.events_delivered.inc(len(page))
+        async for chunk in _live(services, opened.subscription.connection, request):
+            yield chunk
+    finally:
+        services.metrics.sockets_active.dec()
+        services.gateway.detach(opened.subscription)
+
+
+async def _live(services: Services, connection: Connection, request: Request) -> AsyncIterator[str]:
+    while not await request.is_disconnected():
+        try:
+            async with asyncio.timeout(_HEARTBEAT_SECONDS):
+                batch = await connection.next_batch()
+        except TimeoutError:
+            yield ": keep-alive\n\n"
+            continue
+        end = next((i for i, m in enumerate(batch) if m is OVERFLOW), len(batch))
+        if end:
+            yield _frames(batch[:end])
+            services.metrics.events_delivered.inc(end)
+        if end < len(batch):
+            yield 'event: resume\ndata: {"reason":"slow consumer"}\n\n'
+            return
