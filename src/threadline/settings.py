@@ -84,7 +84,11 @@ def _normalize_sqlite(rest: str, setting: str) -> str:
         raise ConfigurationError(
             setting, "an in-memory SQLite database would vanish between connections; use a file"
         )
+    if path_part.endswith("/"):
+        raise ConfigurationError(setting, f"{path_part!r} names a directory, not a database file")
     path = Path(path_part).expanduser()
+    if path.is_dir():
+        raise ConfigurationError(setting, f"{path} is a directory, not a database file")
     if not path.is_absolute():
         path = Path.cwd() / path
     normalized = f"sqlite+aiosqlite:///{path.resolve()}"

@@ -154,6 +154,12 @@ def test_unusable_database_urls_name_the_setting(url: str) -> None:
     assert str(caught.value).startswith("THREADLINE_DATABASE_URL:")
 
 
+@pytest.mark.parametrize("url", ["sqlite:////", "sqlite:////tmp/"])
+def test_a_sqlite_url_naming_a_directory_is_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="THREADLINE_DATABASE_URL"):
+        normalize_database_url(url)
+
+
 def test_a_bad_database_url_in_the_environment_names_the_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
