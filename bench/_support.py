@@ -1,7 +1,7 @@
 """Helpers shared by the benchmarks: a real `threadline serve` subprocess, throw-away backends,
 registered users, percentiles and machine facts for the JSON results.
 
-Copied in part from `bench/api.py` (which keeps its own copies); new benchmarks import these.
+Used by `bench/api.py` and `bench/runs.py`; new benchmarks import these too.
 Everything talks to loopback services only, and every wait has a deadline.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import platform
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -65,6 +66,8 @@ class Server:
     base_url: str
     pid: int
     log: Path
+    profiled: bool = False
+    """py-spy wraps the server: `pid` is py-spy's process, not the server's."""
 
     @property
     def ws_url(self) -> str:
@@ -95,18 +98,24 @@ def percentile(sorted_values: list[float], pct: float) -> float:
     return sorted_values[index]
 
 
-def summarize(values: list[float], digits: int = 3) -> dict[str, float | int | None]:
-    """Count, p50, p90, p99, max and mean of `values` (milliseconds, say)."""
+def summarize(
+    values: list[float], digits: int = 3, *, count_key: str = "count", suffix: str = ""
+) -> dict[str, float | int | None]:
+    """Count, p50, p90, p99, max and mean of `values` (milliseconds, say).
+
+    The count's key is `count_key`; every other key ends with `suffix` (`"p50_ms"` for "_ms").
+    """
     if not values:
-        return {"count": 0, "p50": None, "p90": None, "p99": None, "max": None, "mean": None}
+        return {count_key: 0, f"p50{suffix}": None, f"p90{suffix}": None, f"p99{suffix}": None,
+                f"max{suffix}": None, f"mean{suffix}": None}
     ordered = sorted(values)
     return {
-        "count": len(ordered),
-        "p50": round(percentile(ordered, 50), digits),
-        "p90": round(percentile(ordered, 90), digits),
-        "p99": round(percentile(ordered, 99), digits),
-        "max": round(ordered[-1], digits),
-        "mean": round(sum(ordered) / len(ordered), digits),
+        count_key: len(ordered),
+        f"p50{suffix}": round(percentile(ordered, 50), digits),
+        f"p90{suffix}": round(percentile(ordered, 90), digits),
+        f"p99{suffix}": round(percentile(ordered, 99), digits),
+        f"max{suffix}": round(ordered[-1], digits),
+        f"mean{suffix}": round(sum(ordered) / len(ordered), digits),
     }
 
 
@@ -136,10 +145,25 @@ def git_commit() -> str | None:
     return None
 
 
-def machine_info(extra_packages: tuple[str, ...] = ()) -> dict[str, object]:
-    versions = {}
-    for package in ("threadline", "fastapi", "uvicorn", "sqlalchemy", "asyncpg", "aiosqlite",
-                    "redis", "httpx", "websockets", "uvloop", "httptools", *extra_packages):
+PACKAGES = ("threadline", "fastapi", "uvicorn", "sqlalchemy", "asyncpg", "aiosqlite", "redis",
+            "httpx", "websockets", "uvloop", "httptools")
+
+
+def machine_info(
+    extra_packages: tuple[str, ...] = (),
+    *,
+    omit_packages: tuple[str, ...] = (),
+    host_details: bool = True,
+) -> dict[str, object]:
+    """The machine, Python, package versions and commit a result was measured with.
+
+    Versions of `PACKAGES` and `extra_packages`, but not `omit_packages`; with `host_details`,
+    also the processor, the load average at the start and the memory (when psutil is there).
+    """
+    versions: dict[str, str | None] = {}
+    for package in (*PACKAGES, *extra_packages):
+        if package in omit_packages:
+            continue
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -148,7 +172,7 @@ def machine_info(extra_packages: tuple[str, ...] = ()) -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": platform.processor() or None,
+        **({"processor": platform.processor() or None} if host_details else {}),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "git_commit": git_commit(),
@@ -156,6 +180,8 @@ def machine_info(extra_packages: tuple[str, ...] = ()) -> dict[str, object]:
         "packages": versions,
         "note": "client and server share this machine",
     }
+    if not host_details:
+        return info
     with contextlib.suppress(OSError):
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     try:
@@ -182,6 +208,22 @@ def tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def report_failures(failures: Sequence[BaseException], *, with_type: bool = False) -> int:
+    """Print why the benchmark failed (`with_type`: each failure's class name too); returns 1."""
+    for failure in failures:
+        shown = f"{type(failure).__name__}: {failure}" if with_type else str(failure)
+        print(f"benchmark failed: {shown}", file=sys.stderr)
+    return 1
+
+
+def write_results(out: Path, results: dict[str, object]) -> int:
+    """Write the results to `out` as JSON; returns 0."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"\nWrote {out}")
+    return 0
+
+
 # --- The server process ---------------------------------------------------------------------------
 
 
@@ -202,22 +244,31 @@ def server_env(database_url: str, workdir: Path, extra: dict[str, str]) -> dict[
 
 
 @contextmanager
-def server_process(env: dict[str, str], workdir: Path) -> Iterator[Server]:
+def server_process(
+    env: dict[str, str], workdir: Path, *, profile: Path | None = None
+) -> Iterator[Server]:
     """Start `threadline serve` on a free loopback port, wait until ready, always stop it.
 
     The command is the server itself (no wrapper), so `Server.pid` is the process whose CPU time
-    and memory a benchmark may read.
+    and memory a benchmark may read. With `profile`, py-spy records the server into that file
+    (collapsed stacks) and wraps it: then `Server.pid` is py-spy's and `Server.profiled` is set.
     """
     port = free_port()
     command = [sys.executable, "-m", "threadline", "serve", "--host", "127.0.0.1",
                "--port", str(port)]
+    if profile is not None:
+        # Collapsed stacks: flamegraph.pl and speedscope read them, and so does `sort | uniq`.
+        # --gil: sample only the thread holding the GIL, i.e. where Python CPU time goes (the
+        # driver threads of aiosqlite otherwise dominate the samples while they wait).
+        command = ["py-spy", "record", "--gil", "--rate", "200", "--format", "raw",
+                   "--output", str(profile), "--", *command]
     log_path = workdir / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stopped as one, never orphaned
         )
-        server = Server(f"http://127.0.0.1:{port}", process.pid, log_path)
+        server = Server(f"http://127.0.0.1:{port}", process.pid, log_path, profile is not None)
         failed = False
         try:
             wait_ready(server.base_url, process, log_path)
@@ -247,7 +298,8 @@ def wait_ready(base_url: str, process: subprocess.Popen[bytes], log: Path) -> No
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGINT (uvicorn's graceful shutdown), then SIGKILL after `SERVER_STOP_TIMEOUT`."""
+    """SIGINT (uvicorn's graceful shutdown, and py-spy's cue to write its profile), then SIGKILL
+    after `SERVER_STOP_TIMEOUT`."""
     if process.poll() is not None:
         return
     try:

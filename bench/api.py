@@ -27,59 +27,54 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import math
 import os
-import platform
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import timeit
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from importlib import metadata
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import sqlalchemy as sa
-from redis.asyncio import Redis
+from _support import (
+    DEFAULT_POSTGRES_URL,
+    DEFAULT_REDIS_URL,
+    HTTP_TIMEOUT,
+    ROOT,
+    BenchError,
+    BenchUser,
+    Server,
+    delete_redis_prefix,
+    expect,
+    machine_info,
+    migrate,
+    postgres_database,
+    redis_version,
+    register,
+    register_many,
+    report_failures,
+    require_loopback,
+    server_env,
+    server_process,
+    summarize,
+    write_results,
+)
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
-ROOT = Path(__file__).resolve().parent.parent
-SRC = ROOT / "src"
-# Benchmark this tree, in this process and in the server's, even when the installed editable
-# `threadline` points at another checkout (a CI run re-installs it from its own clone).
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
+from threadline.context import UserContext
+from threadline.ids import IdPrefix, new_id
+from threadline.settings import Settings, normalize_database_url
+from threadline.store.db import create_engine
+from threadline.store.tables import threads
 
-import threadline  # noqa: E402
-from threadline.context import UserContext  # noqa: E402
-from threadline.ids import IdPrefix, new_id  # noqa: E402
-from threadline.settings import Settings, normalize_database_url  # noqa: E402
-from threadline.store.db import create_engine  # noqa: E402
-from threadline.store.tables import threads  # noqa: E402
-
-LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
-SECRET_KEY = "bench-" + uuid.uuid4().hex + uuid.uuid4().hex
-PASSWORD = "correct horse battery staple"
 # `healthz` is a baseline: HTTP, middleware and this client, without auth or database.
 OPERATIONS = ("healthz", "create_thread", "list_threads", "post_message")
-SERVER_START_TIMEOUT = 60.0
-SERVER_STOP_TIMEOUT = 30.0
-HTTP_TIMEOUT = 30.0
 SCENARIO_TIMEOUT = 600.0
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -97,46 +92,7 @@ class Options:
     quiet_wait: float
 
 
-@dataclass(frozen=True)
-class Server:
-    base_url: str
-    pid: int | None
-    """The server's own process, for CPU accounting; None when py-spy wraps it."""
-
-
-@dataclass(frozen=True)
-class BenchUser:
-    id: str
-    token: str
-    thread_id: str = ""
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-
 # --- Small helpers --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def require_loopback(url: str, what: str) -> None:
-    """This benchmark only ever talks to services on this machine."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix" or (parts.hostname is None and "host=/" in parts.query):
-        return
-    if parts.hostname not in LOOPBACK:
-        raise BenchError(f"{what} must be on a loopback address, not {parts.hostname!r}")
-
-
-def percentile(sorted_values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    index = max(0, math.ceil(pct / 100 * len(sorted_values)) - 1)
-    return sorted_values[index]
 
 
 def cpu_seconds(pid: int | None) -> float | None:
@@ -178,55 +134,6 @@ async def wait_for_quiet(max_wait: float, threshold: float = 0.15) -> dict[str, 
         print(f"machine {busy:.0%} busy with other work; waiting for it to calm down", flush=True)
 
 
-def git_commit() -> str | None:
-    """The checked-out commit, read from `.git` directly (no git process)."""
-    git = ROOT / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head
-        ref = head.removeprefix("ref: ")
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(f" {ref}"):
-                return line.split(" ", 1)[0]
-    except OSError:
-        return None
-    return None
-
-
-def machine_info() -> dict[str, object]:
-    versions: dict[str, str | None] = {}
-    for package in (
-        "threadline",
-        "fastapi",
-        "uvicorn",
-        "sqlalchemy",
-        "asyncpg",
-        "aiosqlite",
-        "redis",
-        "httpx",
-        "uvloop",
-        "httptools",
-    ):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "git_commit": git_commit(),
-        "threadline_source": str(Path(threadline.__file__).parent),
-        "packages": versions,
-        "note": "client and server share this machine",
-    }
-
-
 # --- (a) user context -----------------------------------------------------------------------------
 
 
@@ -250,125 +157,7 @@ def bench_user_context(iterations: int, repeats: int = 5) -> dict[str, float]:
     }
 
 
-# --- The server process ---------------------------------------------------------------------------
-
-
-@contextmanager
-def server_process(env: dict[str, str], workdir: Path, profile: Path | None) -> Iterator[Server]:
-    """Start `threadline serve` on a free loopback port, wait until ready, always stop it."""
-    port = free_port()
-    command = [sys.executable, "-m", "threadline", "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(port)]
-    if profile is not None:
-        # Collapsed stacks: flamegraph.pl and speedscope read them, and so does `sort | uniq`.
-        # --gil: sample only the thread holding the GIL, i.e. where Python CPU time goes (the
-        # driver threads of aiosqlite otherwise dominate the samples while they wait).
-        command = [
-            "py-spy",
-            "record",
-            "--gil",
-            "--rate",
-            "200",
-            "--format",
-            "raw",
-            "--output",
-            str(profile),
-            "--",
-            *command,
-        ]
-    with (workdir / "server.log").open("wb") as log:
-        process = subprocess.Popen(
-            command,
-            env=env,
-            cwd=workdir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stopped as one, never orphaned
-        )
-        base_url = f"http://127.0.0.1:{port}"
-        failed = False
-        try:
-            wait_ready(base_url, process, workdir / "server.log")
-            yield Server(base_url, None if profile else process.pid)
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            stop(process)
-            if failed:
-                print(f"--- server log (tail) ---\n{tail(workdir / 'server.log')}", file=sys.stderr)
-
-
-def wait_ready(base_url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    with httpx.Client(base_url=base_url, timeout=2.0, trust_env=False) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise BenchError(f"the server exited ({process.returncode}):\n{tail(log)}")
-            try:
-                if client.get("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-    raise BenchError(f"the server was not ready within {SERVER_START_TIMEOUT:.0f} s:\n{tail(log)}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGINT (uvicorn's graceful shutdown, and py-spy's cue to write its profile), then KILL."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=SERVER_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def server_env(database_url: str, workdir: Path, extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
-    env.update(
-        THREADLINE_ENVIRONMENT="production",
-        THREADLINE_DATABASE_URL=database_url,
-        THREADLINE_SECRET_KEY=SECRET_KEY,
-        THREADLINE_MESSAGES_PER_MINUTE="1000000000",
-        THREADLINE_LOG_LEVEL="WARNING",
-        THREADLINE_DATA_DIR=str(workdir / "data"),
-        **extra,
-    )
-    return env
-
-
 # --- Backends -------------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def postgres_database(admin_url: str) -> AsyncIterator[str]:
-    """A fresh database on the admin URL's server, dropped afterwards."""
-    name = f"threadline_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_async_engine(normalize_database_url(admin_url), isolation_level="AUTOCOMMIT")
-    try:
-        async with asyncio.timeout(30), admin.connect() as conn:
-            await conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        url = make_url(normalize_database_url(admin_url)).set(database=name)
-        yield url.render_as_string(hide_password=False)
-    finally:
-        try:
-            async with asyncio.timeout(30), admin.connect() as conn:
-                await conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        finally:
-            await admin.dispose()
 
 
 async def service_versions(database_url: str, redis_url: str | None) -> dict[str, str]:
@@ -385,37 +174,8 @@ async def service_versions(database_url: str, redis_url: str | None) -> dict[str
     finally:
         await engine.dispose()
     if redis_url:
-        redis = Redis.from_url(redis_url, socket_timeout=5)
-        try:
-            info = await redis.info("server")
-            versions["redis"] = str(info.get("redis_version"))
-        finally:
-            await redis.aclose()
+        versions["redis"] = await redis_version(redis_url)
     return versions
-
-
-async def delete_redis_prefix(redis_url: str, prefix: str) -> None:
-    redis = Redis.from_url(redis_url, socket_timeout=5)
-    try:
-        async with asyncio.timeout(60):
-            keys = [key async for key in redis.scan_iter(match=f"{prefix}:*", count=1000)]
-            if keys:
-                await redis.delete(*keys)
-    finally:
-        await redis.aclose()
-
-
-def migrate(env: dict[str, str], workdir: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "threadline", "migrate"],
-        env=env,
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"threadline migrate failed:\n{done.stdout}\n{done.stderr}")
 
 
 async def seed_threads(database_url: str, user_id: str, count: int) -> float:
@@ -447,29 +207,6 @@ async def seed_threads(database_url: str, user_id: str, count: int) -> float:
 
 
 # --- HTTP clients ---------------------------------------------------------------------------------
-
-
-async def register(http: httpx.AsyncClient, *, with_thread: bool) -> BenchUser:
-    email = f"bench-{uuid.uuid4().hex[:16]}@example.com"
-    credentials = {"email": email, "password": PASSWORD}
-    created = await http.post("/v1/auth/register", json=credentials)
-    expect(created, 201)
-    token = await http.post("/v1/auth/token", json=credentials)
-    expect(token, 200)
-    user = BenchUser(created.json()["id"], token.json()["access_token"])
-    if not with_thread:
-        return user
-    thread = await http.post("/v1/threads", json={"title": "bench"}, headers=user.headers)
-    expect(thread, 201)
-    return BenchUser(user.id, user.token, thread.json()["id"])
-
-
-def expect(response: httpx.Response, status: int) -> None:
-    if response.status_code != status:
-        raise BenchError(
-            f"{response.request.method} {response.request.url.path} answered "
-            f"{response.status_code}, expected {status}: {response.text[:300]}"
-        )
 
 
 Send = Callable[[], Awaitable[httpx.Response]]
@@ -506,16 +243,17 @@ async def run_scenario(
         async with asyncio.TaskGroup() as group:
             for send in senders:
                 group.create_task(sequential(send, warmup, status))
-        server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
+        pid = None if server.profiled else server.pid  # py-spy's CPU time is not the server's
+        server_cpu, client_cpu = cpu_seconds(pid), time.process_time()
         machine_before = machine_cpu()
         started = time.perf_counter()
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(sequential(s, requests, status)) for s in senders]
         wall = time.perf_counter() - started
         client_cpu = time.process_time() - client_cpu
-        server_end = cpu_seconds(server.pid)
+        server_end = cpu_seconds(pid)
         machine_busy = busy_share(machine_before, machine_cpu())
-    latencies = sorted(ms * 1000 for task in tasks for ms in task.result())
+    latencies = [seconds * 1000 for task in tasks for seconds in task.result()]
     count = len(latencies)
     server_cpu = None if server_cpu is None or server_end is None else server_end - server_cpu
     # Cores busy with everything but the server and this client: the database and Redis when
@@ -526,13 +264,8 @@ async def run_scenario(
     return {
         "clients": len(senders),
         "requests_per_client": requests,
-        "requests": len(latencies),
-        "p50_ms": round(percentile(latencies, 50), 3),
-        "p90_ms": round(percentile(latencies, 90), 3),
-        "p99_ms": round(percentile(latencies, 99), 3),
-        "max_ms": round(latencies[-1], 3),
-        "mean_ms": round(sum(latencies) / len(latencies), 3),
-        "throughput_rps": round(len(latencies) / wall, 1),
+        **summarize(latencies, count_key="requests", suffix="_ms"),
+        "throughput_rps": round(count / wall, 1),
         "wall_s": round(wall, 3),
         # CPU per request: the server's single process, and this client's (same machine).
         "server_cpu_ms_per_request": server_cpu and round(server_cpu / count * 1000, 3),
@@ -554,14 +287,7 @@ async def drive(server: Server, database_url: str, options: Options) -> dict[str
         async with asyncio.timeout(SCENARIO_TIMEOUT):
             seeded = await register(http, with_thread=False)
             seed_seconds = await seed_threads(database_url, seeded.id, options.seed_threads)
-            users: list[BenchUser] = []
-            while len(users) < most:  # a few at a time: each costs two argon2 operations
-                batch = min(4, most - len(users))
-                async with asyncio.TaskGroup() as group:
-                    made = [
-                        group.create_task(register(http, with_thread=True)) for _ in range(batch)
-                    ]
-                users.extend(task.result() for task in made)
+            users = await register_many(http, most, with_thread=True)
         scenarios = []
         for clients in options.clients:
             for operation in OPERATIONS:
@@ -591,7 +317,7 @@ async def run_sqlite(options: Options) -> dict[str, object]:
         database_url = f"sqlite:///{workdir / 'bench.db'}"
         env = server_env(database_url, workdir, {})
         profile = options.profile and options.profile.with_suffix(".sqlite.txt")
-        with server_process(env, workdir, profile) as server:
+        with server_process(env, workdir, profile=profile) as server:
             result = await drive(server, database_url, options)
         return {"services": await service_versions(database_url, None), **result}
 
@@ -611,7 +337,7 @@ async def run_postgres(options: Options) -> dict[str, object]:
             try:
                 await asyncio.to_thread(migrate, env, workdir)
                 profile = options.profile and options.profile.with_suffix(".postgres.txt")
-                with server_process(env, workdir, profile) as server:
+                with server_process(env, workdir, profile=profile) as server:
                     result = await drive(server, database_url, options)
                 versions = await service_versions(database_url, options.redis_url)
             finally:
@@ -647,14 +373,12 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "api.json")
     parser.add_argument(
         "--postgres-url",
-        default=os.environ.get(
-            "THREADLINE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
-        ),
+        default=DEFAULT_POSTGRES_URL,
         help="a PostgreSQL server where the benchmark may create (and drop) a database",
     )
     parser.add_argument(
         "--redis-url",
-        default=os.environ.get("THREADLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        default=DEFAULT_REDIS_URL,
     )
     parser.add_argument(
         "--requests",
@@ -722,7 +446,7 @@ async def run(options: Options) -> dict[str, object]:
     return {
         "benchmark": "bench/api.py",
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": machine_info(omit_packages=("websockets",), host_details=False),
         "config": config,
         "user_context": context,
         "backends": backends,
@@ -739,13 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     except* asyncio.CancelledError:  # SIGTERM
         failures.append(BenchError("stopped by a signal"))
     if failures:
-        for failure in failures:
-            print(f"benchmark failed: {failure}", file=sys.stderr)
-        return 1
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"\nWrote {options.out}")
-    return 0
+        return report_failures(failures)
+    return write_results(options.out, results)
 
 
 if __name__ == "__main__":

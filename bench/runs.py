@@ -65,10 +65,12 @@ from _support import (
     postgres_version,
     redis_version,
     register_many,
+    report_failures,
     require_loopback,
     server_env,
     server_process,
     summarize,
+    write_results,
 )
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -597,13 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     except* (BenchError, TimeoutError, ConnectionClosed, OSError, httpx.HTTPError) as group:
         failures.extend(group.exceptions)
     if failures:
-        for failure in failures:
-            print(f"benchmark failed: {type(failure).__name__}: {failure}", file=sys.stderr)
-        return 1
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"\nWrote {options.out}")
-    return 0
+        return report_failures(failures, with_type=True)
+    return write_results(options.out, results)
 
 
 def _run_loop(options: Options, open_files: dict[str, int]) -> dict[str, object]:
