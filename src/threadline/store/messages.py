@@ -1,4 +1,4 @@
-"""Messages: appended under the thread's row lock, so positions have no gaps or duplicates."""
+"""Messages: appended under the thread's row lock, so positions are unique and in order."""
 
 from __future__ import annotations
 

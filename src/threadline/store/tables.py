@@ -68,7 +68,7 @@ threads = sa.Table(
     sa.Column("metadata", JSONType, nullable=False),
     # Optimistic concurrency: every update bumps it and checks the value it read.
     sa.Column("version", sa.Integer, nullable=False),
-    # Incremented under the row lock by each append; gives messages a gap-free order.
+    # Incremented under the row lock by each append (and each move): unique, ordered positions.
     sa.Column("message_count", sa.Integer, nullable=False),
     # Last event sequence number handed out for this thread (see events/publisher.py).
     sa.Column("event_seq", sa.Integer, nullable=False, server_default="0"),
