@@ -6,7 +6,6 @@ speaking their wire formats), send requests in which every tool call is answered
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,18 +31,6 @@ DISRUPTIONS = {
     "failure": ("one-step", "failed"),
     "timeout": ("sleeper", "timed_out"),
 }
-
-
-@pytest.fixture(scope="module")
-def openai_server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def anthropic_server() -> Iterator[FakeAnthropicServer]:
-    with FakeAnthropicServer() as server:
-        yield server
 
 
 async def _disrupt(h: Harness, user: TestUser, thread: str, disruption: str) -> dict[str, Any]:

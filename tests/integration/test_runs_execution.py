@@ -6,7 +6,7 @@ Only the model is fake: the offline demo model, or a local server speaking OpenA
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -26,12 +26,6 @@ from tests.integration.test_runs_support import (
 from threadline.agents.history import INCOMPLETE_TOOL_CALL
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def openai_server() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
 
 
 @pytest.fixture
