@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 import uvicorn
 from rich.console import Console
+from sqlalchemy.exc import DBAPIError
 
 from threadline.errors import ThreadlineError
 from threadline.logs import configure_logging
@@ -76,8 +77,16 @@ def worker(
     settings = _settings(agents=agents or None, embedded_worker=True)
     _check_schema(settings)
     configure_logging(settings.log_level)
-    console.print(f"Threadline worker on {_redacted(settings.database_url)}")
-    asyncio.run(run_worker(settings))  # SIGINT and SIGTERM stop it gracefully
+
+    def ready(worker_id: str) -> None:
+        where = _redacted(settings.database_url)
+        console.print(f"Threadline worker {worker_id} on {where}", soft_wrap=True)
+
+    try:
+        asyncio.run(run_worker(settings, on_ready=ready))  # SIGINT and SIGTERM stop it gracefully
+    except (ThreadlineError, OSError, DBAPIError) as exc:  # Redis or PostgreSQL unreachable
+        console.print(f"[red]Worker cannot start:[/red] {_one_line(exc)}", soft_wrap=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command()
@@ -120,8 +129,15 @@ def _check_schema(settings: Settings) -> None:
         console.print(f"[red]Configuration error:[/red] {exc}")
         raise typer.Exit(2) from exc
     except Exception as exc:  # any driver error: show it in one line, not a traceback
-        console.print(f"[red]Cannot reach the database:[/red] {type(exc).__name__}: {exc}")
+        console.print(
+            f"[red]Cannot reach the database:[/red] {type(exc).__name__}: {_one_line(exc)}",
+            soft_wrap=True,
+        )
         raise typer.Exit(2) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _redacted(url: str) -> str:
