@@ -92,10 +92,6 @@ async def test_terminated_backends_are_503s_and_runs_are_retried(settings_factor
         assert fresh.status_code == 200, fresh.text
         await _check_written_and_retried(h, users, seen)
         await _runs_survive_terminated_backends(h, users[0], dsn)
-        print(
-            "LOGS",
-            Counter(r.getMessage()[:60] for r in caplog.records if r.levelno >= logging.WARNING),
-        )
 
 
 async def _check_written_and_retried(
