@@ -239,6 +239,33 @@ async def test_sse_streams_the_run_and_resumes_from_last_event_id(server: Server
             )
         assert compact(by_query.events) == [e for e in compact(log) if e[0] > cut_seq]
 
+        # `?after_seq=` is the WebSocket's name, and SSE's own too.
+        async with open_sse(http, user, thread_id, after_seq=cut_seq) as by_seq:
+            await by_seq.until(
+                lambda f: f["event"] == "agent_completed" and f["data"]["run_id"] == run_id
+            )
+        assert compact(by_seq.events) == compact(by_query.events)
+        conflicting = await http.get(
+            f"/v1/threads/{thread_id}/events",
+            params={"after": 1, "after_seq": 2},
+            headers=user.headers,
+        )
+        assert conflicting.status_code == 422, conflicting.text
+
+
+async def test_sse_stream_ends_after_thread_deleted(server: ServerProcess) -> None:
+    async with asyncio.timeout(60), http_client(server) as http:
+        user = await register(http)
+        thread_id = await create_thread(http, user)
+        async with open_sse(http, user, thread_id) as stream:
+            assert (await stream.next())["event"] == "snapshot"
+            deleted = await http.delete(
+                f"/v1/threads/{thread_id}", params={"permanent": "true"}, headers=user.headers
+            )
+            assert deleted.status_code == 204
+            rest = await stream.rest(within=10)
+        assert [frame["event"] for frame in rest] == ["thread_deleted"]
+
 
 async def test_sse_refuses_another_users_thread(server: ServerProcess) -> None:
     async with asyncio.timeout(60), http_client(server) as http:
