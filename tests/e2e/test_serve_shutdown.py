@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sqlite3
 import time
 import uuid
 from pathlib import Path
-
-import sqlite3
 
 import httpx
 import pytest
@@ -99,8 +98,8 @@ async def test_sigint_closes_live_streams_at_once_and_exits_without_a_traceback(
                 with pytest.raises(ConnectionClosed) as closed:
                     while True:
                         await ws.recv()
-                while server.process.poll() is None:
-                    await asyncio.sleep(0.05)
+            # Raises TimeoutExpired if the process outlives the bound.
+            await asyncio.to_thread(server.process.wait, EXIT_WITHIN_SECONDS)
             took = time.monotonic() - started
         await sse.aclose()
 
