@@ -20,9 +20,9 @@ import click
 import typer
 import uvicorn
 
-from threadline.api.services import check_agents
 from threadline.errors import ThreadlineError
 from threadline.logs import configure_logging
+from threadline.runtime import check_agents
 from threadline.settings import Settings, load_settings, unknown_variables
 
 # Plain click help: rich's panels print a `<bool>` type beside every flag and wrap long lines.

@@ -33,14 +33,14 @@ from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
-from threadline.api.deps import CurrentUser, ServicesDep
-from threadline.api.gateway import OVERFLOW, Connection, WireMessage
+from threadline.api.deps import CurrentUser, GatewayDep, ServicesDep
+from threadline.api.gateway import OVERFLOW, Connection, Gateway, WireMessage
 from threadline.api.schemas import ErrorOut
-from threadline.api.services import Services
 from threadline.api.streams import MAX_SEQ, Opened, open_subscription, replay
 from threadline.context import UserContext
 from threadline.errors import InvalidInputError
 from threadline.events.types import EventType
+from threadline.runtime import Runtime
 
 router = APIRouter(tags=["events"])
 _PING_SECONDS = 15.0
@@ -97,6 +97,7 @@ async def thread_events(
     thread_id: str,
     user: CurrentUser,
     services: ServicesDep,
+    gateway: GatewayDep,
     after_seq: Annotated[
         int | None,
         Query(ge=0, le=MAX_SEQ, description="Resume after this sequence number."),
@@ -116,7 +117,7 @@ async def thread_events(
     # Subscribe before answering, so a thread the user does not own is a plain 404.
     opened = await open_subscription(
         services,
-        services.gateway,
+        gateway,
         connection,
         user,
         thread_id,
@@ -124,19 +125,23 @@ async def thread_events(
     )
     shutdown = anyio.Event()
     return EventSourceResponse(
-        _stream(services, user, opened, shutdown),
+        _stream(services, gateway, user, opened, shutdown),
         headers={"Cache-Control": "no-cache"},
         ping=_PING_SECONDS,
         shutdown_event=shutdown,
         shutdown_grace_period=_SHUTDOWN_GRACE_SECONDS,
         # The stream's own `finally` never runs if the client leaves before it starts; this
         # runs either way (detaching twice is harmless).
-        background=BackgroundTask(services.gateway.detach, opened.subscription),
+        background=BackgroundTask(gateway.detach, opened.subscription),
     )
 
 
 async def _stream(
-    services: Services, ctx: UserContext, opened: Opened, shutdown: anyio.Event
+    services: Runtime,
+    gateway: Gateway,
+    ctx: UserContext,
+    opened: Opened,
+    shutdown: anyio.Event,
 ) -> AsyncIterator[ServerSentEvent]:
     services.metrics.sockets_active.inc()
     try:
@@ -152,7 +157,7 @@ async def _stream(
             yield event
     finally:
         services.metrics.sockets_active.dec()
-        services.gateway.detach(opened.subscription)
+        gateway.detach(opened.subscription)
 
 
 def _ends_stream(messages: list[WireMessage]) -> bool:
@@ -160,7 +165,7 @@ def _ends_stream(messages: list[WireMessage]) -> bool:
 
 
 async def _live(
-    services: Services, connection: Connection, shutdown: anyio.Event
+    services: Runtime, connection: Connection, shutdown: anyio.Event
 ) -> AsyncIterator[ServerSentEvent]:
     # Owned by this generator: cancelled in `finally` however the stream ends. (Not a
     # TaskGroup: a generator suspended at `yield` inside one would take its cancellation.)
