@@ -11,7 +11,7 @@ from starlette.middleware.cors import CORSMiddleware
 from threadline.api import ws
 from threadline.api.errors import install_error_handlers
 from threadline.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
-from threadline.api.routes import agents, auth, events, health, messages, runs, threads
+from threadline.api.routes import agents, auth, events, health, messages, page, runs, threads
 from threadline.api.services import open_services
 from threadline.settings import Settings
 
@@ -30,7 +30,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (auth, threads, messages, runs, events, agents, health, ws):
+    for module in (auth, threads, messages, runs, events, agents, health, ws, page):
         app.include_router(module.router)
     # Outermost first in the stack: CORS must answer preflights before the size check runs.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
