@@ -2,7 +2,8 @@
 // needs no Node). Run `npm ci && npm run build` here after changing anything in src/.
 import { build } from 'esbuild';
 
-const outdir = new URL('../src/threadline/web/assets/', import.meta.url).pathname;
+// OUTDIR lets the test that checks the committed bundle build a copy elsewhere.
+const outdir = process.env.OUTDIR || new URL('../src/threadline/web/assets/', import.meta.url).pathname;
 
 await build({
   entryPoints: { app: 'src/main.js', style: 'src/app.css' },

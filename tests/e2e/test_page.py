@@ -373,7 +373,9 @@ def test_composer_keys_and_rate_limit(browsing: Browsing, page_server: PageServe
 
 def test_phone_width_dark_theme_and_keyboard_focus(browsing: Browsing) -> None:
     phone = browsing.page(
-        browsing.context(viewport={"width": 390, "height": 844}, color_scheme="dark")
+        browsing.context(
+            viewport={"width": 390, "height": 844}, color_scheme="dark", reduced_motion="reduce"
+        )
     )
     sign_up(phone, unique_email("radia"))
     send(phone, QUESTION)

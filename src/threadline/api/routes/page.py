@@ -43,7 +43,12 @@ _HEADERS = {
     # upgrade is picked up at once, and an unchanged one costs no transfer.
     "Cache-Control": "no-cache",
 }
-_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".txt": "text/plain"}
+_TYPES = {
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".svg": "image/svg+xml",
+    ".txt": "text/plain",
+}
 
 
 @cache
