@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.agents_for_tests import failing_calculator, sleeping_calculator
 from threadline.agents import Agent, RunContext, tool
 from threadline.agents.demo import evaluate_arithmetic
 
 SLOW_TOOL_SECONDS = 4.0
+SLEEPER_TOOL_SECONDS = 60.0
 _INSTRUCTIONS = "Use the calculator for arithmetic. Answer briefly."
+
+
+def _compute(expression: str) -> str:
+    value = evaluate_arithmetic(expression)
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 @tool(name="calculator")
@@ -26,8 +31,28 @@ async def slow_calculator(ctx: RunContext[object], expression: str) -> str:
         expression: Arithmetic such as "12*7".
     """
     await asyncio.sleep(SLOW_TOOL_SECONDS)
-    value = evaluate_arithmetic(expression)
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    return _compute(expression)
+
+
+@tool(name="calculator")
+async def sleeping_calculator(ctx: RunContext[object], expression: str) -> str:
+    """Evaluate arithmetic after a minute (longer than any test waits: a run to cancel).
+
+    Args:
+        expression: Arithmetic such as "12*7".
+    """
+    await asyncio.sleep(SLEEPER_TOOL_SECONDS)
+    return _compute(expression)
+
+
+@tool(name="calculator")
+async def failing_calculator(ctx: RunContext[object], expression: str) -> str:
+    """Always fails.
+
+    Args:
+        expression: Arithmetic such as "12*7".
+    """
+    raise RuntimeError(f"calculator exploded on {expression}")
 
 
 agents = [
