@@ -155,7 +155,7 @@ def test_first_conversation_live_then_after_reload(
 
 
 def test_second_page_watches_the_same_run_live(browsing: Browsing) -> None:
-    context = browsing.context()
+    context = browsing.context(color_scheme="dark")
     first = browsing.page(context)
     sign_up(first, unique_email("grace"))
     send(first, "what is 6*7?", agent="slow")
@@ -383,9 +383,10 @@ def test_phone_width_dark_theme_and_keyboard_focus(browsing: Browsing) -> None:
     overflow = phone.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, f"the page is {overflow} px wider than a phone screen"
     expect(phone.get_by_role("navigation", name="Conversations")).not_to_be_in_viewport()
+    screenshot(phone, "08-phone-dark")
     phone.get_by_role("button", name="Open the conversation list").click()
     expect(phone.get_by_role("button", name="New chat")).to_be_in_viewport()
-    screenshot(phone, "08-phone-dark-drawer")
+    screenshot(phone, "09-phone-dark-drawer")
 
     light = browsing.page(browsing.context(color_scheme="light"))
     light.goto("/")

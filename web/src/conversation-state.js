@@ -208,7 +208,9 @@ export function timeline(state) {
           call,
           runId: m.runId,
           result: state.toolResults[call.id] || null,
-          startedAt: state.toolStarts[call.id] || null,
+          // A page that subscribed mid-call never saw tool_executing: the call's message
+          // was written just before the tool started.
+          startedAt: state.toolStarts[call.id] || m.createdAt || null,
           live: Boolean(state.active && state.active.runId === m.runId),
         });
       }
@@ -231,6 +233,12 @@ export function timeline(state) {
   });
   placed.sort((a, b) => b.index - a.index);
   for (const { index, item } of placed) items.splice(index, 0, item);
-  if (state.active) items.push({ kind: 'live', key: `live-${state.active.runId}`, active: state.active });
+  if (state.active) {
+    const running = items.find((row) => row.kind === 'tool' && row.live && !row.result);
+    const active = running && !state.active.thinking
+      ? { ...state.active, thinking: `Using ${running.call.name}…` }
+      : state.active;
+    items.push({ kind: 'live', key: `live-${state.active.runId}`, active });
+  }
   return items;
 }
