@@ -99,7 +99,12 @@ async def open_runtime(
     `settings.embedded_worker`), and close it all in reverse."""
     registry = check_agents(settings, agents)
     async with AsyncExitStack() as stack:
-        engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
+        engine = create_engine(
+            settings.database_url,
+            pool_size=settings.database_pool_size,
+            connect_timeout_seconds=settings.database_connect_timeout_seconds,
+            statement_timeout_seconds=settings.database_statement_timeout_seconds,
+        )
         stack.push_async_callback(engine.dispose)
         if settings.is_sqlite:
             await upgrade_to_head(engine)

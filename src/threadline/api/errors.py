@@ -21,6 +21,7 @@ from threadline.errors import (
 )
 from threadline.llm.providers import UnknownModelError
 from threadline.runs.engine import RunLimitError
+from threadline.store.db import DatabaseUnavailableError
 from threadline.store.failures import DATABASE_ERRORS, is_database_unavailable
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[ThreadlineError], int], ...] = (
     (PayloadTooLargeError, 413),
     (RateLimitedError, 429),
     (AuthError, 401),
+    (DatabaseUnavailableError, 503),
 )
 _CODE_BY_STATUS = {
     400: "bad_request",

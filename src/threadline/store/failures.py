@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncpg
 from sqlalchemy import exc as sa_exc
 
-from threadline.errors import ThreadlineError
+from threadline.store.db import DatabaseUnavailableError
 
 # Raw asyncpg errors that mean the connection (or the server) is gone: connection failures
 # (class 08), operator intervention (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot
@@ -33,16 +33,6 @@ DATABASE_ERRORS: tuple[type[Exception], ...] = (
     ConnectionError,
 )
 """Every error type that may be a lost connection, for handlers that must sort them out."""
-
-
-class DatabaseUnavailableError(ThreadlineError):
-    """The database could not be reached or dropped the connection; retrying may succeed."""
-
-    code = "database_unavailable"
-    http_status = 503
-
-    def __init__(self, message: str = "The database is unavailable; retry shortly") -> None:
-        super().__init__(message)
 
 
 def is_database_unavailable(error: BaseException) -> bool:
