@@ -278,7 +278,12 @@ def _assemble(
                 per_user_limit=settings.max_concurrent_runs_per_user,
             ),
             # Embedded SQLite: one process, woken by `notify()` alone.
-            waker=None if settings.is_sqlite else PostgresRunWaker(settings.database_url),
+            waker=None
+            if settings.is_sqlite
+            else PostgresRunWaker(
+                settings.database_url,
+                connect_timeout_seconds=settings.database_connect_timeout_seconds,
+            ),
         )
         if with_worker
         else None

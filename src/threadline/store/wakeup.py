@@ -22,7 +22,6 @@ from sqlalchemy.engine import make_url
 from threadline.store.runs import RUN_QUEUED_CHANNEL
 
 logger = logging.getLogger(__name__)
-_CONNECT_TIMEOUT_SECONDS = 5.0
 _CHECK_SECONDS = 2.0
 _RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -34,8 +33,9 @@ def asyncpg_dsn(database_url: str) -> str:
 
 
 class PostgresRunWaker:
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, connect_timeout_seconds: float = 5.0) -> None:
         self._dsn = asyncpg_dsn(database_url)
+        self._timeout = connect_timeout_seconds
 
     async def run(self, wake: Callable[[], None]) -> None:
         """Listen until cancelled, reconnecting after a lost connection."""
@@ -51,7 +51,7 @@ class PostgresRunWaker:
                 await asyncio.sleep(delay)
 
     async def _listen(self, wake: Callable[[], None]) -> None:
-        connection = await asyncpg.connect(self._dsn, timeout=_CONNECT_TIMEOUT_SECONDS)
+        connection = await asyncpg.connect(self._dsn, timeout=self._timeout)
         closed = asyncio.Event()
         try:
             connection.add_termination_listener(lambda _conn: closed.set())
@@ -64,9 +64,9 @@ class PostgresRunWaker:
                     async with asyncio.timeout(_CHECK_SECONDS):
                         await closed.wait()
                 except TimeoutError:
-                    async with asyncio.timeout(_CONNECT_TIMEOUT_SECONDS):
+                    async with asyncio.timeout(self._timeout):
                         await connection.execute("SELECT 1")
             logger.info("The run-notification connection closed; reconnecting")
         finally:
             if not connection.is_closed():
-                await connection.close(timeout=_CONNECT_TIMEOUT_SECONDS)
+                await connection.close(timeout=self._timeout)
