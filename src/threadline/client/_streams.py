@@ -95,6 +95,7 @@ class EventStream(ABC):
         """Connect and subscribe (once; entering the stream does it)."""
         if self._connected:
             return
+        await self._disconnect()  # whatever a cancelled resume left half-open
         try:
             await self._connect()
         except APIError:
@@ -139,6 +140,7 @@ class EventStream(ABC):
             try:
                 async with asyncio.timeout(max(deadline - loop.time(), 0.001)):
                     await self._connect()
+                self._connected = True
                 self.reconnects += 1
                 return
             except APIError as exc:
@@ -259,16 +261,17 @@ class WebSocketEvents(EventStream):
             request["after_seq"] = self.last_seq[thread_id]
         await self._send(request)
         # Everything before the snapshot (other threads' events) stays queued, in order.
+        snapshot: Snapshot | None = None
         async with asyncio.timeout(self._open_timeout):
-            while True:
-                for message in await self._receive():
-                    if message.get("type") == "error":
+            while snapshot is None:
+                for message in await self._receive():  # the whole frame: the replay follows
+                    if message.get("type") == "error" and snapshot is None:
                         raise _error_of(message)
                     self._pending.append(message)
                     if message.get("type") == "snapshot" and message["thread_id"] == thread_id:
                         snapshot = Snapshot.model_validate(message)
                         self._apply_snapshot(snapshot)
-                        return snapshot
+        return snapshot
 
     async def _send(self, message: Message) -> None:
         if self._ws is None:
