@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from threadline.client import AsyncThreadline, Event
@@ -43,6 +43,7 @@ class CuttableProxy:
         self.accepted = 0
         self.refused = 0
         self._up = True
+        self._refusal = asyncio.Event()
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -75,14 +76,21 @@ class CuttableProxy:
 
     def down(self) -> None:
         self._up = False
+        self._refusal.clear()
         self.cut()
 
     def up(self) -> None:
         self._up = True
 
+    async def refused_one(self, within: float = WAIT) -> None:
+        """Wait until a connection attempt has been refused since `down()`."""
+        async with asyncio.timeout(within):
+            await self._refusal.wait()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._up:
             self.refused += 1
+            self._refusal.set()
             writer.transport.abort()
             return
         self.accepted += 1
@@ -109,13 +117,6 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     finally:
         with contextlib.suppress(Exception):
             writer.close()
-
-
-async def wait_for(condition: Callable[[], bool], *, within: float = WAIT) -> None:
-    """Poll a condition that nothing announces (a proxy counter), bounded."""
-    async with asyncio.timeout(within):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 def seqs(events: list[Event]) -> list[int]:

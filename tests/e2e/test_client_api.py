@@ -17,8 +17,8 @@ from threadline.client import (
     EventType,
     MessageRole,
     RunStatus,
-    ThreadOut,
     Threadline,
+    ThreadOut,
     ThreadStatus,
 )
 
