@@ -11,6 +11,8 @@ press raises `KeyboardInterrupt`, which ends the chat. At a prompt, Ctrl-C ends 
 from __future__ import annotations
 
 import signal
+import sys
+import termios
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -243,9 +245,29 @@ def _interrupts(first: Callable[[], None]) -> Iterator[None]:
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield
+        with _quiet_control_keys():
+            yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _quiet_control_keys() -> Iterator[None]:
+    """While the live display draws, the terminal echoes nothing (an echoed `^C` or keystroke
+    would shift the display by a line) and keeps its pending output when Ctrl-C is pressed
+    (by default it discards it, and the redraw would lose a line)."""
+    if not sys.stdin.isatty():
+        yield
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = list(saved)
+    quiet[3] = (quiet[3] & ~termios.ECHO) | termios.NOFLSH
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def _ago(thread: ThreadOut) -> str:

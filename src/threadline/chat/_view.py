@@ -188,18 +188,21 @@ def history(messages: Iterable[MessageOut], *, agent: str) -> list[RenderableTyp
     answer."""
     rendered: list[RenderableType] = []
     cards: dict[str, ToolCard] = {}
+    labelled: str | None = None  # the run whose answer is being shown
     for message in messages:
         if message.role == MessageRole.USER:
             rendered.append(Text.assemble(("you › ", "bold cyan"), message.content))
+            labelled = None
         elif message.role == MessageRole.ASSISTANT:
+            if labelled is None or labelled != message.run_id:
+                rendered.append(Text(f"{agent} ›", style="bold magenta"))
+                labelled = message.run_id or ""
             for call in message.tool_calls or []:
                 card = ToolCard(str(call.get("name")), call.get("arguments"))
                 cards[str(call.get("id"))] = card
                 rendered.append(card)
             if message.content:
-                rendered.append(
-                    Group(Text(f"{agent} ›", style="bold magenta"), Markdown(message.content))
-                )
+                rendered.append(Markdown(message.content))
         elif message.role == MessageRole.TOOL and message.tool_call_id in cards:
             card = cards[message.tool_call_id]
             if message.metadata.get("is_error"):
