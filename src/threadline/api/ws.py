@@ -42,11 +42,11 @@ from threadline.api.gateway import (
     ThreadSubscription,
     WireMessage,
 )
-from threadline.api.services import Services
 from threadline.api.streams import MAX_SEQ, run_wire, subscribe
 from threadline.context import UserContext
 from threadline.errors import AuthError, RateLimitedError, ThreadlineError
 from threadline.runs.service import MultitaskStrategy, RunRequest
+from threadline.runtime import Runtime
 from threadline.store.messages import MessageRole, NewMessage
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ _ClientMessage = TypeAdapter(dict[str, object])
 
 @router.websocket("/v1/ws")
 async def websocket_endpoint(websocket: WebSocket) -> None:
-    services: Services = websocket.app.state.services
+    services: Runtime = websocket.app.state.runtime
+    gateway: Gateway = websocket.app.state.gateway
     offered = websocket.scope.get("subprotocols", [])
     header_token = next((p[len("bearer.") :] for p in offered if p.startswith("bearer.")), None)
     await websocket.accept(subprotocol=_SUBPROTOCOL if _SUBPROTOCOL in offered else None)
@@ -101,7 +102,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         queue_size=services.settings.socket_queue_size,
         metrics=services.metrics,
     )
-    session = _Session(websocket, services, services.gateway, connection, ctx)
+    session = _Session(websocket, services, gateway, connection, ctx)
     services.metrics.sockets_active.inc()
     try:
         await session.serve()
@@ -113,7 +114,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
 
 async def _authenticate(
-    websocket: WebSocket, services: Services, header_token: str | None
+    websocket: WebSocket, services: Runtime, header_token: str | None
 ) -> UserContext | None:
     try:
         token = header_token
@@ -175,7 +176,7 @@ class _Session:
     def __init__(
         self,
         websocket: WebSocket,
-        services: Services,
+        services: Runtime,
         gateway: Gateway,
         connection: Connection,
         ctx: UserContext,

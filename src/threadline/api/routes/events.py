@@ -23,13 +23,13 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from threadline.api.deps import CurrentUser, ServicesDep
-from threadline.api.gateway import OVERFLOW, Connection, WireMessage
+from threadline.api.deps import CurrentUser, GatewayDep, ServicesDep
+from threadline.api.gateway import OVERFLOW, Connection, Gateway, WireMessage
 from threadline.api.schemas import ErrorOut
-from threadline.api.services import Services
 from threadline.api.streams import MAX_SEQ, Opened, open_subscription, replay
 from threadline.context import UserContext
 from threadline.errors import InvalidInputError
+from threadline.runtime import Runtime
 
 router = APIRouter(tags=["events"])
 _HEARTBEAT_SECONDS = 15.0
@@ -70,6 +70,7 @@ async def thread_events(
     request: Request,
     user: CurrentUser,
     services: ServicesDep,
+    gateway: GatewayDep,
     after: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
     last_event_id: Annotated[str | None, Header(max_length=32)] = None,
 ) -> StreamingResponse:
@@ -82,24 +83,24 @@ async def thread_events(
     # Subscribe before answering, so a thread the user does not own is a plain 404.
     opened = await open_subscription(
         services,
-        services.gateway,
+        gateway,
         connection,
         user,
         thread_id,
         after_seq=_resume_point(after, last_event_id),
     )
     return StreamingResponse(
-        _stream(services, user, opened, request),
+        _stream(services, gateway, user, opened, request),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         # The stream's own `finally` never runs if the client leaves before it starts; this
         # runs either way (detaching twice is harmless).
-        background=BackgroundTask(services.gateway.detach, opened.subscription),
+        background=BackgroundTask(gateway.detach, opened.subscription),
     )
 
 
 async def _stream(
-    services: Services, ctx: UserContext, opened: Opened, request: Request
+    services: Runtime, gateway: Gateway, ctx: UserContext, opened: Opened, request: Request
 ) -> AsyncIterator[str]:
     services.metrics.sockets_active.inc()
     try:
@@ -112,10 +113,10 @@ async def _stream(
             yield chunk
     finally:
         services.metrics.sockets_active.dec()
-        services.gateway.detach(opened.subscription)
+        gateway.detach(opened.subscription)
 
 
-async def _live(services: Services, connection: Connection, request: Request) -> AsyncIterator[str]:
+async def _live(services: Runtime, connection: Connection, request: Request) -> AsyncIterator[str]:
     while not await request.is_disconnected():
         try:
             async with asyncio.timeout(_HEARTBEAT_SECONDS):
