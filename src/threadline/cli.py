@@ -99,24 +99,6 @@ def migrate() -> None:
     console.print(f"Migrated {_redacted(settings.database_url)} to the latest schema.")
 
 
-@app.command()
-def chat(
-    url: Annotated[str, typer.Argument(help="The server")] = "http://localhost:8000",
-    email: Annotated[str | None, typer.Option(help="Sign in as (asked if not given)")] = None,
-    password: Annotated[str | None, typer.Option(help="Password (asked if not given)")] = None,
-    token: Annotated[str | None, typer.Option(help="A bearer token instead of a password")] = None,
-    agent: Annotated[str | None, typer.Option(help="Agent to talk to")] = None,
-    thread: Annotated[str | None, typer.Option(help="Open this thread id")] = None,
-) -> None:
-    """Chat with an agent in the terminal, its steps shown live (Ctrl-C cancels a run)."""
-    from threadline.chat import run_chat
-
-    code = run_chat(
-        url, email=email, password=password, token=token, agent=agent, thread_id=thread
-    )
-    raise typer.Exit(code)
-
-
 def _check_schema(settings: Settings) -> None:
     """On PostgreSQL, refuse to start on a database `threadline migrate` has not brought up to
     date (SQLite is migrated by the server itself)."""
@@ -149,6 +131,24 @@ def _redacted(url: str) -> str:
     if not at or ":" not in credentials:
         return url
     return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{location}"
+
+
+@app.command()
+def chat(
+    url: Annotated[str, typer.Argument(help="The server")] = "http://localhost:8000",
+    email: Annotated[str | None, typer.Option(help="Sign in as (asked if not given)")] = None,
+    password: Annotated[str | None, typer.Option(help="Password (asked if not given)")] = None,
+    token: Annotated[str | None, typer.Option(help="A bearer token instead of a password")] = None,
+    agent: Annotated[str | None, typer.Option(help="Agent to talk to")] = None,
+    thread: Annotated[str | None, typer.Option(help="Open this thread id")] = None,
+) -> None:
+    """Chat with an agent in the terminal, its steps shown live (Ctrl-C cancels a run)."""
+    from threadline.chat import run_chat
+
+    code = run_chat(
+        url, email=email, password=password, token=token, agent=agent, thread_id=thread
+    )
+    raise typer.Exit(code)
 
 
 def main() -> None:
