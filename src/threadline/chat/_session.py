@@ -102,7 +102,8 @@ def _sign_in(
                 if not Confirm.ask(f"No account for {email}. Create it?", console=console):
                     email = Prompt.ask("Email", console=console)
                     continue
-                _register(console, client, email, password)
+                while not _register(console, client, email, password):
+                    password = Prompt.ask("Password", password=True, console=console)
             elif exc.code == "wrong_password":
                 console.print("[red]Wrong password.[/red]")
                 password = Prompt.ask("Password", password=True, console=console)
@@ -111,15 +112,17 @@ def _sign_in(
     raise _Quit
 
 
-def _register(console: Console, client: Threadline, email: str, password: str) -> None:
+def _register(console: Console, client: Threadline, email: str, password: str) -> bool:
+    """Create the account; False if the server refused the password (say why)."""
     try:
         client.register(email, password)
     except APIError as exc:
-        if exc.status != 422:
+        if exc.code != "invalid_password":
             raise
-        console.print(f"[red]{exc.message}[/red]")
-        raise _Quit from exc
+        console.print(f"[red]{exc.message}.[/red]")
+        return False
     console.print(f"Created the account [bold]{email}[/bold].")
+    return True
 
 
 def _pick_agent(console: Console, client: Threadline, wanted: str | None) -> str:
