@@ -44,7 +44,14 @@ from threadline.events.types import EventType
 logger = logging.getLogger(__name__)
 
 Message = dict[str, object]
+# Close codes that resuming cannot repair: the token was refused (4001), or revoked by a
+# logout while the socket was open (4003). Every other close is resumed.
 _CLOSE_UNAUTHENTICATED = 4001
+_CLOSE_SESSION_ENDED = 4003
+_FINAL_CLOSE_CODES = {
+    _CLOSE_UNAUTHENTICATED: "not_authenticated",
+    _CLOSE_SESSION_ENDED: "token_revoked",
+}
 _SSE_READ_TIMEOUT = 45.0
 _PING_SECONDS = 15.0
 _FIRST_BACKOFF, _MAX_BACKOFF = 0.1, 2.0
@@ -288,12 +295,8 @@ class WebSocketEvents(EventStream):
         try:
             raw = await self._ws.recv()
         except ConnectionClosed as exc:
-            if exc.rcvd is not None and exc.rcvd.code == _CLOSE_UNAUTHENTICATED:
-                raise APIError(
-                    "The server closed the socket: not authenticated",
-                    code=exc.rcvd.reason or "not_authenticated",
-                    status=401,
-                ) from exc
+            if exc.rcvd is not None and exc.rcvd.code in _FINAL_CLOSE_CODES:
+                raise _final_close(exc.rcvd.code, exc.rcvd.reason) from exc
             raise _Dropped(str(exc)) from exc
         frame = json.loads(raw)
         if not isinstance(frame, dict):
@@ -398,6 +401,16 @@ class SSEEvents(EventStream):
                     await response.aclose()
             except (TimeoutError, httpx.TransportError):
                 pass
+
+
+def _final_close(code: int, reason: str) -> APIError:
+    # A 4001 close gives the error code as its reason ("token_expired"); 4003 a sentence.
+    error_code = _FINAL_CLOSE_CODES[code]
+    if code == _CLOSE_UNAUTHENTICATED and reason:
+        error_code = reason
+    return APIError(
+        f"The server closed the socket: {reason or error_code}", code=error_code, status=401
+    )
 
 
 def _error_of(message: Message, *, status: int | None = None) -> APIError:
