@@ -167,9 +167,27 @@ async def test_errors_carry_code_and_status(server: ServerProcess) -> None:
             assert (limited.value.status, limited.value.code) == (429, "rate_limited")
             assert limited.value.retry_after is not None and limited.value.retry_after > 0
 
-    async with AsyncThreadline(f"http://127.0.0.1:{free_port()}", timeout=5) as nowhere:
+    async with AsyncThreadline(server.base_url, token="not-a-token") as forged:
+        for transport in ("websocket", "sse"):
+            with pytest.raises(APIError) as refused:
+                async with forged.events(bobs.id, transport=transport):
+                    pass
+            assert refused.value.status == 401, (transport, refused.value)
+    async with new_user(server.base_url) as carol:
+        for transport in ("websocket", "sse"):
+            with pytest.raises(APIError) as hidden:
+                async with carol.events(bobs.id, transport=transport):
+                    pass
+            assert (hidden.value.status, hidden.value.code) == (404, "thread_not_found")
+
+    nowhere = AsyncThreadline(f"http://127.0.0.1:{free_port()}", token="t", timeout=5)
+    async with nowhere:
         with pytest.raises(APIConnectionError):
             await nowhere.health()
+        for transport in ("websocket", "sse"):
+            with pytest.raises(APIConnectionError):
+                async with nowhere.events("thr_x", transport=transport):
+                    pass
 
 
 def test_sync_client(server: ServerProcess) -> None:
