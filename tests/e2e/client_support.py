@@ -5,16 +5,28 @@
   (new connections are aborted at once) and bring back, so the client's reconnect and resume
   run for real, deterministically.
 - `new_user`: a registered, signed-in `AsyncThreadline` of a fresh user.
+- `RestartableServer`: a `threadline serve` that can be stopped and started again on the same
+  port and database, for a client that must resume across the restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+from tests.e2e.sockets_support import (
+    ServerProcess,
+    _clean_environment,
+    _wait_ready,
+    free_port,
+)
 from threadline.client import AsyncThreadline, Event
 
 PASSWORD = "correct horse battery staple"
@@ -126,3 +138,45 @@ def seqs(events: list[Event]) -> list[int]:
 def assert_no_duplicate_or_reorder(events: list[Event]) -> None:
     numbers = seqs(events)
     assert numbers == sorted(set(numbers)), f"duplicated or reordered seqs: {numbers}"
+
+
+class RestartableServer:
+    """`threadline serve` on a fixed port and SQLite file; `start()` again after `stop()`."""
+
+    def __init__(self, workdir: Path, **settings: object) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.env = {
+            **_clean_environment(),
+            "THREADLINE_ENVIRONMENT": "test",
+            "THREADLINE_SECRET_KEY": secrets.token_urlsafe(48),  # tokens outlive a restart
+            "THREADLINE_LOG_LEVEL": "WARNING",
+            "THREADLINE_DATABASE_URL": f"sqlite:///{workdir / 'threadline.db'}",
+            **{f"THREADLINE_{k.upper()}": str(v) for k, v in settings.items()},
+        }
+        self.process: ServerProcess | None = None
+        self.starts = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.starts += 1
+        log_path = self.workdir / f"server-{self.starts}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "threadline", "serve", "--port", str(self.port)],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.process = ServerProcess(process, self.port, log_path, self.workdir)
+        _wait_ready(self.process)
+
+    def stop(self) -> None:
+        """SIGTERM and wait for the process to exit (graceful shutdown, bounded)."""
+        if self.process is not None:
+            self.process.stop()
+            self.process = None

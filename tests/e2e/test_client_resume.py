@@ -1,6 +1,6 @@
 """The client's event streams survive dropped connections: they reconnect on their own and
 resume from the last sequence number, so the caller sees every stored event of the run once,
-in order (WebSocket and SSE, async and sync).
+in order (WebSocket and SSE, async and sync), and across a restart of the server.
 
 Connections are dropped by a TCP proxy between the client and a real server (`CuttableProxy`):
 first a plain cut mid-run, then an outage during which reconnecting fails for a while. The
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from tests.e2e.client_support import (
     PASSWORD,
     CuttableProxy,
+    RestartableServer,
     assert_no_duplicate_or_reorder,
     new_email,
     new_user,
@@ -134,3 +136,32 @@ def test_sync_stream_resumes_after_cut(server: ServerProcess) -> None:
         loop.call_soon_threadsafe(loop.stop)
         runner.join(30)
         loop.close()
+
+
+async def test_stream_resumes_across_a_server_restart(tmp_path: Path) -> None:
+    """The server stops mid-run (its run goes back to the queue) and starts again on the same
+    port: the WebSocket stream reconnects, resumes, and sees the retried run to its end."""
+    server = RestartableServer(tmp_path, demo_delay_seconds=DELAY, shutdown_grace_seconds=0)
+    await asyncio.to_thread(server.start)
+    try:
+        async with asyncio.timeout(120), new_user(server.base_url) as client:
+            thread = await client.create_thread()
+            received: list[Event] = []
+            async with client.events(thread.id) as stream:
+                start = stream.last_seq[thread.id]
+                posted = await client.post_message(thread.id, LONG_QUESTION, agent="demo")
+                async for event in stream:
+                    received.append(event)
+                    if event.type == EventType.MESSAGE_DELTA and server.starts == 1:
+                        await asyncio.to_thread(server.stop)
+                        await asyncio.to_thread(server.start)
+                    if event.terminal:
+                        break
+                assert stream.reconnects >= 1
+            assert posted.run is not None and received[-1].run_id == posted.run.id
+            assert received[-1].type == EventType.AGENT_COMPLETED
+            assert_no_duplicate_or_reorder(received)
+            assert _durable(received) == _durable(await _stored(client, thread.id, start))
+            assert server.starts == 2
+    finally:
+        await asyncio.to_thread(server.stop)
