@@ -21,12 +21,13 @@ from types import FrameType
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.prompt import Confirm, Prompt
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from threadline.chat._view import RunView, history
+from threadline.chat._view import RunView, history, safe
 from threadline.client import APIConnectionError, APIError, Threadline, ThreadOut, UserOut
 
 _HELP = "Type a message. /new starts a thread, /threads picks another, /quit leaves."
@@ -55,7 +56,7 @@ def run_chat(
         with Threadline(url) as client:
             _connect(console, client, url)
             user = _sign_in(console, client, email=email, password=password, token=token)
-            console.print(f"Signed in as [bold]{user.email}[/bold] on {url}")
+            console.print(f"Signed in as [bold]{escape(safe(user.email))}[/bold] on {escape(url)}")
             agent_name = _pick_agent(console, client, agent)
             thread = client.get_thread(thread_id) if thread_id else _pick_thread(console, client)
             _converse(console, client, thread, agent_name)
@@ -63,10 +64,10 @@ def run_chat(
         console.print("\nBye.")
         return 0
     except APIConnectionError as exc:
-        console.print(f"[red]Lost the server:[/red] {exc}")
+        console.print(Text.assemble(("Lost the server: ", "red"), safe(str(exc))))
         return 1
     except APIError as exc:
-        console.print(f"[red]{exc.message}[/red] ({exc.code})")
+        console.print(Text.assemble((safe(exc.message), "red"), f" ({safe(exc.code)})"))
         return 1
     return 0
 
@@ -75,7 +76,7 @@ def _connect(console: Console, client: Threadline, url: str) -> None:
     try:
         client.health()
     except APIConnectionError as exc:
-        console.print(f"[red]Cannot reach Threadline at {url}[/red]: {exc}")
+        console.print(Text.assemble((f"Cannot reach Threadline at {url}: ", "red"), safe(str(exc))))
         console.print("Start one with [bold]threadline serve[/bold], or pass its URL.")
         raise _Quit from exc
 
@@ -99,7 +100,7 @@ def _sign_in(
             return client.me()
         except APIError as exc:
             if exc.code == "unknown_user":
-                if not Confirm.ask(f"No account for {email}. Create it?", console=console):
+                if not Confirm.ask(f"No account for {escape(email)}. Create it?", console=console):
                     email = Prompt.ask("Email", console=console)
                     continue
                 while not _register(console, client, email, password):
@@ -119,9 +120,9 @@ def _register(console: Console, client: Threadline, email: str, password: str) -
     except APIError as exc:
         if exc.code != "invalid_password":
             raise
-        console.print(f"[red]{exc.message}.[/red]")
+        console.print(Text(safe(exc.message) + ".", style="red"))
         return False
-    console.print(f"Created the account [bold]{email}[/bold].")
+    console.print(f"Created the account [bold]{escape(safe(email))}[/bold].")
     return True
 
 
@@ -156,7 +157,8 @@ def _pick_thread(console: Console, client: Threadline) -> ThreadOut:
     table.add_column("Status", style="dim")
     table.add_column("Last activity", style="dim")
     for number, thread in enumerate(threads, start=1):
-        table.add_row(str(number), thread.title or "(untitled)", thread.status, _ago(thread))
+        title = Text(safe(thread.title)) if thread.title else Text("(untitled)", style="dim")
+        table.add_row(str(number), title, thread.status, _ago(thread))
     console.print(table)
     while True:
         choice = Prompt.ask(
@@ -189,7 +191,7 @@ def _converse(console: Console, client: Threadline, thread: ThreadOut, agent: st
 
 
 def _show_thread(console: Console, client: Threadline, thread: ThreadOut, agent: str) -> None:
-    console.print(Rule(thread.title or "New thread", style="dim"))
+    console.print(Rule(Text(safe(thread.title or "New thread")), style="dim"))
     if thread.message_count:
         page = client.list_messages(thread.id, limit=_HISTORY_SHOWN, order="desc")
         for renderable in history(reversed(page.data), agent=agent):
@@ -205,7 +207,7 @@ def _turn(console: Console, client: Threadline, thread_id: str, text: str, agent
             posted = client.post_message(thread_id, text, agent=agent)
         except APIError as exc:
             wait = f" Try again in {exc.retry_after:.0f} s." if exc.retry_after else ""
-            console.print(f"[red]{exc.message}[/red] ({exc.code}).{wait}")
+            console.print(Text.assemble((safe(exc.message), "red"), f" ({safe(exc.code)}).{wait}"))
             return
         if posted.run is None:  # pragma: no cover - a run was asked for
             return
@@ -231,7 +233,7 @@ def _cancel(console: Console, client: Threadline, thread_id: str, run_id: str) -
     try:
         client.cancel_run(thread_id, run_id)
     except (APIError, APIConnectionError) as exc:
-        console.print(f"[red]Could not cancel the run:[/red] {exc}")
+        console.print(Text.assemble(("Could not cancel the run: ", "red"), safe(str(exc))))
 
 
 @contextmanager

@@ -8,6 +8,7 @@ live.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -23,6 +24,14 @@ from threadline.agents.loop import THINKING
 from threadline.client import Event, EventType, MessageOut, MessageRole
 
 _MAX_RESULT_CHARS = 600
+# C0 controls but tab and newline, DEL and C1: an escape sequence in a model's answer or a
+# tool's result must not drive the terminal (rich prints them through as they are).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe(text: str) -> str:
+    """Text from the server, fit to print: without terminal control characters."""
+    return _CONTROL.sub("", text)
 
 
 @dataclass
@@ -45,12 +54,12 @@ class ToolCard:
     duration_ms: float | None = None
 
     def __rich__(self) -> RenderableType:
-        body: list[RenderableType] = [Text(_arguments(self.arguments), style="cyan")]
+        body: list[RenderableType] = [Text(safe(_arguments(self.arguments)), style="cyan")]
         if self.error is not None:
-            body.append(Text(f"✗ {_clip(self.error)}", style="red"))
+            body.append(Text(f"✗ {safe(_clip(self.error))}", style="red"))
             style = "red"
         elif self.result is not None:
-            body.append(Text(f"→ {_clip(self.result)}", style="bold"))
+            body.append(Text(f"→ {safe(_clip(self.result))}", style="bold"))
             style = "green"
         else:
             body.append(Spinner("dots", text=Text("running…", style="dim")))
@@ -58,7 +67,7 @@ class ToolCard:
         subtitle = f"{self.duration_ms:.0f} ms" if self.duration_ms is not None else None
         return Panel(
             Group(*body),
-            title=f"[bold]tool[/bold] {self.tool}",
+            title=Text.assemble(("tool ", "bold"), safe(self.tool)),
             title_align="left",
             subtitle=subtitle,
             subtitle_align="right",
@@ -155,10 +164,11 @@ class RunView:
 
     def _failed(self, data: dict[str, JsonValue]) -> None:
         reason = f"{data.get('code', 'error')}: {data.get('message', '')}".rstrip(": ")
-        self.outcome = Text(f"✗ Run failed ({reason})", style="bold red")
+        self.outcome = Text(f"✗ Run failed ({safe(reason)})", style="bold red")
 
     def _cancelled(self, data: dict[str, JsonValue]) -> None:
-        self.outcome = Text(f"■ Run cancelled ({data.get('reason', 'user')})", style="bold yellow")
+        reason = safe(str(data.get("reason", "user")))
+        self.outcome = Text(f"■ Run cancelled ({reason})", style="bold yellow")
 
     def __rich__(self) -> RenderableType:
         parts: list[RenderableType] = [Text(f"{self.agent} ›", style="bold magenta")]
@@ -176,10 +186,10 @@ class RunView:
 
 def _render(block: _Block, *, live: bool) -> RenderableType:
     if isinstance(block, _Thinking):
-        label = Text(block.text.strip() or THINKING, style="dim italic")
+        label = Text(safe(block.text.strip()) or THINKING, style="dim italic")
         return Spinner("dots", text=label) if live else Text("· ", style="dim") + label
     if isinstance(block, _Answer):
-        return Markdown(block.text or " ")
+        return Markdown(safe(block.text) or " ")
     return block
 
 
@@ -191,7 +201,7 @@ def history(messages: Iterable[MessageOut], *, agent: str) -> list[RenderableTyp
     labelled: str | None = None  # the run whose answer is being shown
     for message in messages:
         if message.role == MessageRole.USER:
-            rendered.append(Text.assemble(("you › ", "bold cyan"), message.content))
+            rendered.append(Text.assemble(("you › ", "bold cyan"), safe(message.content)))
             labelled = None
         elif message.role == MessageRole.ASSISTANT:
             if labelled is None or labelled != message.run_id:
@@ -202,7 +212,7 @@ def history(messages: Iterable[MessageOut], *, agent: str) -> list[RenderableTyp
                 cards[str(call.get("id"))] = card
                 rendered.append(card)
             if message.content:
-                rendered.append(Markdown(message.content))
+                rendered.append(Markdown(safe(message.content)))
         elif message.role == MessageRole.TOOL and message.tool_call_id in cards:
             card = cards[message.tool_call_id]
             if message.metadata.get("is_error"):
