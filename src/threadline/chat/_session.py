@@ -203,6 +203,7 @@ def _turn(console: Console, client: Threadline, thread_id: str, text: str, agent
     """Send one message and show its run live until it ends."""
     view = RunView(agent)
     with client.events(thread_id) as stream:
+        view.reconnecting = lambda: stream.reconnecting
         try:
             posted = client.post_message(thread_id, text, agent=agent)
         except APIError as exc:

@@ -88,6 +88,7 @@ class RunView:
     calls: dict[str, int] = field(default_factory=dict)  # call id -> index of its card
     outcome: Text | None = None
     cancelling: bool = False
+    reconnecting: Callable[[], bool] = lambda: False  # the event stream lost its connection
 
     @property
     def finished(self) -> bool:
@@ -177,6 +178,8 @@ class RunView:
             parts.append(_render(block, live=live))
         if not self.finished and (not self.blocks or isinstance(self.blocks[-1], ToolCard)):
             parts.append(Spinner("dots", text=Text("working…", style="dim")))
+        if self.reconnecting() and not self.finished:
+            parts.append(Spinner("dots", text=Text("Connection lost, reconnecting…", style="red")))
         if self.cancelling and not self.finished:
             parts.append(Text("Cancelling… (Ctrl-C again to quit)", style="yellow"))
         if self.outcome is not None and self.outcome.plain:

@@ -72,12 +72,14 @@ class EventStream(ABC):
         last_seq: Per thread, the sequence number of the last event yielded.
         snapshots: Per thread, the snapshot of the latest (re)subscription.
         reconnects: How many times the stream has reconnected.
+        reconnecting: True while the connection is lost and being re-established.
     """
 
     def __init__(self, *, open_timeout: float, reconnect_timeout: float) -> None:
         self.last_seq: dict[str, int] = {}
         self.snapshots: dict[str, Snapshot] = {}
         self.reconnects = 0
+        self.reconnecting = False
         self._open_timeout = open_timeout
         self._reconnect_timeout = reconnect_timeout
         self._pending: deque[Message] = deque()
@@ -134,7 +136,11 @@ class EventStream(ABC):
                 self._pending.extend(await self._receive())
             except _Dropped as exc:
                 logger.info("Event stream dropped (%s); resuming", _describe(exc))
-                await self._resume()
+                self.reconnecting = True
+                try:
+                    await self._resume()
+                finally:
+                    self.reconnecting = False
 
     async def _resume(self) -> None:
         """Reconnect and resubscribe after `last_seq`, with backoff, until it works or

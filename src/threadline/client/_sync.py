@@ -63,8 +63,12 @@ class _Portal:
         while items := self.call(_next(iterator)):
             yield items[0]
 
+    @property
+    def closed(self) -> bool:
+        return self._loop.is_closed()
+
     def close(self) -> None:
-        if self._loop.is_closed():
+        if self.closed:
             return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(_STOP_SECONDS)
@@ -102,6 +106,10 @@ class SyncEventStream:
     @property
     def reconnects(self) -> int:
         return self.stream.reconnects
+
+    @property
+    def reconnecting(self) -> bool:
+        return self.stream.reconnecting
 
     def __enter__(self) -> Self:
         self._portal.call(self.stream.open())
@@ -167,6 +175,8 @@ class Threadline:
         self.close()
 
     def close(self) -> None:
+        if self._portal.closed:
+            return
         try:
             self._portal.call(self.aio.aclose())
         finally:
