@@ -138,16 +138,17 @@ def test_sync_stream_resumes_after_cut(server: ServerProcess) -> None:
         loop.close()
 
 
-async def test_stream_resumes_across_a_server_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_stream_resumes_across_a_server_restart(tmp_path: Path, transport: Transport) -> None:
     """The server stops mid-run (its run goes back to the queue) and starts again on the same
-    port: the WebSocket stream reconnects, resumes, and sees the retried run to its end."""
+    port: the stream reconnects, resumes, and sees the retried run to its end."""
     server = RestartableServer(tmp_path, demo_delay_seconds=DELAY, shutdown_grace_seconds=0)
     await asyncio.to_thread(server.start)
     try:
         async with asyncio.timeout(120), new_user(server.base_url) as client:
             thread = await client.create_thread()
             received: list[Event] = []
-            async with client.events(thread.id) as stream:
+            async with client.events(thread.id, transport=transport) as stream:
                 start = stream.last_seq[thread.id]
                 posted = await client.post_message(thread.id, LONG_QUESTION, agent="demo")
                 async for event in stream:
