@@ -40,6 +40,10 @@ class _Quit(Exception):
     """The user left the chat."""
 
 
+class _Stop(Exception):
+    """The chat cannot go on (the reason is on screen): exit with status 1."""
+
+
 def run_chat(
     url: str,
     *,
@@ -63,6 +67,8 @@ def run_chat(
     except (KeyboardInterrupt, EOFError, _Quit):
         console.print("\nBye.")
         return 0
+    except _Stop:
+        return 1
     except APIConnectionError as exc:
         console.print(Text.assemble(("Lost the server: ", "red"), safe(str(exc))))
         return 1
@@ -78,7 +84,7 @@ def _connect(console: Console, client: Threadline, url: str) -> None:
     except APIConnectionError as exc:
         console.print(Text.assemble((f"Cannot reach Threadline at {url}: ", "red"), safe(str(exc))))
         console.print("Start one with [bold]threadline serve[/bold], or pass its URL.")
-        raise _Quit from exc
+        raise _Stop from exc
 
 
 def _sign_in(
@@ -110,7 +116,8 @@ def _sign_in(
                 password = Prompt.ask("Password", password=True, console=console)
             else:
                 raise
-    raise _Quit
+    console.print("[red]Could not sign in.[/red]")
+    raise _Stop
 
 
 def _register(console: Console, client: Threadline, email: str, password: str) -> bool:
@@ -130,11 +137,12 @@ def _pick_agent(console: Console, client: Threadline, wanted: str | None) -> str
     agents = client.agents()
     names = [a.name for a in agents]
     if wanted is not None and wanted not in names:
-        console.print(f"[red]No agent {wanted!r} on this server[/red] (it has: {', '.join(names)})")
-        raise _Quit
+        offered = ", ".join(names)
+        console.print(Text(f"No agent {wanted!r} on this server (it has: {offered})", style="red"))
+        raise _Stop
     if not names:
         console.print("[red]This server has no agents.[/red]")
-        raise _Quit
+        raise _Stop
     name = wanted or (names[0] if len(names) == 1 else _choose_agent(console, names))
     chosen = next(a for a in agents if a.name == name)
     tools = ", ".join(t.name for t in chosen.tools) or "no tools"
