@@ -15,7 +15,7 @@ import pyte
 import pytest
 
 from tests.e2e.client_support import PASSWORD, new_email
-from tests.e2e.sockets_support import ServerProcess, server_factory
+from tests.e2e.sockets_support import ServerProcess, free_port, server_factory
 
 pytestmark = pytest.mark.e2e
 COLUMNS, LINES = 110, 60
@@ -136,3 +136,23 @@ def test_one_exchange_with_the_demo_agent(server: ServerProcess) -> None:
         assert again.exit_code() == 0
     finally:
         again.kill()
+
+
+def test_what_stops_the_chat_is_said_plainly(server: ServerProcess) -> None:
+    nowhere = Terminal(f"http://127.0.0.1:{free_port()}")
+    try:
+        nowhere.wait_for(r"Cannot reach Threadline at http://127\.0\.0\.1:\d+")
+        nowhere.wait_for(r"Start one with threadline serve")
+        assert nowhere.exit_code() == 1
+    finally:
+        nowhere.kill()
+
+    email = new_email("chat-stop")
+    unknown = Terminal(server.base_url, "--email", email, "--password", PASSWORD, "--agent", "x")
+    try:
+        unknown.wait_for(r"Create it\?")
+        unknown.send("y")
+        unknown.wait_for(r"No agent 'x' on this server \(it has: demo\)")
+        assert unknown.exit_code() == 1
+    finally:
+        unknown.kill()
