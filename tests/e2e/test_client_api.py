@@ -218,3 +218,31 @@ def test_sync_client(server: ServerProcess) -> None:
         assert (missing.value.status, missing.value.code) == (404, "run_not_found")
         client.delete_thread(thread.id)
         assert client.list_threads().data == []
+
+
+async def test_one_socket_follows_several_threads(server: ServerProcess) -> None:
+    async with asyncio.timeout(60), new_user(server.base_url) as client:
+        first, second = await client.create_thread(), await client.create_thread()
+        async with client.socket(first.id) as live:
+            snapshot = await live.subscribe(second.id)
+            assert snapshot.thread_id == second.id and snapshot.active_run is None
+            asked = [
+                await client.post_message(thread.id, "what is 1+1?", agent="demo")
+                for thread in (first, second)
+            ]
+            finished: set[str] = set()
+            async for event in live:
+                if event.terminal:
+                    finished.add(event.thread_id)
+                if finished == {first.id, second.id}:
+                    break
+            assert set(live.last_seq) == {first.id, second.id}
+            assert all(posted.run is not None for posted in asked)
+
+            await live.unsubscribe(first.id)
+            await client.post_message(first.id, "quiet, please")
+            await client.post_message(second.id, "still listening")
+            event = await anext(live)
+            while event.type != EventType.MESSAGE_CREATED:
+                event = await anext(live)
+            assert (event.thread_id, event.data["content"]) == (second.id, "still listening")

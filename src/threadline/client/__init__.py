@@ -26,8 +26,10 @@ from threadline.api.schemas import (
 from threadline.client._async import UNSET, AsyncThreadline
 from threadline.client._errors import APIConnectionError, APIError
 from threadline.client._models import TERMINAL_EVENTS, ActiveRun, Event, RunResult, Snapshot
-from threadline.client._streams import EventStream, SSEEvents, WebSocketEvents
+from threadline.client._sse import SSEEvents
+from threadline.client._streams import EventStream
 from threadline.client._sync import SyncEventStream, Threadline
+from threadline.client._websocket import WebSocketEvents
 from threadline.events.types import EventType
 from threadline.statuses import MessageRole, MultitaskStrategy, RunStatus, ThreadStatus
 

@@ -23,7 +23,9 @@ from threadline.api.schemas import (
 )
 from threadline.client._errors import APIConnectionError, APIError
 from threadline.client._models import Event, RunResult
-from threadline.client._streams import EventStream, SSEEvents, WebSocketEvents
+from threadline.client._sse import SSEEvents
+from threadline.client._streams import EventStream
+from threadline.client._websocket import WebSocketEvents
 from threadline.statuses import MultitaskStrategy, ThreadStatus
 
 M = TypeVar("M", bound=BaseModel)

@@ -24,18 +24,14 @@ Giving up: reconnecting stops after `reconnect_timeout` seconds without a workin
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Self
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.typing import Subprotocol
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from threadline.client._errors import APIConnectionError, APIError
 from threadline.client._models import Event, Snapshot
@@ -44,21 +40,15 @@ from threadline.events.types import EventType
 logger = logging.getLogger(__name__)
 
 Message = dict[str, object]
-# Close codes that resuming cannot repair: the token was refused (4001), or revoked by a
-# logout while the socket was open (4003). Every other close is resumed.
-_CLOSE_UNAUTHENTICATED = 4001
-_CLOSE_SESSION_ENDED = 4003
-_FINAL_CLOSE_CODES = {
-    _CLOSE_UNAUTHENTICATED: "not_authenticated",
-    _CLOSE_SESSION_ENDED: "token_revoked",
-}
-_SSE_READ_TIMEOUT = 45.0
-_PING_SECONDS = 15.0
 _FIRST_BACKOFF, _MAX_BACKOFF = 0.1, 2.0
 
 
-class _Dropped(Exception):
+class Dropped(Exception):
     """The connection ended in a way that resuming repairs."""
+
+
+# What a failed attempt to (re)connect may raise, besides `APIError`: worth another try.
+RETRYABLE = (Dropped, OSError, TimeoutError, httpx.TransportError, InvalidHandshake)
 
 
 class EventStream(ABC):
@@ -110,9 +100,9 @@ class EventStream(ABC):
         except APIError:
             await self._disconnect()
             raise
-        except (_Dropped, OSError, TimeoutError, httpx.TransportError, InvalidHandshake) as exc:
+        except RETRYABLE as exc:
             await self._disconnect()
-            raise APIConnectionError(f"Cannot open the event stream: {_describe(exc)}") from exc
+            raise APIConnectionError(f"Cannot open the event stream: {describe(exc)}") from exc
         self._connected = True
 
     async def aclose(self) -> None:
@@ -134,13 +124,16 @@ class EventStream(ABC):
                 raise StopAsyncIteration
             try:
                 self._pending.extend(await self._receive())
-            except _Dropped as exc:
-                logger.info("Event stream dropped (%s); resuming", _describe(exc))
-                self.reconnecting = True
-                try:
-                    await self._resume()
-                finally:
-                    self.reconnecting = False
+            except Dropped as exc:
+                await self._recover(exc)
+
+    async def _recover(self, dropped: Dropped) -> None:
+        logger.info("Event stream dropped (%s); resuming", describe(dropped))
+        self.reconnecting = True
+        try:
+            await self._resume()
+        finally:
+            self.reconnecting = False
 
     async def _resume(self) -> None:
         """Reconnect and resubscribe after `last_seq`, with backoff, until it works or
@@ -161,13 +154,13 @@ class EventStream(ABC):
                 if exc.status < 500 and exc.status != 429:
                     raise
                 failure: BaseException = exc
-            except (_Dropped, OSError, TimeoutError, httpx.TransportError, InvalidHandshake) as exc:
+            except RETRYABLE as exc:
                 await self._disconnect()
                 failure = exc
             if loop.time() + delay >= deadline:
                 raise APIConnectionError(
                     f"Lost the event stream and could not resume within "
-                    f"{self._reconnect_timeout:g} s: {_describe(failure)}"
+                    f"{self._reconnect_timeout:g} s: {describe(failure)}"
                 ) from failure
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_BACKOFF)
@@ -179,10 +172,12 @@ class EventStream(ABC):
             self._apply_snapshot(Snapshot.model_validate(message))
             return None
         if kind == "error":
-            raise _error_of(message)
+            raise error_of(message)
         if "seq" not in message:
             return None  # pong, unsubscribed, ...
         event = Event.model_validate(message)
+        if event.thread_id not in self._threads:
+            return None  # unsubscribed (or deleted) meanwhile
         if event.seq <= self.last_seq.get(event.thread_id, -1):
             return None
         self.last_seq[event.thread_id] = event.seq
@@ -201,225 +196,14 @@ class EventStream(ABC):
 
     @abstractmethod
     async def _receive(self) -> list[Message]:
-        """The next message(s) from the server; `_Dropped` if the connection ended."""
+        """The next message(s) from the server; `Dropped` if the connection ended."""
 
     @abstractmethod
     async def _disconnect(self) -> None:
         """Close the connection, if open; never raises."""
 
 
-class WebSocketEvents(EventStream):
-    """Events of any number of threads over one WebSocket (`client.socket()`)."""
-
-    def __init__(
-        self,
-        url: str,
-        token: str,
-        *,
-        threads: tuple[str, ...] = (),
-        after_seq: int | None = None,
-        open_timeout: float,
-        reconnect_timeout: float,
-    ) -> None:
-        super().__init__(open_timeout=open_timeout, reconnect_timeout=reconnect_timeout)
-        self._url = url
-        self._token = token
-        self._ws: ClientConnection | None = None
-        for thread_id in threads:
-            self._threads.add(thread_id)
-            if after_seq is not None:
-                self.last_seq[thread_id] = after_seq
-        self._subscribed_any = bool(threads)
-
-    async def subscribe(self, thread_id: str, *, after_seq: int | None = None) -> Snapshot:
-        """Add a thread (events after `after_seq`, or from now on). Raises `APIError`
-        (`thread_not_found`) for a thread that is not the user's."""
-        if after_seq is not None:
-            self.last_seq[thread_id] = after_seq
-        if not self._connected:
-            self._threads.add(thread_id)
-            self._subscribed_any = True
-            await self.open()
-            return self.snapshots[thread_id]
-        snapshot = await self._subscribe(thread_id)
-        self._threads.add(thread_id)
-        self._subscribed_any = True
-        return snapshot
-
-    async def unsubscribe(self, thread_id: str) -> None:
-        self._threads.discard(thread_id)
-        if self._ws is not None:
-            await self._send({"type": "unsubscribe", "thread_id": thread_id})
-
-    async def _connect(self) -> None:
-        self._ws = await connect(
-            self._url,
-            subprotocols=[Subprotocol("threadline"), Subprotocol(f"bearer.{self._token}")],
-            open_timeout=self._open_timeout,
-            close_timeout=self._open_timeout,
-            ping_interval=_PING_SECONDS,
-            ping_timeout=_PING_SECONDS,
-            compression=None,
-        )
-        async with asyncio.timeout(self._open_timeout):
-            welcome = await self._receive()
-        if welcome and welcome[0].get("type") == "error":
-            raise _error_of(welcome[0], status=401)
-        for thread_id in sorted(self._threads):
-            await self._subscribe(thread_id)
-
-    async def _subscribe(self, thread_id: str) -> Snapshot:
-        request: Message = {"type": "subscribe", "thread_id": thread_id}
-        if thread_id in self.last_seq:
-            request["after_seq"] = self.last_seq[thread_id]
-        await self._send(request)
-        # Everything before the snapshot (other threads' events) stays queued, in order.
-        snapshot: Snapshot | None = None
-        async with asyncio.timeout(self._open_timeout):
-            while snapshot is None:
-                for message in await self._receive():  # the whole frame: the replay follows
-                    if message.get("type") == "error" and snapshot is None:
-                        raise _error_of(message)
-                    self._pending.append(message)
-                    if message.get("type") == "snapshot" and message["thread_id"] == thread_id:
-                        snapshot = Snapshot.model_validate(message)
-                        self._apply_snapshot(snapshot)
-        return snapshot
-
-    async def _send(self, message: Message) -> None:
-        if self._ws is None:
-            raise _Dropped("not connected")
-        try:
-            async with asyncio.timeout(self._open_timeout):
-                await self._ws.send(json.dumps(message))
-        except ConnectionClosed as exc:
-            raise _Dropped(str(exc)) from exc
-
-    async def _receive(self) -> list[Message]:
-        if self._ws is None:
-            raise _Dropped("not connected")
-        try:
-            raw = await self._ws.recv()
-        except ConnectionClosed as exc:
-            if exc.rcvd is not None and exc.rcvd.code in _FINAL_CLOSE_CODES:
-                raise _final_close(exc.rcvd.code, exc.rcvd.reason) from exc
-            raise _Dropped(str(exc)) from exc
-        frame = json.loads(raw)
-        if not isinstance(frame, dict):
-            return []
-        if frame.get("type") == "batch" and isinstance(frame.get("events"), list):
-            return [m for m in frame["events"] if isinstance(m, dict)]
-        return [frame]
-
-    async def _disconnect(self) -> None:
-        ws, self._ws = self._ws, None
-        self._connected = False
-        if ws is not None:
-            try:
-                async with asyncio.timeout(self._open_timeout):
-                    await ws.close()
-            except (TimeoutError, OSError, ConnectionClosed):
-                pass
-
-
-class SSEEvents(EventStream):
-    """Events of one thread over `GET /v1/threads/{thread_id}/events` (Server-Sent Events),
-    resumed with `Last-Event-ID`."""
-
-    def __init__(
-        self,
-        http: httpx.AsyncClient,
-        thread_id: str,
-        *,
-        headers: dict[str, str],
-        after_seq: int | None = None,
-        open_timeout: float,
-        reconnect_timeout: float,
-    ) -> None:
-        super().__init__(open_timeout=open_timeout, reconnect_timeout=reconnect_timeout)
-        self._http = http
-        self._thread_id = thread_id
-        self._headers = headers
-        self._threads.add(thread_id)
-        self._subscribed_any = True
-        if after_seq is not None:
-            self.last_seq[thread_id] = after_seq
-        self._response: httpx.Response | None = None
-        self._lines: AsyncIterator[str] | None = None
-
-    async def _connect(self) -> None:
-        headers = dict(self._headers)
-        if self._thread_id in self.last_seq:
-            headers["Last-Event-ID"] = str(self.last_seq[self._thread_id])
-        request = self._http.build_request(
-            "GET",
-            f"/v1/threads/{self._thread_id}/events",
-            headers=headers,
-            timeout=httpx.Timeout(self._open_timeout, read=_SSE_READ_TIMEOUT),
-        )
-        response = await self._http.send(request, stream=True)
-        self._response = response
-        if response.status_code != 200:
-            await response.aread()
-            raise APIError.from_response(response)
-        self._lines = response.aiter_lines()
-        async with asyncio.timeout(self._open_timeout):
-            while True:
-                messages = await self._receive()
-                self._pending.extend(messages)
-                snapshot = next((m for m in messages if m.get("type") == "snapshot"), None)
-                if snapshot is not None:
-                    self._apply_snapshot(Snapshot.model_validate(snapshot))
-                    return
-
-    async def _receive(self) -> list[Message]:
-        if self._lines is None:
-            raise _Dropped("not connected")
-        kind, data = "message", []
-        try:
-            async for line in self._lines:
-                if line.startswith(":"):
-                    continue  # `: connected`, `: keep-alive`
-                if line:
-                    name, _, value = line.partition(":")
-                    value = value.removeprefix(" ")
-                    if name == "event":
-                        kind = value
-                    elif name == "data":
-                        data.append(value)
-                    continue
-                if kind == "resume":
-                    raise _Dropped("the server asked to resume (slow reader)")
-                if data:
-                    message = json.loads("\n".join(data))
-                    return [message] if isinstance(message, dict) else []
-                kind = "message"
-        except httpx.TransportError as exc:  # ReadTimeout included
-            raise _Dropped(_describe(exc)) from exc
-        raise _Dropped("the server ended the stream")
-
-    async def _disconnect(self) -> None:
-        response, self._response, self._lines = self._response, None, None
-        self._connected = False
-        if response is not None:
-            try:
-                async with asyncio.timeout(self._open_timeout):
-                    await response.aclose()
-            except (TimeoutError, httpx.TransportError):
-                pass
-
-
-def _final_close(code: int, reason: str) -> APIError:
-    # A 4001 close gives the error code as its reason ("token_expired"); 4003 a sentence.
-    error_code = _FINAL_CLOSE_CODES[code]
-    if code == _CLOSE_UNAUTHENTICATED and reason:
-        error_code = reason
-    return APIError(
-        f"The server closed the socket: {reason or error_code}", code=error_code, status=401
-    )
-
-
-def _error_of(message: Message, *, status: int | None = None) -> APIError:
+def error_of(message: Message, *, status: int | None = None) -> APIError:
     retry_after = message.get("retry_after")
     given_status = message.get("status")
     return APIError(
@@ -430,7 +214,7 @@ def _error_of(message: Message, *, status: int | None = None) -> APIError:
     )
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     if isinstance(exc, InvalidStatus):
         return f"HTTP {exc.response.status_code}"
     return str(exc) or type(exc).__name__

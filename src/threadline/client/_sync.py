@@ -34,7 +34,8 @@ from threadline.client._async import (
     _Unset,
 )
 from threadline.client._models import Event, RunResult, Snapshot
-from threadline.client._streams import EventStream, WebSocketEvents
+from threadline.client._streams import EventStream
+from threadline.client._websocket import WebSocketEvents
 from threadline.statuses import MultitaskStrategy, ThreadStatus
 
 T = TypeVar("T")
