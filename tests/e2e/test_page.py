@@ -23,6 +23,7 @@ from tests.e2e.page_support import (
     api_token,
     current_thread_id,
     message_box,
+    require_axe,
     require_chromium,
     screenshot,
     send,
@@ -176,6 +177,23 @@ def test_second_page_watches_the_same_run_live(browsing: Browsing) -> None:
         )
         expect(page.locator(".row-assistant .markdown")).to_have_text(["6*7 = 42."])
         expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+
+
+def test_message_sent_during_a_run_waits_its_turn(browsing: Browsing) -> None:
+    page = browsing.page()
+    sign_up(page, unique_email("hedy"))
+    send(page, "what is 6*6?", agent="slow")
+    expect(tool_card(page)).to_have_attribute("aria-label", "Tool call calculator: Running")
+    send(page, "what is 7*7?")  # enqueued behind the running run (the default strategy)
+    expect(page.locator(".row-assistant .markdown")).to_have_text(["6*6 = 36.", "7*7 = 49."])
+    rows = [".bubble.user", ".tool-card", ".row-assistant .markdown"]
+    order = page.locator(", ".join(rows)).all_inner_texts()
+    expected = ["what is 6*6?", "36", "6*6 = 36.", "what is 7*7?", "49", "7*7 = 49."]
+    assert len(order) == len(expected), order
+    assert all(want in text for want, text in zip(expected, order, strict=True)), order
+    page.reload()
+    expect(page.locator(".row-assistant .markdown")).to_have_text(["6*6 = 36.", "7*7 = 49."])
+    assert page.locator(", ".join(rows)).all_inner_texts() == order
 
 
 def test_reconnects_and_resumes_without_duplicates(
@@ -413,12 +431,11 @@ def test_inline_script_is_refused_by_the_policy(browsing: Browsing) -> None:
     page.evaluate("window.__cspViolations = []")  # expected: not a failure of this test
 
 
-def test_accessibility_of_sign_in_and_conversation(browsing: Browsing) -> None:
-    from tests.e2e.page_support import require_axe
-
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_accessibility_of_sign_in_and_conversation(browsing: Browsing, scheme: str) -> None:
     axe: Path = require_axe()
     # axe is injected as a script tag, which the page's own policy would (rightly) refuse.
-    page = browsing.page(browsing.context(bypass_csp=True))
+    page = browsing.page(browsing.context(bypass_csp=True, color_scheme=scheme))
 
     def serious_violations() -> list[str]:
         page.add_script_tag(path=str(axe))

@@ -142,6 +142,12 @@ function applyEvent(state, event) {
       }
       return next;
     }
+    case 'message_moved': {
+      // A message queued behind a run moves after that run's output when its own run starts.
+      const moved = state.messages.find((m) => m.id === data.message_id);
+      if (!moved) return state;
+      return { ...state, messages: [...state.messages.filter((m) => m !== moved), moved] };
+    }
     case 'tool_completed':
       return {
         ...state,
