@@ -343,8 +343,7 @@ def test_archive_and_another_user_sees_none_of_it(browsing: Browsing) -> None:
             )
         ).to_be_visible()
         expect(intruder.locator(".thread-item")).to_have_count(0)
-    intruder.goto(f"/#/t/{thread_id}")
-    intruder.reload()
+    intruder.goto(f"/#/t/{thread_id}")  # the thread's address, as the owner's page shows it
     expect(intruder.get_by_text("does not exist, or it is not yours")).to_be_visible()
     expect(intruder.locator(".messages .row")).to_have_count(0)
     expect(intruder.get_by_role("heading", name=QUESTION)).to_have_count(0)
