@@ -18,6 +18,7 @@ from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwrig
 
 from tests.e2e.page_support import (
     CHROMIUM_ARGS,
+    PASSWORD,
     Browsing,
     PageServer,
     api_token,
@@ -155,23 +156,32 @@ def test_first_conversation_live_then_after_reload(
     )
 
 
-def test_second_page_watches_the_same_run_live(browsing: Browsing) -> None:
+def test_second_tab_and_device_watch_the_same_run_live(browsing: Browsing) -> None:
     context = browsing.context(color_scheme="dark")
     first = browsing.page(context)
-    sign_up(first, unique_email("grace"))
+    email = unique_email("grace")
+    sign_up(first, email)
+    device = browsing.page(browsing.context())  # another browser: its own storage, signs in
+    device.goto("/")
+    device.get_by_label("Email").fill(email)
+    device.get_by_label("Password").fill(PASSWORD)
+    device.get_by_role("button", name="Sign in").click()
+    expect(message_box(device)).to_be_visible()
+
     send(first, "what is 6*7?", agent="slow")
     expect(tool_card(first)).to_have_attribute("aria-label", "Tool call calculator: Running")
     thread_id = current_thread_id(first)
-
-    # A second tab of the same browser profile opens the thread while the tool is running: the
-    # snapshot on subscribe tells it a run is active, and it follows the rest live.
-    second = browsing.page(context)
-    second.goto(f"/#/t/{thread_id}")
-    for page in (first, second):
+    # A second tab of the same browser and the other device open the thread while the tool
+    # runs: the snapshot on subscribe tells them a run is active; they follow the rest live.
+    tab = browsing.page(context)
+    for page in (tab, device):
+        page.goto(f"/#/t/{thread_id}")
+    pages = (first, tab, device)
+    for page in pages:
         expect(tool_card(page)).to_have_attribute("aria-label", "Tool call calculator: Running")
         expect(page.get_by_role("button", name="Cancel")).to_be_visible()
-    screenshot(second, "03-second-tab-live")
-    for page in (first, second):
+    screenshot(tab, "03-second-tab-live")
+    for page in pages:
         expect(tool_card(page)).to_have_attribute(
             "aria-label", "Tool call calculator: Done", timeout=30_000
         )
@@ -245,6 +255,11 @@ def test_cancel_a_slow_run_and_see_failed_runs(browsing: Browsing) -> None:
     expect(outcome).to_be_visible()
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
     expect(tool_card(page)).not_to_have_attribute("aria-label", "Tool call calculator: Running")
+
+    send(page, "what is 3*3?", agent="crasher")  # a tool error goes back to the model
+    errored = tool_card(page).filter(has_text="3*3")
+    expect(errored).to_have_attribute("aria-label", "Tool call calculator: Error")
+    expect(errored.locator(".tool-result")).to_contain_text("calculator exploded on 3*3")
 
     send(page, "what is 4*4?", agent="one-step")
     failed = page.get_by_role("note").filter(has_text="Run failed")

@@ -153,7 +153,12 @@ function applyEvent(state, event) {
         ...state,
         toolResults: {
           ...state.toolResults,
-          [data.call_id]: { result: data.result, isError: Boolean(data.is_error), durationMs: data.duration_ms },
+          [data.call_id]: {
+            // An error's text is in `error`, a result's in `result`.
+            result: data.is_error ? data.error : data.result,
+            isError: Boolean(data.is_error),
+            durationMs: data.duration_ms,
+          },
         },
       };
     case 'agent_completed':
