@@ -126,6 +126,10 @@ export function Conversation(props) {
     };
   }, [threadId]);
 
+  useEffect(() => {
+    document.title = thread && thread.title ? `${thread.title} · Threadline` : 'Threadline';
+  }, [thread && thread.title]);
+
   const items = timeline(state);
   const stick = useStickToBottom(scroller, [items.length, state.active && state.active.text, state.active && state.active.thinking]);
 

@@ -36,13 +36,15 @@ function groups(threads) {
 
 export function Sidebar({ list, selectedId, onSelect, onNew, onSearch, onFilter, onMore, email, onSignOut }) {
   const sentinel = useRef(null);
+  // Observing again after every page reports the sentinel at once if it is still in view (a
+  // tall window), so pages keep coming until the list fills the screen or ends.
   useEffect(() => {
     const observer = new IntersectionObserver((entries) => {
       if (entries.some((entry) => entry.isIntersecting)) onMore();
     });
     observer.observe(sentinel.current);
     return () => observer.disconnect();
-  }, [onMore]);
+  }, [onMore, list.items.length]);
 
   return html`<nav class="sidebar" aria-label="Conversations">
     <div class="sidebar-head">
