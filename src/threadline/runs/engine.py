@@ -35,6 +35,7 @@ from threadline.agents.loop import AgentOutcome, run_agent
 from threadline.agents.registry import AgentRegistry
 from threadline.context import UserContext
 from threadline.errors import ThreadlineError
+from threadline.events import payloads
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.llm.providers import ProviderSet
@@ -183,7 +184,12 @@ class UserRunEngine:
                 "steps": outcome.steps,
                 "tool_calls": sink.tool_calls,
             }
-            data = {k: result[k] for k in ("message_id", "text", "usage")}
+            data = payloads.agent_completed(
+                message_id=last.id if last else None,
+                text=outcome.final_text,
+                input_tokens=outcome.usage.input_tokens,
+                output_tokens=outcome.usage.output_tokens,
+            )
             return _Outcome(RunStatus.COMPLETED, EventType.AGENT_COMPLETED, data, result=result)
         except TimeoutError:
             seconds = engine.config.run_timeout_seconds
@@ -193,7 +199,7 @@ class UserRunEngine:
             if reason in (None, CancelReason.SHUTDOWN):
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            cancelled: JSONObject = {"reason": reason.value}
+            cancelled = payloads.run_cancelled(reason.value)
             return _Outcome(
                 RunStatus.CANCELLED, EventType.RUN_CANCELLED, cancelled, error=cancelled
             )
@@ -208,7 +214,7 @@ class UserRunEngine:
 
     async def _run_agent(self, run: Run, ctx: UserContext, sink: RunEventSink) -> AgentOutcome:
         engine = self._engine
-        await sink.emit(EventType.AGENT_STARTED, {"agent": run.agent, "attempt": run.attempt})
+        await sink.emit(EventType.AGENT_STARTED, payloads.agent_started(run.agent, run.attempt))
         agent = engine.registry.build(run.agent)
         provider, model = engine.providers.resolve(agent.model)
         input_position = await self._place_input_message(run, ctx)
@@ -256,7 +262,7 @@ class UserRunEngine:
                     ctx,
                     run.thread_id,
                     EventType.MESSAGE_MOVED,
-                    {"message_id": message_id, "position": position},
+                    payloads.message_moved(message_id, position),
                     run_id=run.id,
                 )
         return position
@@ -307,5 +313,5 @@ class UserRunEngine:
 
 
 def _failure(status: RunStatus, code: str, message: str) -> _Outcome:
-    error: JSONObject = {"code": code, "message": message}
+    error = payloads.agent_failed(code, message)
     return _Outcome(status, EventType.AGENT_FAILED, error, error=error)

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from threadline.agents.registry import AgentRegistry
 from threadline.context import UserContext
 from threadline.errors import ConflictError, NotFoundError, RateLimitedError
+from threadline.events import payloads
 from threadline.events.bus import EventBus
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
@@ -44,19 +45,6 @@ class RunRequest:
 class Posted:
     message: Message | None
     run: Run | None
-
-
-def message_event_data(message: Message) -> dict[str, object]:
-    return {
-        "message_id": message.id,
-        "role": message.role.value,
-        "content": message.content,
-        "position": message.position,
-    }
-
-
-def run_event_data(run: Run) -> dict[str, object]:
-    return {"run_id": run.id, "agent": run.agent, "status": run.status.value}
 
 
 class RunService:
@@ -111,9 +99,8 @@ class RunService:
             stored = None
             if message is not None:
                 stored = await self._messages.append(conn, ctx, thread_id, message)
-                await self._publisher.emit(
-                    conn, ctx, thread_id, EventType.MESSAGE_CREATED, message_event_data(stored)
-                )
+                data = payloads.message_created(stored)
+                await self._publisher.emit(conn, ctx, thread_id, EventType.MESSAGE_CREATED, data)
             created = None
             if run is not None:
                 created, to_cancel = await self._queue(conn, ctx, thread_id, run, stored)
@@ -162,7 +149,7 @@ class RunService:
             max_attempts=self._max_attempts,
         )
         await self._publisher.emit(
-            conn, ctx, thread_id, EventType.RUN_QUEUED, run_event_data(run), run_id=run.id
+            conn, ctx, thread_id, EventType.RUN_QUEUED, payloads.run_queued(run), run_id=run.id
         )
         return run, to_cancel
 
@@ -183,7 +170,7 @@ class RunService:
                 ctx,
                 run.thread_id,
                 EventType.RUN_CANCELLED,
-                {"reason": reason.value},
+                payloads.run_cancelled(reason.value),
                 run_id=run.id,
             )
         return applied

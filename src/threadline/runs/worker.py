@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 
 from threadline.context import UserContext
+from threadline.events import payloads
 from threadline.events.bus import EventBus, Unsubscribe
 from threadline.events.types import EventType
 from threadline.runs.conversation import close_unanswered_tool_calls
@@ -184,10 +185,9 @@ class Worker:
                     if await engine.runs.requeue_expired(conn, run):
                         handled += 1
                     continue
-                error: dict[str, object] = {
-                    "code": "worker_lost",
-                    "message": f"The worker stopped responding {run.attempt} times",
-                }
+                error = payloads.agent_failed(
+                    "worker_lost", f"The worker stopped responding {run.attempt} times"
+                )
                 await close_unanswered_tool_calls(conn, engine.messages, ctx, run=run)
                 if await engine.runs.finish(
                     conn, run.id, status=RunStatus.FAILED, worker_id=run.lease_owner, error=error
