@@ -39,6 +39,8 @@ class MultitaskStrategy(StrEnum):
 class RunRequest:
     agent: str
     multitask_strategy: MultitaskStrategy = MultitaskStrategy.ENQUEUE
+    answers: str | None = None
+    """A stored user message the run answers when it posts none (a regenerated answer)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +147,7 @@ class RunService:
             ctx,
             thread_id,
             agent=request.agent,
-            input={"message_id": message.id if message else None},
+            input={"message_id": message.id if message else request.answers},
             max_attempts=self._max_attempts,
         )
         await self._publisher.emit(

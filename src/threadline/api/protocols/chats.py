@@ -94,14 +94,14 @@ async def start_run(
     """Store the user messages the thread does not have yet, then queue a run of `agent`
     that answers the last of them (or the thread as it stands, when none is new)."""
     services.registry.get(agent)  # an unknown agent fails before anything is written
-    fresh = await _new_messages(services, ctx, thread.id, messages)
+    fresh, last_user = await _new_messages(services, ctx, thread.id, messages)
     for message in fresh[:-1]:
         await services.run_service.post(ctx, thread.id, message=message, run=None)
     posted = await services.run_service.post(
         ctx,
         thread.id,
         message=fresh[-1] if fresh else None,
-        run=RunRequest(agent=agent, multitask_strategy=strategy),
+        run=RunRequest(agent=agent, multitask_strategy=strategy, answers=last_user),
     )
     if posted.run is None:  # pragma: no cover - a run was requested
         raise RuntimeError("run not created")
@@ -110,9 +110,11 @@ async def start_run(
 
 async def _new_messages(
     services: Runtime, ctx: UserContext, thread_id: str, messages: list[ClientMessage]
-) -> list[NewMessage]:
+) -> tuple[list[NewMessage], str | None]:
+    """The messages to store, and the id of the thread's last stored user message."""
     async with read_transaction(services.engine) as conn:
         stored = await services.messages.recent(conn, ctx, thread_id, window=_KNOWN_WINDOW)
+    users = [m.id for m in stored if m.role is MessageRole.USER]
     known = {m.id for m in stored} | {
         str(m.metadata[MESSAGE_KEY]) for m in stored if MESSAGE_KEY in m.metadata
     }
@@ -125,7 +127,7 @@ async def _new_messages(
             metadata[MESSAGE_KEY] = check_client_id(message.id, field="messages.id")
             known.add(message.id)
         fresh.append(NewMessage(role=MessageRole.USER, content=message.content, metadata=metadata))
-    return fresh
+    return fresh, users[-1] if users else None
 
 
 async def active_run(services: Runtime, ctx: UserContext, thread_id: str) -> Run | None:
