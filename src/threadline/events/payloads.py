@@ -86,14 +86,10 @@ def tool_completed(
     }
 
 
-def agent_completed(
-    *, message_id: str | None, text: str, input_tokens: int, output_tokens: int
-) -> JSONObject:
-    return {
-        "message_id": message_id,
-        "text": text,
-        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
-    }
+def agent_completed(*, message_id: str | None, text: str, usage: JSONObject) -> JSONObject:
+    """The final answer: its stored message, its text, and `usage` (`input_tokens`,
+    `output_tokens`)."""
+    return {"message_id": message_id, "text": text, "usage": usage}
 
 
 def agent_failed(code: str, message: str) -> JSONObject:
@@ -101,5 +97,6 @@ def agent_failed(code: str, message: str) -> JSONObject:
 
 
 def run_cancelled(reason: str) -> JSONObject:
-    """`reason`: `user` (a cancel request) or `interrupted` (a newer message interrupted it)."""
+    """`reason`: `user` (a cancel request), `interrupted` (a newer message interrupted it),
+    `thread_archived` or `thread_deleted`."""
     return {"reason": reason}
