@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
 from threadline.context import UserContext
 from threadline.errors import InvalidInputError, NotFoundError
 from threadline.ids import IdPrefix, is_valid_id
@@ -56,11 +58,17 @@ async def find_thread(services: Runtime, ctx: UserContext, client_id: str) -> Th
     """The user's thread that `client_id` names, or None. Another user's `thr_` id raises
     `NotFoundError`, as everywhere."""
     async with read_transaction(services.engine) as conn:
-        if is_valid_id(client_id, IdPrefix.THREAD):
-            return await services.threads.get(conn, ctx, client_id)
-        page = await services.threads.page(
-            conn, ctx, filters=ThreadFilter(metadata={THREAD_KEY: client_id}), limit=1
-        )
+        return await _lookup(services, conn, ctx, client_id)
+
+
+async def _lookup(
+    services: Runtime, conn: AsyncConnection, ctx: UserContext, client_id: str
+) -> Thread | None:
+    if is_valid_id(client_id, IdPrefix.THREAD):
+        return await services.threads.get(conn, ctx, client_id)
+    page = await services.threads.page(
+        conn, ctx, filters=ThreadFilter(metadata={THREAD_KEY: client_id}), limit=1
+    )
     return page.items[0] if page.items else None
 
 
@@ -70,6 +78,13 @@ async def open_thread(services: Runtime, ctx: UserContext, client_id: str) -> Th
     if thread is not None:
         return thread
     async with services.engine.begin() as conn:
+        # Two first requests with the same new id at once (a double submit, two tabs) must
+        # make one thread: the user's row lock serializes them (on SQLite the write lock does),
+        # and the second finds the first's thread.
+        await services.users.get(conn, ctx, for_update=True)
+        thread = await _lookup(services, conn, ctx, client_id)
+        if thread is not None:
+            return thread
         return await services.thread_service.create(
             conn, ctx, title=None, metadata={THREAD_KEY: client_id}
         )
