@@ -203,6 +203,40 @@ def test_thread_events_replay_across_runs_and_resume(server: ServerProcess) -> N
         assert ids == sorted(ids) and ids[0] > first_end
 
 
+def test_a_reloaded_http_agent_catches_up_from_its_last_seq(server: ServerProcess) -> None:
+    headers = register(server)
+    token = headers["Authorization"].removeprefix("Bearer ")
+    client_thread = f"reload-{uuid.uuid4().hex[:8]}"
+
+    def run(n: int, text: str) -> None:
+        with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as http:
+            body = agui_input(client_thread, text, message_id=f"u-{n}")
+            with http.stream("POST", "/v1/agui/demo", json=body) as response:
+                sse_events(response.iter_lines(), until="RUN_FINISHED")
+
+    run(1, "What is 12*7?")
+    run(2, "What is 5*5?")
+    fresh = node("agui_reload.mjs", server.base_url, token, client_thread)
+    convo = [(m["role"], m.get("content")) for m in fresh["messages"] if m["role"] != "reasoning"]
+    assert convo == [
+        ("user", "What is 12*7?"),
+        ("assistant", None),
+        ("tool", "84"),
+        ("assistant", "12*7 = 84."),
+        ("user", "What is 5*5?"),
+        ("assistant", None),
+        ("tool", "25"),
+        ("assistant", "5*5 = 25."),
+    ]
+    assert fresh["events"].count("RUN_STARTED") == 2
+
+    run(3, "What is 2*3?")
+    again = node("agui_reload.mjs", server.base_url, token, client_thread, str(fresh["lastSeq"]))
+    texts = [m.get("content") for m in again["messages"] if m["role"] in ("user", "assistant")]
+    assert [t for t in texts if t] == ["What is 2*3?", "2*3 = 6."]
+    assert again["lastSeq"] > fresh["lastSeq"]
+
+
 def test_a_dropped_client_loses_nothing(server: ServerProcess) -> None:
     headers = register(server)
     client_thread = f"drop-{uuid.uuid4().hex[:8]}"

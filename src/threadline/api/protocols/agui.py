@@ -87,6 +87,11 @@ class AguiTranslator:
         self.finished = False
         """True once `only_run` has ended."""
 
+    @property
+    def open_run(self) -> str | None:
+        """The run whose RUN_STARTED went out and whose end has not."""
+        return self._open_run
+
     def close(self) -> list[BaseEvent]:
         """End what is open before the stream stops early (the caller adds RUN_ERROR)."""
         self.finished = True

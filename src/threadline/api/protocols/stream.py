@@ -42,6 +42,8 @@ class Framing:
     """The closing frames after an unexpected failure (the message is safe to show)."""
     closing: str = ""
     """Sent after the last frame when `done` (the AI SDK's `[DONE]`)."""
+    caught_up: Callable[[], bool] | None = None
+    """Given: once the replay is over, the stream ends as soon as this is true."""
     keepalive_seconds: float = KEEPALIVE_SECONDS
 
 
@@ -97,6 +99,8 @@ async def _frames(
                 return
     connection = opened.subscription.connection
     while not await request.is_disconnected():
+        if framing.caught_up is not None and framing.caught_up():
+            return
         try:
             async with asyncio.timeout(framing.keepalive_seconds):
                 batch = await connection.next_batch()

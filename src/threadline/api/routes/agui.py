@@ -9,6 +9,7 @@ with a JSON error before the stream starts; a failure after it started is a RUN_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from ag_ui.core import BaseEvent, RunAgentInput, RunErrorEvent, TextPart, UserMessage
@@ -33,6 +34,7 @@ from threadline.errors import InvalidInputError
 from threadline.runs.service import MultitaskStrategy
 
 router = APIRouter(tags=["ag-ui"])
+SEQ_KEY = "threadline_seq"
 _STREAM: dict[int | str, dict[str, object]] = {200: {"content": {"text/event-stream": {}}}}
 _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorOut},
@@ -86,9 +88,12 @@ async def thread_events(
     gateway: GatewayDep,
     after: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
     last_event_id: Annotated[str | None, Header(max_length=32)] = None,
+    follow: bool = True,
 ) -> StreamingResponse:
     """The thread in AG-UI form, every run from the start (or after `Last-Event-ID` /
-    `?after=`), then live: a reloaded page or a second device catches up."""
+    `?after=`), then live: a reloaded page or a second device catches up. With
+    `follow=false` the stream ends once it has caught up and no run is open (what an
+    AG-UI client's `connectAgent` waits for)."""
     thread = await chats.require_thread(services, user, thread_id)
     after_seq = _resume_point(after, last_event_id)
     open_run = None
@@ -100,7 +105,10 @@ async def thread_events(
         services, gateway, user, thread.id, after_seq=after_seq
     )
     translator = AguiTranslator(thread_id=thread_id, include_user_messages=True, open_run=open_run)
-    return _response(services, gateway, user, opened, request, translator, follow=True)
+    caught_up = None if follow else (lambda: translator.open_run is None)
+    return _response(
+        services, gateway, user, opened, request, translator, follow=True, caught_up=caught_up
+    )
 
 
 def _response(
@@ -112,6 +120,7 @@ def _response(
     translator: AguiTranslator,
     *,
     follow: bool = False,
+    caught_up: Callable[[], bool] | None = None,
 ) -> StreamingResponse:
     encoder = EventEncoder()
 
@@ -128,6 +137,7 @@ def _response(
             "The client read too slowly; resume from Last-Event-ID", "resume"
         ),
         on_error=lambda message: failed(message, "stream_failed"),
+        caught_up=caught_up,
     )
     return StreamingResponse(
         protocol_stream(services, gateway, user, opened, request, framing),
@@ -138,6 +148,12 @@ def _response(
 
 
 def _encode(encoder: EventEncoder, events: list[BaseEvent], seq: object = None) -> str:
+    """The events' frames. The last one carries the seq twice: as the SSE `id:` (browsers and
+    `Last-Event-ID`) and as `metadata.threadline_seq` (AG-UI clients drop SSE ids, so an app
+    reads the cursor it resumes from off the events themselves)."""
+    if events and isinstance(seq, int):
+        last = events[-1]
+        events = [*events[:-1], last.model_copy(update={"metadata": {SEQ_KEY: seq}})]
     frames = [encoder.encode(event) for event in events]
     if frames and isinstance(seq, int):
         frames[-1] = f"id: {seq}\n{frames[-1]}"
