@@ -256,5 +256,23 @@ def _redacted(url: str) -> str:
     return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{location}"
 
 
+@app.command()
+def chat(
+    url: Annotated[str, typer.Argument(help="The server")] = "http://localhost:8000",
+    email: Annotated[str | None, typer.Option(help="Sign in as (asked if not given)")] = None,
+    password: Annotated[str | None, typer.Option(help="Password (asked if not given)")] = None,
+    token: Annotated[str | None, typer.Option(help="A bearer token instead of a password")] = None,
+    agent: Annotated[str | None, typer.Option(help="Agent to talk to")] = None,
+    thread: Annotated[str | None, typer.Option(help="Open this thread id")] = None,
+) -> None:
+    """Chat with an agent in the terminal, its steps shown live (Ctrl-C cancels a run)."""
+    from threadline.chat import run_chat
+
+    code = run_chat(
+        url, email=email, password=password, token=token, agent=agent, thread_id=thread
+    )
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()

@@ -34,6 +34,7 @@ from threadline.agents.loop import AgentOutcome, run_agent
 from threadline.agents.registry import AgentRegistry
 from threadline.context import UserContext
 from threadline.errors import ThreadlineError
+from threadline.events import payloads
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.llm.providers import ProviderSet
@@ -197,7 +198,7 @@ class ExecutionEngine:
             self._metrics.tool_calls.inc(sink.tool_calls)
 
     async def _run_agent(self, run: Run, ctx: UserContext, sink: RunEventSink) -> AgentOutcome:
-        await sink.emit(EventType.AGENT_STARTED, {"agent": run.agent, "attempt": run.attempt})
+        await sink.emit(EventType.AGENT_STARTED, payloads.agent_started(run.agent, run.attempt))
         agent = self.registry.build(run.agent)
         provider, model = self.providers.resolve(agent.model)
         input_position = await self._place_input_message(run, ctx)
@@ -245,7 +246,7 @@ class ExecutionEngine:
                     ctx,
                     run.thread_id,
                     EventType.MESSAGE_MOVED,
-                    {"message_id": message_id, "position": position},
+                    payloads.message_moved(message_id, position),
                     run_id=run.id,
                 )
         return position
