@@ -121,7 +121,9 @@ async def delete_thread(
     permanent: bool = False,
 ) -> Response:
     """Archive the thread (restorable with `PATCH {"status": "active"}`), or with
-    `?permanent=true` remove it and everything it owns."""
+    `?permanent=true` remove it and everything it owns. Either way its queued and running runs
+    are cancelled, each with a `run_cancelled` event (reason `thread_archived` or
+    `thread_deleted`)."""
     if permanent:
         await services.thread_service.delete(conn, user, thread_id)
     else:
