@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from tests.e2e.client_agents import GATES_VARIABLE
 from tests.e2e.sockets_support import (
     ServerProcess,
     _clean_environment,
@@ -30,6 +32,7 @@ from tests.e2e.sockets_support import (
 from threadline.client import AsyncThreadline, Event
 
 PASSWORD = "correct horse battery staple"
+REPO = Path(__file__).resolve().parents[2]
 WAIT = 30.0
 
 
@@ -141,10 +144,16 @@ def assert_no_duplicate_or_reorder(events: list[Event]) -> None:
 
 
 class RestartableServer:
-    """`threadline serve` on a fixed port and SQLite file; `start()` again after `stop()`."""
+    """`threadline serve` on a fixed port and SQLite file; `start()` again after `stop()`.
+
+    It serves the `gated` agent of `tests.e2e.client_agents` besides `demo`: `open_gate()`
+    lets a run of that agent on the thread go on.
+    """
 
     def __init__(self, workdir: Path, **settings: object) -> None:
         self.workdir = workdir
+        self.gates = workdir / "gates"
+        self.gates.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.env = {
             **_clean_environment(),
@@ -152,6 +161,12 @@ class RestartableServer:
             "THREADLINE_SECRET_KEY": secrets.token_urlsafe(48),  # tokens outlive a restart
             "THREADLINE_LOG_LEVEL": "WARNING",
             "THREADLINE_DATABASE_URL": f"sqlite:///{workdir / 'threadline.db'}",
+            "THREADLINE_AGENTS": "tests.e2e.client_agents",
+            # Cheap password hashing: every test registers users; the behaviour is the same.
+            "THREADLINE_PASSWORD_TIME_COST": "1",
+            "THREADLINE_PASSWORD_MEMORY_KIB": "64",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            GATES_VARIABLE: str(self.gates),
             **{f"THREADLINE_{k.upper()}": str(v) for k, v in settings.items()},
         }
         self.process: ServerProcess | None = None
@@ -180,3 +195,16 @@ class RestartableServer:
         if self.process is not None:
             self.process.stop()
             self.process = None
+
+    def open_gate(self, thread_id: str) -> None:
+        (self.gates / thread_id).touch()
+
+
+@contextlib.contextmanager
+def running_server(workdir: Path, **settings: object) -> Iterator[RestartableServer]:
+    server = RestartableServer(workdir, **settings)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
