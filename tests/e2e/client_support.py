@@ -3,7 +3,7 @@
 - `CuttableProxy`: a TCP forwarder between the client and a real server that the test can
   cut (every open connection aborted, no close frame, as when a network drops) and take down
   (new connections are aborted at once) and bring back, so the client's reconnect and resume
-  run for real, deterministically.
+  run for real, deterministically. `threaded_proxy` runs one on a thread of its own.
 - `new_user`: a registered, signed-in `AsyncThreadline` of a fresh user.
 - `RestartableServer`: a `threadline serve` that can be stopped and started again on the same
   port and database, for a client that must resume across the restart.
@@ -17,6 +17,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -208,3 +209,44 @@ def running_server(workdir: Path, **settings: object) -> Iterator[RestartableSer
         yield server
     finally:
         server.stop()
+
+
+class ThreadedProxy:
+    """A `CuttableProxy` on an event loop of its own thread, for sync tests (and for clients
+    in other processes): `cut()`, `down()` and `up()` may be called from any thread."""
+
+    def __init__(self, proxy: CuttableProxy, loop: asyncio.AbstractEventLoop) -> None:
+        self.proxy = proxy
+        self._loop = loop
+
+    @property
+    def url(self) -> str:
+        return self.proxy.url
+
+    def cut(self) -> None:
+        self._loop.call_soon_threadsafe(self.proxy.cut)
+
+    def down(self) -> None:
+        self._loop.call_soon_threadsafe(self.proxy.down)
+
+    def up(self) -> None:
+        self._loop.call_soon_threadsafe(self.proxy.up)
+
+    def refused_one(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.proxy.refused_one(), self._loop).result(WAIT + 5)
+
+
+@contextlib.contextmanager
+def threaded_proxy(target_port: int) -> Iterator[ThreadedProxy]:
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, name="proxy", daemon=True)
+    runner.start()
+    proxy = CuttableProxy(target_port)
+    try:
+        asyncio.run_coroutine_threadsafe(proxy.__aenter__(), loop).result(WAIT)
+        yield ThreadedProxy(proxy, loop)
+    finally:
+        asyncio.run_coroutine_threadsafe(proxy.__aexit__(), loop).result(WAIT)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(WAIT)
+        loop.close()

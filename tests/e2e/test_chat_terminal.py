@@ -14,8 +14,15 @@ import pexpect
 import pyte
 import pytest
 
-from tests.e2e.client_support import PASSWORD, RestartableServer, new_email, running_server
+from tests.e2e.client_support import (
+    PASSWORD,
+    RestartableServer,
+    new_email,
+    running_server,
+    threaded_proxy,
+)
 from tests.e2e.sockets_support import free_port
+from threadline.client import Threadline
 
 pytestmark = pytest.mark.e2e
 COLUMNS, LINES = 110, 60
@@ -157,3 +164,32 @@ def test_what_stops_the_chat_is_said_plainly(server: RestartableServer) -> None:
         assert unknown.exit_code() == 1
     finally:
         unknown.kill()
+
+
+def test_a_dropped_connection_shows_and_the_run_goes_on(server: RestartableServer) -> None:
+    email = new_email("chat-drop")
+    with threaded_proxy(server.port) as proxy:
+        terminal = Terminal(proxy.url, "--email", email, "--password", PASSWORD, "--agent", "gated")
+        try:
+            terminal.wait_for(r"Create it\?")
+            terminal.send("y")
+            terminal.wait_for(r"you ›")
+            terminal.send("what is 6*7?")
+            terminal.wait_for(r"expression: 6\*7[\s\S]*running…")
+            proxy.down()  # the connection drops and cannot come back yet
+            terminal.wait_for(r"Connection lost, reconnecting…")
+            proxy.refused_one()
+            proxy.up()
+            thread_id = _only_thread(server, email)
+            server.open_gate(thread_id)
+            terminal.wait_for(r"→ 42[\s\S]*6\*7 = 42\.[\s\S]*you ›")
+            assert "reconnecting" not in terminal.text
+        finally:
+            terminal.kill()
+
+
+def _only_thread(server: RestartableServer, email: str) -> str:
+    with Threadline(server.base_url) as client:
+        client.login(email, PASSWORD)
+        [thread] = client.list_threads().data
+        return thread.id

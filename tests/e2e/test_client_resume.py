@@ -27,6 +27,7 @@ from tests.e2e.client_support import (
     new_email,
     new_user,
     running_server,
+    threaded_proxy,
 )
 from threadline.client import AsyncThreadline, Event, EventStream, EventType, Threadline
 
@@ -113,49 +114,38 @@ async def test_stream_resumes_after_a_cut_and_an_outage(
 
 
 def test_sync_stream_resumes_after_cut(server: RestartableServer) -> None:
-    """The sync client, on its own thread's loop, resumes the same way. The proxy runs on
-    another loop, and a helper thread drives the test while the main thread reads."""
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, daemon=True)
-    runner.start()
-    proxy = CuttableProxy(server.port)
-    asyncio.run_coroutine_threadsafe(proxy.__aenter__(), loop).result(WAIT)
-    try:
-        with Threadline(server.base_url) as direct:
-            direct.register(email := new_email("sync-resume"), PASSWORD)
-            direct.login(email, PASSWORD)
-            thread = direct.create_thread()
-            with (
-                Threadline(proxy.url, token=direct.token, reconnect_timeout=30) as client,
-                client.events(thread.id) as stream,
-            ):
+    """The sync client, on its own thread's loop, resumes the same way; a helper thread
+    drives the test while the main thread reads."""
+    with threaded_proxy(server.port) as proxy, Threadline(server.base_url) as direct:
+        direct.register(email := new_email("sync-resume"), PASSWORD)
+        direct.login(email, PASSWORD)
+        thread = direct.create_thread()
+        with (
+            Threadline(proxy.url, token=direct.token, reconnect_timeout=30) as client,
+            client.events(thread.id) as stream,
+        ):
 
-                def cut_then_release() -> None:
-                    loop.call_soon_threadsafe(proxy.cut)
-                    deadline = time.monotonic() + WAIT
-                    while stream.reconnects == 0 and time.monotonic() < deadline:
-                        time.sleep(0.01)
-                    server.open_gate(thread.id)
+            def cut_then_release() -> None:
+                proxy.cut()
+                deadline = time.monotonic() + WAIT
+                while stream.reconnects == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                server.open_gate(thread.id)
 
-                posted = direct.post_message(thread.id, "what is 12*7?", agent="gated")
-                driver = threading.Thread(target=cut_then_release, daemon=True)
-                received: list[Event] = []
-                for event in stream:
-                    received.append(event)
-                    if event.type == EventType.TOOL_EXECUTING:
-                        driver.start()
-                    if event.terminal:
-                        break
-                driver.join(WAIT)
-                assert stream.reconnects == 1
-        assert posted.run is not None and received[-1].run_id == posted.run.id
-        assert received[-1].type == EventType.AGENT_COMPLETED
-        assert_no_duplicate_or_reorder(received)
-    finally:
-        asyncio.run_coroutine_threadsafe(proxy.__aexit__(), loop).result(WAIT)
-        loop.call_soon_threadsafe(loop.stop)
-        runner.join(WAIT)
-        loop.close()
+            posted = direct.post_message(thread.id, "what is 12*7?", agent="gated")
+            driver = threading.Thread(target=cut_then_release, daemon=True)
+            received: list[Event] = []
+            for event in stream:
+                received.append(event)
+                if event.type == EventType.TOOL_EXECUTING:
+                    driver.start()
+                if event.terminal:
+                    break
+            driver.join(WAIT)
+            assert stream.reconnects == 1
+    assert posted.run is not None and received[-1].run_id == posted.run.id
+    assert received[-1].type == EventType.AGENT_COMPLETED
+    assert_no_duplicate_or_reorder(received)
 
 
 @pytest.mark.parametrize("transport", ["websocket", "sse"])
