@@ -19,6 +19,7 @@ from typing import Annotated
 import click
 import typer
 import uvicorn
+from sqlalchemy.exc import DBAPIError
 
 from threadline.errors import ThreadlineError
 from threadline.logs import configure_logging
@@ -183,8 +184,14 @@ def worker(
     settings = _settings(app_dir=app_dir, agents=agents or None, embedded_worker=True)
     _check_database(settings)
     configure_logging(settings.log_level, json_lines=settings.log_json)
-    _announce(settings, f"Threadline worker on {_redacted(settings.database_url)}")
-    asyncio.run(run_worker(settings))  # SIGINT and SIGTERM stop it gracefully
+
+    def ready(worker_id: str) -> None:  # announced once it works, so a failure is one line
+        _announce(settings, f"Threadline worker {worker_id} on {_redacted(settings.database_url)}")
+
+    try:
+        asyncio.run(run_worker(settings, on_ready=ready))  # SIGINT and SIGTERM stop it gracefully
+    except (ThreadlineError, OSError, DBAPIError) as exc:  # Redis or PostgreSQL unreachable
+        raise _fail("Worker cannot start", " ".join(str(exc).split())) from exc
 
 
 @app.command()

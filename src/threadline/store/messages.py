@@ -44,6 +44,8 @@ class NewMessage:
     run_id: str | None = None
     tool_calls: list[JSONObject] | None = None
     tool_call_id: str | None = None
+    id: str | None = None
+    """Given when the id was announced before the message was stored (streamed text)."""
 
 
 def title_from(content: str) -> str:
@@ -102,7 +104,7 @@ class MessageStore:
         now = datetime.now(UTC)
         position = await self._claim_position(conn, ctx, thread_id, new, now)
         message = Message(
-            id=new_id(IdPrefix.MESSAGE),
+            id=new.id or new_id(IdPrefix.MESSAGE),
             thread_id=thread_id,
             position=position,
             role=new.role,
