@@ -36,13 +36,18 @@ pytestmark = pytest.mark.e2e
 # A loaded two-core machine runs several suites at once: waits are generous, never fixed.
 expect.set_options(timeout=20_000)
 QUESTION, ANSWER = "what is 12*7?", "12*7 = 84."
+# Records every text the streaming answer and the thinking indicator show, as they change.
 STREAM_RECORDER = """
 window.__streamed = [];
-new MutationObserver(() => {
-  const bubble = document.querySelector('.bubble.streaming');
-  const text = bubble ? bubble.textContent.trim() : '';
-  const seen = window.__streamed;
+window.__thinking = [];
+const record = (selector, seen) => {
+  const element = document.querySelector(selector);
+  const text = element ? element.textContent.trim() : '';
   if (text && seen[seen.length - 1] !== text) seen.push(text);
+};
+new MutationObserver(() => {
+  record('.bubble.streaming', window.__streamed);
+  record('.thinking-text', window.__thinking);
 }).observe(document.body, { subtree: true, childList: true, characterData: true });
 """
 
@@ -139,6 +144,8 @@ def test_first_conversation_live_then_after_reload(
     assert any(ANSWER.startswith(text) and text != ANSWER for text in streamed), (
         f"the answer did not stream in (texts seen while streaming: {streamed})"
     )
+    thinking = page.evaluate("window.__thinking")
+    assert "Looking at the question… this is arithmetic." in thinking, thinking
     thread_id = current_thread_id(page)
     expect(page.get_by_role("button", name=QUESTION)).to_be_visible()  # titled, in the list
     screenshot(page, "02-conversation")
@@ -181,6 +188,7 @@ def test_second_tab_and_device_watch_the_same_run_live(browsing: Browsing) -> No
     pages = (first, tab, device)
     for page in pages:
         expect(tool_card(page)).to_have_attribute("aria-label", "Tool call calculator: Running")
+        expect(page.locator(".thinking-text")).to_have_text("Using calculator…")
         expect(page.get_by_role("button", name="Cancel")).to_be_visible()
     screenshot(tab, "03-second-tab-live")
     for page in pages:
