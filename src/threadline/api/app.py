@@ -15,7 +15,17 @@ from threadline.api.errors import install_error_handlers
 from threadline.api.gateway import Gateway
 from threadline.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from threadline.api.routes import agents as agent_routes
-from threadline.api.routes import auth, events, health, messages, page, runs, threads
+from threadline.api.routes import (
+    agui,
+    aisdk,
+    auth,
+    events,
+    health,
+    messages,
+    page,
+    runs,
+    threads,
+)
 from threadline.runtime import AgentsArg, open_runtime
 from threadline.settings import Settings
 
@@ -48,7 +58,8 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (auth, threads, messages, runs, events, agent_routes, health, ws, page):
+    routers = (auth, threads, messages, runs, events, agent_routes, health, ws, page, agui, aisdk)
+    for module in routers:
         app.include_router(module.router)
     # Outermost first in the stack: CORS must answer preflights before the size check runs.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
@@ -64,7 +75,7 @@ def create_app(
             "Last-Event-ID",
             "X-Request-ID",
         ],
-        expose_headers=["ETag", "Retry-After", "X-Request-ID"],
+        expose_headers=["ETag", "Retry-After", "X-Request-ID", "x-vercel-ai-ui-message-stream"],
         max_age=600,
     )
     app.add_middleware(RequestIdMiddleware)

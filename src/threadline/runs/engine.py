@@ -12,6 +12,8 @@ Model:
 - Cancellation is task cancellation. The reason decides the outcome: a user's cancel, an
   interrupt, or its thread archived or deleted ends the run as cancelled; shutdown hands the
   run back to the queue for another worker, with no terminal event.
+- A lost database connection is not the run's fault either: `execute` lets the error through
+  (`store/failures.is_database_unavailable`) and the worker hands the run back to be retried.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from threadline.agents.loop import AgentOutcome, run_agent
 from threadline.agents.registry import AgentRegistry
 from threadline.context import UserContext
 from threadline.errors import ThreadlineError
+from threadline.events import payloads
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.llm.providers import ProviderSet
@@ -42,6 +45,7 @@ from threadline.runs.conversation import to_chat_history
 from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
 from threadline.runs.sink import RunEventSink
 from threadline.store.db import read_transaction
+from threadline.store.failures import is_database_unavailable
 from threadline.store.messages import MessageRole, MessageStore
 from threadline.store.queue import RunQueue
 from threadline.store.runs import Run, RunStatus
@@ -184,6 +188,9 @@ class ExecutionEngine:
         except ThreadlineError as exc:
             return Outcome.failed(exc.code, exc.message)
         except Exception as exc:
+            if is_database_unavailable(exc):
+                raise  # not the run's fault: the worker hands it back to be retried
+
             logger.exception("Agent run failed")
             return Outcome.failed("agent_error", f"{type(exc).__name__}: {exc}")
         finally:
@@ -191,7 +198,7 @@ class ExecutionEngine:
             self._metrics.tool_calls.inc(sink.tool_calls)
 
     async def _run_agent(self, run: Run, ctx: UserContext, sink: RunEventSink) -> AgentOutcome:
-        await sink.emit(EventType.AGENT_STARTED, {"agent": run.agent, "attempt": run.attempt})
+        await sink.emit(EventType.AGENT_STARTED, payloads.agent_started(run.agent, run.attempt))
         agent = self.registry.build(run.agent)
         provider, model = self.providers.resolve(agent.model)
         input_position = await self._place_input_message(run, ctx)
@@ -232,7 +239,7 @@ class ExecutionEngine:
                     ctx,
                     run.thread_id,
                     EventType.MESSAGE_MOVED,
-                    {"message_id": message_id, "position": position},
+                    payloads.message_moved(message_id, position),
                     run_id=run.id,
                 )
         return position
