@@ -18,11 +18,13 @@ from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwrig
 
 from tests.e2e.page_support import (
     CHROMIUM_ARGS,
+    PASSWORD,
     Browsing,
     PageServer,
     api_token,
     current_thread_id,
     message_box,
+    require_axe,
     require_chromium,
     screenshot,
     send,
@@ -154,28 +156,54 @@ def test_first_conversation_live_then_after_reload(
     )
 
 
-def test_second_page_watches_the_same_run_live(browsing: Browsing) -> None:
+def test_second_tab_and_device_watch_the_same_run_live(browsing: Browsing) -> None:
     context = browsing.context(color_scheme="dark")
     first = browsing.page(context)
-    sign_up(first, unique_email("grace"))
+    email = unique_email("grace")
+    sign_up(first, email)
+    device = browsing.page(browsing.context())  # another browser: its own storage, signs in
+    device.goto("/")
+    device.get_by_label("Email").fill(email)
+    device.get_by_label("Password").fill(PASSWORD)
+    device.get_by_role("button", name="Sign in").click()
+    expect(message_box(device)).to_be_visible()
+
     send(first, "what is 6*7?", agent="slow")
     expect(tool_card(first)).to_have_attribute("aria-label", "Tool call calculator: Running")
     thread_id = current_thread_id(first)
-
-    # A second tab of the same browser profile opens the thread while the tool is running: the
-    # snapshot on subscribe tells it a run is active, and it follows the rest live.
-    second = browsing.page(context)
-    second.goto(f"/#/t/{thread_id}")
-    for page in (first, second):
+    # A second tab of the same browser and the other device open the thread while the tool
+    # runs: the snapshot on subscribe tells them a run is active; they follow the rest live.
+    tab = browsing.page(context)
+    for page in (tab, device):
+        page.goto(f"/#/t/{thread_id}")
+    pages = (first, tab, device)
+    for page in pages:
         expect(tool_card(page)).to_have_attribute("aria-label", "Tool call calculator: Running")
         expect(page.get_by_role("button", name="Cancel")).to_be_visible()
-    screenshot(second, "03-second-tab-live")
-    for page in (first, second):
+    screenshot(tab, "03-second-tab-live")
+    for page in pages:
         expect(tool_card(page)).to_have_attribute(
             "aria-label", "Tool call calculator: Done", timeout=30_000
         )
         expect(page.locator(".row-assistant .markdown")).to_have_text(["6*7 = 42."])
         expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+
+
+def test_message_sent_during_a_run_waits_its_turn(browsing: Browsing) -> None:
+    page = browsing.page()
+    sign_up(page, unique_email("hedy"))
+    send(page, "what is 6*6?", agent="slow")
+    expect(tool_card(page)).to_have_attribute("aria-label", "Tool call calculator: Running")
+    send(page, "what is 7*7?")  # enqueued behind the running run (the default strategy)
+    expect(page.locator(".row-assistant .markdown")).to_have_text(["6*6 = 36.", "7*7 = 49."])
+    rows = [".bubble.user", ".tool-card", ".row-assistant .markdown"]
+    order = page.locator(", ".join(rows)).all_inner_texts()
+    expected = ["what is 6*6?", "36", "6*6 = 36.", "what is 7*7?", "49", "7*7 = 49."]
+    assert len(order) == len(expected), order
+    assert all(want in text for want, text in zip(expected, order, strict=True)), order
+    page.reload()
+    expect(page.locator(".row-assistant .markdown")).to_have_text(["6*6 = 36.", "7*7 = 49."])
+    assert page.locator(", ".join(rows)).all_inner_texts() == order
 
 
 def test_reconnects_and_resumes_without_duplicates(
@@ -227,6 +255,11 @@ def test_cancel_a_slow_run_and_see_failed_runs(browsing: Browsing) -> None:
     expect(outcome).to_be_visible()
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
     expect(tool_card(page)).not_to_have_attribute("aria-label", "Tool call calculator: Running")
+
+    send(page, "what is 3*3?", agent="crasher")  # a tool error goes back to the model
+    errored = tool_card(page).filter(has_text="3*3")
+    expect(errored).to_have_attribute("aria-label", "Tool call calculator: Error")
+    expect(errored.locator(".tool-result")).to_contain_text("calculator exploded on 3*3")
 
     send(page, "what is 4*4?", agent="one-step")
     failed = page.get_by_role("note").filter(has_text="Run failed")
@@ -325,8 +358,7 @@ def test_archive_and_another_user_sees_none_of_it(browsing: Browsing) -> None:
             )
         ).to_be_visible()
         expect(intruder.locator(".thread-item")).to_have_count(0)
-    intruder.goto(f"/#/t/{thread_id}")
-    intruder.reload()
+    intruder.goto(f"/#/t/{thread_id}")  # the thread's address, as the owner's page shows it
     expect(intruder.get_by_text("does not exist, or it is not yours")).to_be_visible()
     expect(intruder.locator(".messages .row")).to_have_count(0)
     expect(intruder.get_by_role("heading", name=QUESTION)).to_have_count(0)
@@ -413,12 +445,11 @@ def test_inline_script_is_refused_by_the_policy(browsing: Browsing) -> None:
     page.evaluate("window.__cspViolations = []")  # expected: not a failure of this test
 
 
-def test_accessibility_of_sign_in_and_conversation(browsing: Browsing) -> None:
-    from tests.e2e.page_support import require_axe
-
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_accessibility_of_sign_in_and_conversation(browsing: Browsing, scheme: str) -> None:
     axe: Path = require_axe()
     # axe is injected as a script tag, which the page's own policy would (rightly) refuse.
-    page = browsing.page(browsing.context(bypass_csp=True))
+    page = browsing.page(browsing.context(bypass_csp=True, color_scheme=scheme))
 
     def serious_violations() -> list[str]:
         page.add_script_tag(path=str(axe))

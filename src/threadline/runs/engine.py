@@ -12,6 +12,8 @@ Model:
 - Cancellation is task cancellation. The reason decides the outcome: a user's cancel, an
   interrupt, or its thread archived or deleted ends the run as cancelled; shutdown hands the
   run back to the queue for another worker, with no terminal event.
+- A lost database connection is not the run's fault either: `execute` lets the error through
+  (`store/failures.is_database_unavailable`) and the worker hands the run back to be retried.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from threadline.runs.conversation import to_chat_history
 from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
 from threadline.runs.sink import RunEventSink
 from threadline.store.db import read_transaction
+from threadline.store.failures import is_database_unavailable
 from threadline.store.messages import MessageRole, MessageStore
 from threadline.store.queue import RunQueue
 from threadline.store.runs import Run, RunStatus
@@ -185,6 +188,9 @@ class ExecutionEngine:
         except ThreadlineError as exc:
             return Outcome.failed(exc.code, exc.message)
         except Exception as exc:
+            if is_database_unavailable(exc):
+                raise  # not the run's fault: the worker hands it back to be retried
+
             logger.exception("Agent run failed")
             return Outcome.failed("agent_error", f"{type(exc).__name__}: {exc}")
         finally:

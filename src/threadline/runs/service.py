@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -20,18 +19,13 @@ from threadline.events.bus import EventBus
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
+from threadline.statuses import MultitaskStrategy as MultitaskStrategy  # re-exported
 from threadline.store.db import read_transaction
 from threadline.store.messages import Message, MessageStore, NewMessage
 from threadline.store.runs import Run, RunStatus, RunStore
 from threadline.store.threads import ThreadStatus, ThreadStore
 
 CANCEL_CONTROL = "cancel_run"
-
-
-class MultitaskStrategy(StrEnum):
-    REJECT = "reject"
-    ENQUEUE = "enqueue"
-    INTERRUPT = "interrupt"
 
 
 @dataclass(frozen=True, slots=True)

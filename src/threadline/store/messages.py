@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Literal
 
 import sqlalchemy as sa
@@ -14,19 +13,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from threadline.context import UserContext
 from threadline.errors import ConflictError, InvalidInputError, NotFoundError
 from threadline.ids import IdPrefix, is_valid_id, new_id
+from threadline.statuses import MessageRole as MessageRole  # re-exported
 from threadline.store.pagination import Page, check_limit, decode_cursor, encode_cursor
 from threadline.store.tables import messages, threads
 from threadline.store.threads import JSONObject, ThreadStatus
 from threadline.store.validation import check_text, json_size
 
 _TITLE_CHARS = 60
-
-
-class MessageRole(StrEnum):
-    USER = "user"
-    ASSISTANT = "assistant"
-    TOOL = "tool"
-    SYSTEM = "system"
 
 
 @dataclass(frozen=True, slots=True)
