@@ -112,16 +112,34 @@ async def update_thread(
     return ThreadOut.of(thread)
 
 
-@router.delete("/{thread_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
+@router.delete(
+    "/{thread_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=_ERRORS,
+    summary="Archive a thread, or delete it for good with ?permanent=true",
+)
 async def delete_thread(
     thread_id: str,
     user: CurrentUser,
     conn: DbConn,
     services: ServicesDep,
-    permanent: bool = False,
+    permanent: Annotated[
+        bool,
+        Query(
+            description="`false` (the default): archive, a soft delete. `true`: remove the "
+            "thread with its messages, runs and events, for good."
+        ),
+    ] = False,
 ) -> Response:
-    """Archive the thread (restorable with `PATCH {"status": "active"}`), or with
-    `?permanent=true` remove it and everything it owns."""
+    """Two deletes, both answered 204:
+
+    - **Archive** (the default, a soft delete): the thread stays, with `status: "archived"`
+      and all its history; `GET` still finds it, `?status=archived` lists it, and
+      `PATCH {"status": "active"}` restores it. Subscribers get `thread_updated`.
+    - **Permanent** (`?permanent=true`): the thread, its messages, runs and events are
+      removed; every later request for it is a 404. Subscribers get `thread_deleted`, and
+      an SSE stream of the thread ends after it.
+    """
     if permanent:
         await services.thread_service.delete(conn, user, thread_id)
     else:
