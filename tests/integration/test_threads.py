@@ -103,7 +103,7 @@ async def test_create_with_invalid_data_is_422_and_leaves_nothing(
         content=b"{not json",
         headers={**user.headers, "content-type": "application/json"},
     )
-    assert_error(not_json, 422, "validation_error")
+    assert_error(not_json, 400, "invalid_json")
     assert await list_threads(client, user) == []
     assert await count_rows(settings.database_url, "threads", user_id=user.id) == 0
 

@@ -76,6 +76,13 @@ async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(status_for(exc), exc.code, exc.message, headers=headers)
 
 
+# Parameters whose malformed values have had their own codes since before FastAPI checked their
+# patterns.
+_CODE_BY_PARAMETER = {
+    ("query", "cursor"): "invalid_cursor",
+    ("header", "last-event-id"): "invalid_cursor",
+    ("header", "if-match"): "invalid_if_match",
+}
 # FastAPI's words for a body it could not decode at all (bytes that are not UTF-8 JSON).
 _UNPARSABLE_BODY = "There was an error parsing the body"
 
@@ -109,14 +116,23 @@ def _body_problem(request: Request, errors: list[dict[str, Any]]) -> JSONRespons
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, RequestValidationError):  # pragma: no cover
         raise exc
-    body_problem = _body_problem(request, list(exc.errors()))
+    errors = list(exc.errors())
+    body_problem = _body_problem(request, errors)
     if body_problem is not None:
         return body_problem
+    code = next(
+        (
+            _CODE_BY_PARAMETER[loc]
+            for e in errors
+            if (loc := tuple(e.get("loc", ()))) in _CODE_BY_PARAMETER
+        ),
+        "validation_error",
+    )
     problems = []
     for error in exc.errors()[:5]:
         where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
         problems.append(f"{where}: {error.get('msg', 'invalid')}" if where else error["msg"])
-    return error_response(422, "validation_error", "; ".join(problems) or "Invalid request")
+    return error_response(422, code, "; ".join(problems) or "Invalid request")
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

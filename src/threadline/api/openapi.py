@@ -122,9 +122,7 @@ class OptionsMiddleware:
         if not methods:
             await self.app(scope, receive, send)
             return
-        await Response(status_code=204, headers={"Allow": ", ".join(methods)})(
-            scope, receive, send
-        )
+        await Response(status_code=204, headers={"Allow": ", ".join(methods)})(scope, receive, send)
 
 
 def install_docs(app: FastAPI) -> None:

@@ -15,7 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from threadline.context import UserContext
 from threadline.errors import ConflictError, InvalidInputError, NotFoundError
 from threadline.ids import IdPrefix, is_valid_id, new_id
-from threadline.store.pagination import Page, check_limit, decode_cursor, encode_cursor
+from threadline.store.pagination import (
+    Page,
+    check_limit,
+    parse_time_id_cursor,
+    time_id_cursor,
+)
 from threadline.store.tables import events, messages, runs, threads
 from threadline.store.validation import INT64_MAX, check_text, json_size
 
@@ -189,8 +194,7 @@ class ThreadStore:
             .limit(check_limit(limit) + 1)
         )
         if cursor is not None:
-            activity, last_id = decode_cursor(cursor, arity=2)
-            after = _cursor_time(activity)
+            after, last_id = parse_time_id_cursor(cursor, IdPrefix.THREAD)
             query = query.where(
                 sa.or_(
                     threads.c.last_activity_at < after,
@@ -202,7 +206,7 @@ class ThreadStore:
         next_cursor = None
         if len(rows) > limit:
             last = items[-1]
-            next_cursor = encode_cursor(last.last_activity_at.isoformat(), last.id)
+            next_cursor = time_id_cursor(last.last_activity_at, last.id)
         return Page(items=items, next_cursor=next_cursor)
 
     def _filter_conditions(
@@ -301,16 +305,6 @@ class ThreadStore:
         )
         if result.rowcount == 0:
             raise NotFoundError("thread", thread_id)
-
-
-def _cursor_time(value: object) -> datetime:
-    try:
-        moment = datetime.fromisoformat(str(value))
-    except ValueError as exc:
-        raise InvalidInputError("Malformed cursor", code="invalid_cursor") from exc
-    if moment.tzinfo is None:
-        raise InvalidInputError("Malformed cursor", code="invalid_cursor")
-    return moment
 
 
 def _version_conflict(current_version: int | None) -> ConflictError:
