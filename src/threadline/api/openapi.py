@@ -30,7 +30,20 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
-JSON_QUERY_PARAMETERS = frozenset({"metadata"})
+# Query parameters whose value is JSON, with the schema of what the server accepts.
+_INT64 = 2**63 - 1
+JSON_QUERY_PARAMETERS: dict[str, dict[str, Any]] = {
+    "metadata": {
+        "type": "object",
+        "propertyNames": {"pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "additionalProperties": {
+            "type": ["string", "number", "boolean"],
+            "pattern": "^[^\\u0000]*$",
+            "minimum": -_INT64,
+            "maximum": _INT64,
+        },
+    }
+}
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorOut"}
 _ERROR_RESPONSES = {
     "400": "The body is not valid JSON, or a string in it or in a JSON query value holds a "
@@ -59,20 +72,42 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         for item in spec.get("paths", {}).values():
             for operation in item.values():
                 _complete(operation)
-        spec.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
-        spec.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+        schemas = spec.get("components", {}).get("schemas", {})
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        _this_deployment(app, schemas)
         app.openapi_schema = spec
     return app.openapi_schema
+
+
+def _this_deployment(app: FastAPI, schemas: dict[str, Any]) -> None:
+    """What depends on the running server's configuration: the agents a run may name and the
+    longest message. (Known once the lifespan has started, as it has when a client asks.)"""
+    runtime = getattr(app.state, "runtime", None)
+    if runtime is None:
+        return
+    agent = schemas.get("RunCreate", {}).get("properties", {}).get("agent")
+    if agent is not None:
+        agent["enum"] = sorted(info.name for info in runtime.registry.describe())
+    content = schemas.get("MessageCreate", {}).get("properties", {}).get("content")
+    if content is not None:
+        content["maxLength"] = runtime.settings.max_message_chars
 
 
 def _complete(operation: dict[str, Any]) -> None:
     responses: dict[str, Any] = operation.setdefault("responses", {})
     parameters = operation.get("parameters", [])
     for parameter in parameters:
-        if parameter.get("in") == "query" and parameter.get("name") in JSON_QUERY_PARAMETERS:
+        name = parameter.get("name")
+        if parameter.get("in") == "query" and name in JSON_QUERY_PARAMETERS:
             description = parameter.pop("schema", {}).get("description")
-            parameter["content"] = {"application/json": {"schema": {"type": "object"}}}
+            schema = JSON_QUERY_PARAMETERS[name]
+            parameter["content"] = {"application/json": {"schema": schema}}
             parameter.setdefault("description", description or "A JSON object")
+        elif "schema" in parameter:
+            # `str | None = None` is "may be left out", not "may be null": a query string or
+            # a header cannot carry a JSON null.
+            parameter["schema"] = _without_null(parameter["schema"])
     wanted = []
     if operation.get("security"):
         wanted.append("401")
@@ -92,6 +127,17 @@ def _complete(operation: dict[str, Any]) -> None:
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    options = schema.get("anyOf")
+    if not options:
+        return schema
+    kept = [option for option in options if option.get("type") != "null"]
+    if len(kept) != 1:
+        return schema
+    rest = {key: value for key, value in schema.items() if key != "anyOf"}
+    return {**kept[0], **rest}
 
 
 def allowed_methods(routes: list[BaseRoute], path: str) -> list[str]:

@@ -15,7 +15,13 @@ from threadline.errors import AuthError, InvalidInputError
 from threadline.store.db import ping, read_transaction
 from threadline.store.users import User, UserStore
 
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+# No whitespace and no control character anywhere (spelled out: Python's `\s` and the
+# JavaScript `\s` of JSON Schema differ on a few control characters). The OpenAPI document
+# states this same pattern for registration.
+_EMAIL_CHAR = r"[^@\s\x00-\x1f\x7f-\x9f]"
+_EMAIL = re.compile(rf"^{_EMAIL_CHAR}{{1,64}}@{_EMAIL_CHAR}+\.{_EMAIL_CHAR}+$")
+# What registration accepts before normalizing: the same, with whitespace around it.
+EMAIL_PATTERN = rf"^\s*{_EMAIL_CHAR}{{1,64}}@{_EMAIL_CHAR}+\.{_EMAIL_CHAR}+\s*$"
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_CHARS = 256
 

@@ -317,7 +317,7 @@ def _version_conflict(current_version: int | None) -> ConflictError:
 
 def _metadata_conditions(dialect: str, wanted: JSONObject) -> list[sa.ColumnElement[bool]]:
     for key, value in wanted.items():
-        if not _FILTER_KEY.match(key):
+        if not _FILTER_KEY.fullmatch(key):
             raise InvalidInputError(
                 f"metadata filter key {key!r} must match [A-Za-z0-9_-]{{1,64}}",
                 code="invalid_metadata_filter",
