@@ -20,7 +20,17 @@ from threadline.api.middleware import (
 )
 from threadline.api.openapi import OptionsMiddleware, install_docs
 from threadline.api.routes import agents as agent_routes
-from threadline.api.routes import auth, events, health, messages, runs, threads
+from threadline.api.routes import (
+    agui,
+    aisdk,
+    auth,
+    events,
+    health,
+    messages,
+    page,
+    runs,
+    threads,
+)
 from threadline.runtime import AgentsArg, open_runtime
 from threadline.settings import Settings
 
@@ -55,7 +65,8 @@ def create_app(
         redoc_url=None,  # ReDoc would load from a CDN
     )
     install_error_handlers(app)
-    for module in (auth, threads, messages, runs, events, agent_routes, health, ws):
+    routers = (auth, threads, messages, runs, events, agent_routes, health, ws, page, agui, aisdk)
+    for module in routers:
         app.include_router(module.router)
     install_docs(app)
     # Outermost first in the stack: CORS must answer preflights before OPTIONS and the size
@@ -75,7 +86,7 @@ def create_app(
             "Last-Event-ID",
             "X-Request-ID",
         ],
-        expose_headers=["ETag", "Retry-After", "X-Request-ID"],
+        expose_headers=["ETag", "Retry-After", "X-Request-ID", "x-vercel-ai-ui-message-stream"],
         max_age=600,
     )
     app.add_middleware(RequestIdMiddleware)

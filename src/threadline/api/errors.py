@@ -23,6 +23,8 @@ from threadline.errors import (
 )
 from threadline.llm.providers import UnknownModelError
 from threadline.runs.engine import RunLimitError
+from threadline.store.db import DatabaseUnavailableError
+from threadline.store.failures import DATABASE_ERRORS, is_database_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[ThreadlineError], int], ...] = (
     (PayloadTooLargeError, 413),
     (RateLimitedError, 429),
     (AuthError, 401),
+    (DatabaseUnavailableError, 503),
 )
 _CODE_BY_STATUS = {
     400: "bad_request",
@@ -149,6 +152,20 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, str(exc.detail), headers=headers or None)
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A lost or refused database connection is a 503 the client may retry, never a 500;
+    the pool replaces the dead connection by itself. Other database errors are bugs."""
+    if not is_database_unavailable(exc):
+        return await _unexpected_error(request, exc)
+    logger.warning("Database unavailable: %s: %s", type(exc).__name__, exc)
+    return error_response(
+        503,
+        "database_unavailable",
+        "The database is unavailable; retry shortly",
+        headers={"Retry-After": "1"},
+    )
+
+
 async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
     logger.exception("Unhandled error", exc_info=exc)
     return error_response(500, "internal_error", "Internal server error")
@@ -158,4 +175,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ThreadlineError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    for error_type in DATABASE_ERRORS:
+        app.add_exception_handler(error_type, _database_error)
     app.add_exception_handler(Exception, _unexpected_error)

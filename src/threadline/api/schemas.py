@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Generic, TypeVar
+from typing import TYPE_CHECKING, Annotated, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
-from threadline.auth.service import EMAIL_PATTERN
-from threadline.runs.service import MultitaskStrategy
-from threadline.store.messages import Message, MessageRole
-from threadline.store.runs import Run, RunStatus
-from threadline.store.threads import Thread, ThreadStatus
-from threadline.store.users import User
+from threadline.auth.emails import EMAIL_PATTERN
+from threadline.statuses import MessageRole, MultitaskStrategy, RunStatus, ThreadStatus
+
+if TYPE_CHECKING:
+    # Only the `of()` constructors name the store's rows: the Python client imports these
+    # schemas without SQLAlchemy (tests/unit/test_client_imports.py).
+    from threadline.store.messages import Message
+    from threadline.store.runs import Run
+    from threadline.store.threads import Thread
+    from threadline.store.users import User
 
 T = TypeVar("T")
 # The OpenAPI document states what the server accepts, so that whatever it calls valid is

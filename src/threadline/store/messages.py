@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Literal
 
 import sqlalchemy as sa
@@ -14,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from threadline.context import UserContext
 from threadline.errors import ConflictError, InvalidInputError, NotFoundError
 from threadline.ids import IdPrefix, is_valid_id, new_id
+from threadline.statuses import MessageRole as MessageRole  # re-exported
 from threadline.store.pagination import (
     Page,
     check_limit,
@@ -25,13 +25,6 @@ from threadline.store.threads import JSONObject, ThreadStatus
 from threadline.store.validation import check_text, json_size
 
 _TITLE_CHARS = 60
-
-
-class MessageRole(StrEnum):
-    USER = "user"
-    ASSISTANT = "assistant"
-    TOOL = "tool"
-    SYSTEM = "system"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +49,8 @@ class NewMessage:
     run_id: str | None = None
     tool_calls: list[JSONObject] | None = None
     tool_call_id: str | None = None
+    id: str | None = None
+    """Given when the id was announced before the message was stored (streamed text)."""
 
 
 def title_from(content: str) -> str:
@@ -114,7 +109,7 @@ class MessageStore:
         now = datetime.now(UTC)
         position = await self._claim_position(conn, ctx, thread_id, new, now)
         message = Message(
-            id=new_id(IdPrefix.MESSAGE),
+            id=new.id or new_id(IdPrefix.MESSAGE),
             thread_id=thread_id,
             position=position,
             role=new.role,

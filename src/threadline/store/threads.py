@@ -6,7 +6,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
@@ -15,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from threadline.context import UserContext
 from threadline.errors import ConflictError, InvalidInputError, NotFoundError
 from threadline.ids import IdPrefix, is_valid_id, new_id
+from threadline.statuses import ThreadStatus as ThreadStatus  # re-exported
 from threadline.store.pagination import (
     Page,
     check_limit,
@@ -28,12 +28,6 @@ JSONObject = dict[str, object]
 _FILTER_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 # Retries of an optimistic update that lost a race, when the client did not pin a version.
 _UPDATE_ATTEMPTS = 8
-
-
-class ThreadStatus(StrEnum):
-    ACTIVE = "active"
-    COMPLETED = "completed"
-    ARCHIVED = "archived"
 
 
 # Archived threads come back through `active` only: completing one nobody can see is meaningless.
