@@ -103,5 +103,8 @@ def test_the_readme_runs_as_written(tmp_path: Path, serve_process: StartServer):
     assert "12*7 = 84." in output, report  # the agent's answer, read after the run completed
     assert "event: agent_completed" in output, report  # the SSE watch ended there
     assert " agent_completed " in output, report  # the WebSocket watch printed it and returned
-    assert '"status":"archived"' in output and output.rstrip().splitlines()[-2] == "404", report
+    # The two deletes: archived (204, still there), then removed (204, then 404). (A JSON
+    # body ends without a newline, so the next status follows it on the same line.)
+    deletes = re.search(r'^204\n.*"status":"archived".*204\n404$', output, re.MULTILINE)
+    assert deletes is not None, report
     assert "Traceback" not in server.output(), server.output()[-3000:]
