@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from threadline.agents.demo import demo_agent
 from threadline.agents.registry import AgentRegistry
-from threadline.api.gateway import Gateway
+from threadline.api.gateway import Gateway, settled_reader
 from threadline.auth.passwords import Passwords
 from threadline.auth.revocation import (
     DatabaseRevocationList,
@@ -27,6 +27,7 @@ from threadline.auth.tokens import TokenCodec
 from threadline.errors import ConfigurationError
 from threadline.events.bus import EventBus, MemoryBus
 from threadline.events.publisher import EventPublisher
+from threadline.events.redis_bus import RedisBus, RedisBusConfig
 from threadline.llm.demo import DemoProvider
 from threadline.llm.providers import ANTHROPIC, DEMO, OPENAI, ProviderSet, build_providers
 from threadline.metrics import Metrics
@@ -105,6 +106,24 @@ async def _connect_redis(url: str) -> Redis:
     return redis
 
 
+def build_bus(settings: Settings) -> EventBus:
+    """The Redis bus whenever `THREADLINE_REDIS_URL` is set (any number of processes), else
+    the in-process one. A `RedisBus` needs `start()` in the running loop."""
+    if settings.redis_url is None:
+        return MemoryBus()
+    return RedisBus(
+        settings.redis_url,
+        config=RedisBusConfig(
+            prefix=settings.redis_prefix,
+            max_len=settings.redis_stream_max_len,
+            ttl_seconds=settings.redis_stream_ttl_seconds,
+            readers=settings.redis_readers,
+            keys_per_read=settings.redis_keys_per_read,
+            timeout_seconds=settings.redis_timeout_seconds,
+        ),
+    )
+
+
 def build_registry(settings: Settings) -> AgentRegistry:
     """The built-in demo agent (on `default_model`) plus every agent of `settings.agents`."""
     registry = AgentRegistry([replace(demo_agent(), model=settings.default_model)])
@@ -161,6 +180,9 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         services = _assemble(settings, engine, redis)
         stack.push_async_callback(services.providers.aclose)
         stack.push_async_callback(services.bus.aclose)
+        if isinstance(services.bus, RedisBus):
+            services.bus.start()
+        stack.push_async_callback(services.gateway.aclose)
         if services.worker is None:
             yield services
             return
@@ -190,7 +212,7 @@ def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> S
         max_metadata_bytes=settings.max_metadata_bytes,
     )
     runs, events, metrics = RunStore(), EventStore(), Metrics()
-    bus: EventBus = MemoryBus()
+    bus = build_bus(settings)
     publisher = EventPublisher(bus=bus, store=events, engine=engine)
     registry = check_agents(settings)
     providers = build_provider_set(settings)
@@ -245,7 +267,7 @@ def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> S
         limiter=limiter,
         metrics=metrics,
         bus=bus,
-        gateway=Gateway(bus, metrics),
+        gateway=Gateway(bus, metrics, reader=settled_reader(engine, events)),
         registry=registry,
         providers=providers,
         thread_service=ThreadService(threads=threads, events=events, publisher=publisher),

@@ -90,6 +90,7 @@ async def open_subscription(
     for a thread the user does not own. The caller detaches the subscription when done."""
     subscription = gateway.attach(connection, thread_id)
     try:
+        await gateway.ready(thread_id)
         # Not `read_transaction`: the snapshot must wait for a publisher's transaction still
         # in flight (an event published before the attach, committed after a plain read,
         # would be neither buffered nor replayed). `settled` takes the thread's row lock on
@@ -133,6 +134,8 @@ async def replay(
     first = opened.first_page
     start = opened.after_seq if opened.after_seq is not None else opened.last_seq
     cursor = first[-1].seq if first else start
+    # The snapshot's read was settled: a later jump up to its last seq is no gap.
+    subscription.synced_to = max(subscription.synced_to, opened.last_seq)
     yield [opened.snapshot, *_wire(first)]
     more = opened.after_seq is not None and len(first) == PAGE_SIZE
     while not subscription.connection.overflowed:

@@ -16,6 +16,7 @@ from threadline.agents.registry import AgentRegistry
 from threadline.context import UserContext
 from threadline.errors import ConflictError, NotFoundError, RateLimitedError
 from threadline.events.bus import EventBus
+from threadline.events.control import CancelRun
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.metrics import Metrics
@@ -24,8 +25,6 @@ from threadline.store.db import read_transaction
 from threadline.store.messages import Message, MessageStore, NewMessage
 from threadline.store.runs import Run, RunStatus, RunStore
 from threadline.store.threads import ThreadStatus, ThreadStore
-
-CANCEL_CONTROL = "cancel_run"
 
 
 class MultitaskStrategy(StrEnum):
@@ -119,7 +118,7 @@ class RunService:
                 created, to_cancel = await self._queue(conn, ctx, thread_id, run, stored)
         for running in to_cancel:
             await self._bus.publish_control(
-                {"action": CANCEL_CONTROL, "run_id": running.id, "reason": CancelReason.INTERRUPT}
+                CancelRun(run_id=running.id, reason=CancelReason.INTERRUPT.value)
             )
         if created is not None:
             self._wake_worker()
@@ -202,8 +201,6 @@ class RunService:
             if run.status is not RunStatus.RUNNING:
                 return run
             await self._runs.mark_cancel_requested(conn, ctx, run_id)
-        await self._bus.publish_control(
-            {"action": CANCEL_CONTROL, "run_id": run_id, "reason": CancelReason.USER}
-        )
+        await self._bus.publish_control(CancelRun(run_id=run_id, reason=CancelReason.USER.value))
         async with read_transaction(self._db) as conn:
             return await self._runs.get(conn, ctx, run_id)

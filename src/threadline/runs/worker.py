@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 from threadline.context import UserContext
 from threadline.events.bus import EventBus, Unsubscribe
+from threadline.events.control import CancelRun, SessionEnded
 from threadline.events.types import EventType
 from threadline.runs.conversation import close_unanswered_tool_calls
 from threadline.runs.engine import CancelReason, ExecutionEngine, RunLimitError
-from threadline.runs.service import CANCEL_CONTROL
 from threadline.store.runs import Run, RunStatus
 
 logger = logging.getLogger(__name__)
@@ -83,10 +83,9 @@ class Worker:
         self._stopping.set()
         self._wake.set()
 
-    def _on_control(self, message: dict[str, str]) -> None:
-        if message.get("action") == CANCEL_CONTROL:
-            reason = CancelReason(message.get("reason", CancelReason.USER))
-            self.engine.cancel_local(message.get("run_id", ""), reason)
+    def _on_control(self, message: CancelRun | SessionEnded) -> None:
+        if isinstance(message, CancelRun):
+            self.engine.cancel_local(message.run_id, CancelReason(message.reason))
 
     async def _claim_loop(self, group: asyncio.TaskGroup) -> None:
         while not self._stopping.is_set():

@@ -7,7 +7,8 @@ Each event is `id: <seq>`, `event: <type>`, `data: <json>`; a comment line every
 The subscription is opened before the response starts (a thread the user does not own is a
 plain 404). The stream generator is its own writer: it yields the snapshot and the replay page
 by page, so a long replay goes at the pace the client reads, then drains the connection's
-queue of live events. If that queue overflows, the stream ends with a `resume` event.
+queue of live events. If that queue overflows, the stream ends with a `resume` event; if the
+token it was opened with is revoked (a logout on any process), with a `session_ended` event.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from threadline.api.deps import CurrentUser, ServicesDep
-from threadline.api.gateway import OVERFLOW, Connection, WireMessage
+from threadline.api.deps import CurrentClaims, CurrentUser, ServicesDep
+from threadline.api.gateway import OVERFLOW, Connection, ThreadSubscription, WireMessage
 from threadline.api.schemas import ErrorOut
 from threadline.api.services import Services
 from threadline.api.streams import MAX_SEQ, Opened, open_subscription, replay
@@ -69,6 +70,7 @@ async def thread_events(
     thread_id: str,
     request: Request,
     user: CurrentUser,
+    claims: CurrentClaims,
     services: ServicesDep,
     after: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
     last_event_id: Annotated[str | None, Header(max_length=32)] = None,
@@ -78,6 +80,7 @@ async def thread_events(
         connection_id=f"sse-{uuid.uuid4().hex[:16]}",
         queue_size=services.settings.socket_queue_size,
         metrics=services.metrics,
+        token_id=claims.jti,
     )
     # Subscribe before answering, so a thread the user does not own is a plain 404.
     opened = await open_subscription(
@@ -94,14 +97,20 @@ async def thread_events(
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         # The stream's own `finally` never runs if the client leaves before it starts; this
         # runs either way (detaching twice is harmless).
-        background=BackgroundTask(services.gateway.detach, opened.subscription),
+        background=BackgroundTask(_release, services, opened.subscription),
     )
+
+
+def _release(services: Services, subscription: ThreadSubscription) -> None:
+    services.gateway.unregister(subscription.connection)
+    services.gateway.detach(subscription)
 
 
 async def _stream(
     services: Services, ctx: UserContext, opened: Opened, request: Request
 ) -> AsyncIterator[str]:
     services.metrics.sockets_active.inc()
+    services.gateway.register(opened.subscription.connection)
     try:
         yield ": connected\n\n"
         async with aclosing(replay(services, ctx, opened)) as pages:
@@ -112,7 +121,7 @@ async def _stream(
             yield chunk
     finally:
         services.metrics.sockets_active.dec()
-        services.gateway.detach(opened.subscription)
+        _release(services, opened.subscription)
 
 
 async def _live(services: Services, connection: Connection, request: Request) -> AsyncIterator[str]:
@@ -128,5 +137,8 @@ async def _live(services: Services, connection: Connection, request: Request) ->
             yield _frames(batch[:end])
             services.metrics.events_delivered.inc(end)
         if end < len(batch):
-            yield 'event: resume\ndata: {"reason":"slow consumer"}\n\n'
+            if connection.session_ended:
+                yield 'event: session_ended\ndata: {"reason":"token revoked"}\n\n'
+            else:
+                yield 'event: resume\ndata: {"reason":"slow consumer"}\n\n'
             return
