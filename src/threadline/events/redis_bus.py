@@ -42,6 +42,7 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from threadline.events.bus import ControlListener, EventListener, ResetListener, Unsubscribe
@@ -205,27 +206,21 @@ class RedisBus:
         return f"{self._config.prefix}:events:{thread_id}".encode()
 
     async def publish(self, event: Event) -> None:
-        config = self._config
         try:
-            async with asyncio.timeout(config.timeout_seconds):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.xadd(
-                        self._key(event.thread_id),
-                        {b"e": _encode(event)},
-                        id=f"{event.seq}-0",
-                        maxlen=config.max_len,
-                        approximate=True,
-                    )
-                    pipe.expire(self._key(event.thread_id), config.ttl_seconds)
-                    await pipe.execute()
+            async with asyncio.timeout(self._config.timeout_seconds):
+                try:
+                    await self._append(event)
+                except RedisConnectionError:
+                    # A pooled connection that a Redis restart left dead fails at first use;
+                    # the pool drops it. Appending again is safe: the id makes it idempotent.
+                    await self._append(event)
         except ResponseError as exc:
             # Redis refused the id: an event of this thread with this or a later seq is
             # already on the stream. Order on the stream is kept; this one is not carried live.
-            logger.warning(
-                "Event %d of thread %s not appended: %s", event.seq, event.thread_id, exc
-            )
+            logger.warning("Event %d of %s not appended: %s", event.seq, event.thread_id, exc)
             return
         except _TRANSPORT_ERRORS as exc:
+            logger.debug("Publishing event %d of %s failed: %s", event.seq, event.thread_id, exc)
             if not self._publish_failing:
                 logger.warning(
                     "Cannot publish to Redis (%s: %s); live listeners will catch up from the "
@@ -238,6 +233,19 @@ class RedisBus:
         if self._publish_failing:
             logger.info("Publishing to Redis again")
             self._publish_failing = False
+
+    async def _append(self, event: Event) -> None:
+        config = self._config
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(
+                self._key(event.thread_id),
+                {b"e": _encode(event)},
+                id=f"{event.seq}-0",
+                maxlen=config.max_len,
+                approximate=True,
+            )
+            pipe.expire(self._key(event.thread_id), config.ttl_seconds)
+            await pipe.execute()
 
     def subscribe(
         self, thread_id: str, listener: EventListener, *, on_reset: ResetListener | None = None
@@ -391,7 +399,11 @@ class RedisBus:
     async def publish_control(self, message: CancelRun | SessionEnded) -> None:
         try:
             async with asyncio.timeout(self._config.timeout_seconds):
-                await self._redis.publish(self._channel, encode_control(message))
+                try:
+                    await self._redis.publish(self._channel, encode_control(message))
+                except RedisConnectionError:  # a dead pooled connection (see `publish`);
+                    # sending twice is harmless, every control message is idempotent
+                    await self._redis.publish(self._channel, encode_control(message))
         except _TRANSPORT_ERRORS as exc:
             logger.warning(
                 "Cannot publish a %s control message to Redis (%s); delivered in this process only",
