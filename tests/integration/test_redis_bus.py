@@ -57,8 +57,11 @@ async def _bus(
 
 
 async def _until(condition: Callable[[], bool], within: float = WAIT) -> None:
+    """Poll `condition` (the listeners run in this loop) until it holds, bounded."""
     async with asyncio.timeout(within):
-        while not condition():
+        while True:
+            if condition():
+                return
             await asyncio.sleep(0.01)
 
 
@@ -172,7 +175,9 @@ async def test_a_control_message_reaches_another_process_within_100_ms(
         client = Redis.from_url(shared_redis)
         try:  # wait (bounded) until both buses' pub/sub connections are subscribed
             async with asyncio.timeout(WAIT):
-                while (await client.pubsub_numsub(f"{prefix}:control"))[0][1] < 2:
+                while True:
+                    if (await client.pubsub_numsub(f"{prefix}:control"))[0][1] >= 2:
+                        break
                     await asyncio.sleep(0.01)
             await client.publish(f"{prefix}:control", b'{"kind": "no_such_kind"}')  # ignored
         finally:
