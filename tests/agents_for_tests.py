@@ -1,4 +1,4 @@
-"""Agents for the run, engine and guarantee integration tests (loaded with `settings.agents`).
+"""Agents for the run, engine and guarantee integration tests.
 
 Each agent pairs a model the tests control with tools whose behaviour they control:
 - the offline demo model asks for a tool named `calculator` whenever the user asks arithmetic
@@ -7,9 +7,10 @@ Each agent pairs a model the tests control with tools whose behaviour they contr
 - `openai:fake` and `anthropic:fake` go to the local fake vendor servers of
   `tests.fakes.llm_servers` (the test sets `openai_base_url` / `anthropic_base_url`).
 
-Tools record what they did in the module-level `controls`, which the in-process app shares with
-the test. Tests call `reset()` before and `open_all()` after each test (see the harness in
-`tests/integration/test_runs_support.py`), so no state or blocked tool outlives a test.
+Tools record what they did in a `Controls`, which they receive as their run's deps: the test
+builds one, and hands it to the app with `create_app(settings, agents=agents,
+deps=lambda _run: controls)` (see `running_app` in `tests/integration/test_runs_support.py`).
+There is no module-level state, so two apps in one process never share a gate.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from threadline.agents import Agent, RunContext, tool
 from threadline.agents.demo import evaluate_arithmetic
 from threadline.llm.types import ModelEvent, ModelProvider, ModelRequest, Role
 
-__all__ = ["Controls", "GatedModel", "agents", "controls", "open_all", "reset"]
+__all__ = ["Controls", "GatedModel", "agents"]
 
 
 @dataclass
 class Controls:
-    """What the test tools did, and the gates they wait on. Rebuilt per test by `reset()`."""
+    """What the test tools did, and the gates they wait on. One per app (and test)."""
 
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     """Blocking tools wait for it; set it to let them (and every later call) through."""
@@ -69,21 +70,10 @@ class Controls:
         self.active_by_user[ctx.user.user_id] -= 1
         (self.cancelled if cancelled else self.completed).append(ctx.run_id)
 
-
-controls = Controls()
-
-
-def reset() -> Controls:
-    """Fresh controls (and fresh asyncio events, bound to the current test's loop)."""
-    global controls
-    controls = Controls()
-    return controls
-
-
-def open_all() -> None:
-    """Let every blocked tool and model step go, so an app can shut down without waiting."""
-    controls.gate.set()
-    controls.model_gate.set()
+    def open_all(self) -> None:
+        """Let every blocked tool and model step go, so an app can shut down without waiting."""
+        self.gate.set()
+        self.model_gate.set()
 
 
 def _compute(expression: str) -> str:
@@ -92,8 +82,9 @@ def _compute(expression: str) -> str:
 
 
 @contextmanager
-def _tracking(ctx: RunContext[object]) -> Iterator[None]:
+def _tracking(ctx: RunContext[Controls]) -> Iterator[None]:
     """One tracked tool call: its entry, its exit, and whether it was cancelled."""
+    controls = ctx.deps
     controls.enter(ctx)
     cancelled = False
     try:
@@ -106,19 +97,19 @@ def _tracking(ctx: RunContext[object]) -> Iterator[None]:
 
 
 @tool(name="calculator")
-async def blocking_calculator(ctx: RunContext[object], expression: str) -> str:
+async def blocking_calculator(ctx: RunContext[Controls], expression: str) -> str:
     """Evaluate arithmetic, once the test opens the gate.
 
     Args:
         expression: Arithmetic such as "12*7".
     """
     with _tracking(ctx):
-        await controls.gate.wait()
+        await ctx.deps.gate.wait()
     return _compute(expression)
 
 
 @tool(name="calculator")
-async def sleeping_calculator(ctx: RunContext[object], expression: str) -> str:
+async def sleeping_calculator(ctx: RunContext[Controls], expression: str) -> str:
     """Evaluate arithmetic, after a minute's sleep (longer than any test's run timeout).
 
     Args:
@@ -130,32 +121,32 @@ async def sleeping_calculator(ctx: RunContext[object], expression: str) -> str:
 
 
 @tool(name="calculator")
-async def failing_calculator(ctx: RunContext[object], expression: str) -> str:
+async def failing_calculator(ctx: RunContext[Controls], expression: str) -> str:
     """Always fails.
 
     Args:
         expression: Arithmetic such as "12*7".
     """
-    controls.started.append(ctx.run_id)
+    ctx.deps.started.append(ctx.run_id)
     raise RuntimeError(f"calculator exploded on {expression}")
 
 
 @tool(name="calculator")
-async def counting_calculator(ctx: RunContext[object], expression: str) -> str:
+async def counting_calculator(ctx: RunContext[Controls], expression: str) -> str:
     """Evaluate arithmetic and say which invocation (per run) computed it.
 
     Args:
         expression: Arithmetic such as "12*7".
     """
-    controls.invocations[ctx.run_id] += 1
-    number = controls.invocations[ctx.run_id]
+    ctx.deps.invocations[ctx.run_id] += 1
+    number = ctx.deps.invocations[ctx.run_id]
     with _tracking(ctx):
         await asyncio.sleep(0)
     return f"{_compute(expression)} (invocation {number})"
 
 
 @tool(name="calculator")
-async def tracking_calculator(ctx: RunContext[object], expression: str) -> str:
+async def tracking_calculator(ctx: RunContext[Controls], expression: str) -> str:
     """Evaluate arithmetic slowly enough that two overlapping calls would be seen.
 
     Args:
@@ -171,15 +162,17 @@ def _broken_deps() -> object:
 
 
 class GatedModel:
-    """Wraps a provider: while `controls.hold_model_after_tools` is set, a model step that
+    """Wraps a provider: while `hold_model_after_tools` of its controls is set, a model step that
     follows tool results waits for `controls.model_gate` (a model stuck mid-run)."""
 
-    def __init__(self, inner: ModelProvider) -> None:
+    def __init__(self, inner: ModelProvider, controls: Controls) -> None:
         self._inner = inner
+        self._controls = controls
         self.name = inner.name
 
     async def stream(self, request: ModelRequest, *, model: str) -> AsyncIterator[ModelEvent]:
         last = request.messages[-1] if request.messages else None
+        controls = self._controls
         if controls.hold_model_after_tools and last is not None and last.role is Role.TOOL:
             controls.model_held.append(last.content)
             await controls.model_gate.wait()

@@ -9,9 +9,9 @@ import typer
 import uvicorn
 from rich.console import Console
 
-from threadline.api.services import check_agents
 from threadline.errors import ThreadlineError
 from threadline.logs import configure_logging
+from threadline.runtime import check_agents
 from threadline.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Threadline server and tools.")

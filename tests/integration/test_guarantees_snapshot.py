@@ -138,7 +138,7 @@ async def test_a_subscriber_sees_only_its_own_threads(h: Harness) -> None:
     with pytest.raises(NotFoundError):
         async with h.watch(bob, thread, after_seq=0):
             pass
-    assert h.services.gateway.watched_threads == 0
+    assert h.gateway.watched_threads == 0
 
 
 async def test_resuming_replays_every_stored_event_of_a_long_thread(h: Harness) -> None:
@@ -193,7 +193,7 @@ async def test_live_events_that_overflow_the_replay_buffer_are_read_from_the_sto
             )
     connection = _small_connection(h, user)
     opened = await open_subscription(
-        h.services, h.services.gateway, connection, h.ctx(user), thread, after_seq=0
+        h.services, h.gateway, connection, h.ctx(user), thread, after_seq=0
     )
     received: list[dict[str, Any]] = []
     try:
@@ -209,7 +209,7 @@ async def test_live_events_that_overflow_the_replay_buffer_are_read_from_the_sto
         async with asyncio.timeout(10):
             received += await connection.next_batch()
     finally:
-        h.services.gateway.detach(opened.subscription)
+        h.gateway.detach(opened.subscription)
     last_seq = (await h.events(user, thread, after=PAGE_SIZE))[-1].seq
     assert received[0]["type"] == "snapshot"
     assert [m["seq"] for m in received[1:]] == list(range(1, last_seq + 1))
@@ -222,7 +222,7 @@ async def test_a_replay_waits_for_a_dropped_live_event_to_be_committed(h: Harnes
     thread = await h.thread(user)
     connection = _small_connection(h, user)
     opened = await open_subscription(
-        h.services, h.services.gateway, connection, h.ctx(user), thread, after_seq=0
+        h.services, h.gateway, connection, h.ctx(user), thread, after_seq=0
     )
     try:
         async with aclosing(replay(h.services, h.ctx(user), opened)) as pages:
@@ -240,7 +240,7 @@ async def test_a_replay_waits_for_a_dropped_live_event_to_be_committed(h: Harnes
         assert opened.subscription.missed_to > 0
         assert not connection.overflowed
     finally:
-        h.services.gateway.detach(opened.subscription)
+        h.gateway.detach(opened.subscription)
     assert [m["seq"] for m in received[1:]] == list(range(1, 14))
 
 
@@ -253,7 +253,7 @@ async def test_a_dropped_live_event_that_never_reaches_the_store_drops_the_conne
     thread = await h.thread(user)
     connection = _small_connection(h, user)
     opened = await open_subscription(
-        h.services, h.services.gateway, connection, h.ctx(user), thread, after_seq=0
+        h.services, h.gateway, connection, h.ctx(user), thread, after_seq=0
     )
     try:
         async with aclosing(replay(h.services, h.ctx(user), opened)) as pages:
@@ -272,7 +272,7 @@ async def test_a_dropped_live_event_that_never_reaches_the_store_drops_the_conne
         async with asyncio.timeout(10):
             assert await connection.next_batch() == [OVERFLOW]
     finally:
-        h.services.gateway.detach(opened.subscription)
+        h.gateway.detach(opened.subscription)
 
 
 async def test_subscribing_while_an_event_is_published_but_not_committed(h: Harness) -> None:

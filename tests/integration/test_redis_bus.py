@@ -18,8 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.private_redis import PrivateRedis, private_redis
-from threadline.api.gateway import Connection
-from threadline.api.services import Services, open_services
+from threadline.api.gateway import Connection, Gateway, settled_reader
 from threadline.api.streams import subscribe
 from threadline.context import UserContext
 from threadline.events.bus import MemoryBus
@@ -27,6 +26,7 @@ from threadline.events.control import CancelRun, SessionEnded
 from threadline.events.publisher import EventPublisher
 from threadline.events.redis_bus import RedisBus, RedisBusConfig
 from threadline.events.types import Event, EventType
+from threadline.runtime import Runtime, open_runtime
 from threadline.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -197,7 +197,21 @@ async def test_a_control_message_reaches_another_process_within_100_ms(
 # ---------------------------------------------------------------- the gateway catching up
 
 
-async def _user_and_thread(services: Services) -> tuple[UserContext, str]:
+@asynccontextmanager
+async def _api_process(settings: Settings) -> AsyncIterator[tuple[Runtime, Gateway]]:
+    """What an API process holds: the runtime (no worker) and the gateway, as the app builds
+    them."""
+    async with open_runtime(settings, worker=False) as runtime:
+        gateway = Gateway(
+            runtime.bus, runtime.metrics, reader=settled_reader(runtime.engine, runtime.events)
+        )
+        try:
+            yield runtime, gateway
+        finally:
+            await gateway.aclose()
+
+
+async def _user_and_thread(services: Runtime) -> tuple[UserContext, str]:
     user = await services.auth.register(
         email=f"bus-{uuid.uuid4().hex[:10]}@example.com", password="correct horse battery"
     )
@@ -207,12 +221,14 @@ async def _user_and_thread(services: Services) -> tuple[UserContext, str]:
     return ctx, thread.id
 
 
-async def _subscribed(services: Services, ctx: UserContext, thread_id: str) -> Connection:
+async def _subscribed(
+    services: Runtime, gateway: Gateway, ctx: UserContext, thread_id: str
+) -> Connection:
     connection = Connection(
         user_id=ctx.user_id, connection_id="test", queue_size=100, metrics=services.metrics
     )
     async with asyncio.timeout(WAIT):
-        await subscribe(services, services.gateway, connection, ctx, thread_id, after_seq=None)
+        await subscribe(services, gateway, connection, ctx, thread_id, after_seq=None)
     return connection
 
 
@@ -225,7 +241,7 @@ async def _received(connection: Connection, seqs: list[int], until: int) -> None
                     seqs.append(int(message["seq"]))  # type: ignore[call-overload]
 
 
-def _publishers(services: Services) -> tuple[EventPublisher, EventPublisher]:
+def _publishers(services: Runtime) -> tuple[EventPublisher, EventPublisher]:
     """The process's own publisher, and one whose events never reach Redis (stored only)."""
     live = EventPublisher(bus=services.bus, store=services.events, engine=services.engine)
     blind = EventPublisher(bus=MemoryBus(), store=services.events, engine=services.engine)
@@ -241,10 +257,10 @@ async def _emit(publisher: EventPublisher, ctx: UserContext, thread_id: str, n: 
 async def test_a_gap_on_the_stream_is_filled_from_the_store(
     settings_factory: Callable[..., Settings],
 ) -> None:
-    async with open_services(settings_factory(embedded_worker=False)) as services:
+    async with _api_process(settings_factory()) as (services, gateway):
         assert isinstance(services.bus, RedisBus)
         ctx, thread_id = await _user_and_thread(services)
-        connection = await _subscribed(services, ctx, thread_id)
+        connection = await _subscribed(services, gateway, ctx, thread_id)
         live, blind = _publishers(services)
         missed = [await _emit(blind, ctx, thread_id, n) for n in range(3)]
         last = await _emit(live, ctx, thread_id, 3)
@@ -258,10 +274,10 @@ async def test_live_delivery_resumes_after_redis_restarts_without_loss_or_duplic
     settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:
     with private_redis(tmp_path) as server:
-        settings = settings_factory(embedded_worker=False, redis_url=server.url)
-        async with open_services(settings) as services:
+        settings = settings_factory(redis_url=server.url)
+        async with _api_process(settings) as (services, gateway):
             ctx, thread_id = await _user_and_thread(services)
-            connection = await _subscribed(services, ctx, thread_id)
+            connection = await _subscribed(services, gateway, ctx, thread_id)
             live, _ = _publishers(services)
             seqs: list[int] = []
             first = await _emit(live, ctx, thread_id, 0)

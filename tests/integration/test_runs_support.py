@@ -1,8 +1,9 @@
 """Shared helpers of the run, engine and guarantee tests (`test_runs_*`, `test_engine_*`,
 `test_guarantees_*`). This module holds no tests.
 
-- `running_app(settings)`: an app with its full lifespan (and embedded worker), an HTTP client
-  over it, and its services, with the test agents' controls reset before and opened after.
+- `running_app(settings)`: an app with its full lifespan (and embedded worker) offering the test
+  agents, an HTTP client over it, its runtime and gateway, and the `Controls` its agents' tools
+  receive as their deps (fresh per app, opened before shutdown).
 - `Harness`: shortcuts over the HTTP API (users, threads, runs, messages) and the event store.
 - `Watcher`: a live gateway subscription (what the WebSocket and SSE endpoints use), read with
   bounded waits. httpx's ASGI transport buffers whole responses, so SSE cannot be read live
@@ -32,16 +33,15 @@ from tests import agents_for_tests
 from tests.conftest import TestUser, register_user
 from tests.integration._support import all_messages
 from threadline.api.app import create_app
-from threadline.api.gateway import Connection, ThreadSubscription
-from threadline.api.services import Services
+from threadline.api.gateway import Connection, Gateway, ThreadSubscription
 from threadline.api.streams import subscribe
 from threadline.context import UserContext
 from threadline.events.types import Event
 from threadline.llm.providers import ProviderSet
+from threadline.runtime import Runtime
 from threadline.settings import Settings
 from threadline.store.tables import runs as runs_table
 
-AGENTS_MODULE = "tests.agents_for_tests"
 TERMINAL = frozenset({"completed", "failed", "cancelled", "timed_out"})
 TERMINAL_EVENTS = frozenset({"agent_completed", "agent_failed", "run_cancelled"})
 WAIT_SECONDS = 30.0
@@ -59,9 +59,9 @@ def run_settings(
     anthropic_url: str | None = None,
     **overrides: object,
 ) -> Settings:
-    """Settings for this test's backend with the test agents and the fake vendors' URLs."""
+    """Settings for this test's backend with the fake vendors' URLs (the test agents come
+    from `running_app`)."""
     values: dict[str, object] = {
-        "agents": [AGENTS_MODULE],
         "worker_poll_seconds": 0.05,
         "openai_base_url": openai_url or _UNUSED_OPENAI,
         "anthropic_api_key": "test-anthropic-key",
@@ -137,8 +137,9 @@ class Watcher:
 @dataclass
 class Harness:
     client: httpx.AsyncClient
-    services: Services
-    controls: agents_for_tests.Controls = field(default_factory=lambda: agents_for_tests.controls)
+    services: Runtime
+    gateway: Gateway
+    controls: agents_for_tests.Controls = field(default_factory=agents_for_tests.Controls)
 
     # --- users and threads ---
 
@@ -238,7 +239,7 @@ class Harness:
 
     async def wait_tool_started(self, run_id: str, count: int = 1) -> None:
         await wait_until(
-            lambda: agents_for_tests.controls.started.count(run_id) >= count,
+            lambda: self.controls.started.count(run_id) >= count,
             what=f"{count} tool call(s) of {run_id} to start",
         )
 
@@ -281,13 +282,13 @@ class Harness:
             metrics=services.metrics,
         )
         subscribed = await subscribe(
-            services, services.gateway, connection, self.ctx(user), thread_id, after_seq=after_seq
+            services, self.gateway, connection, self.ctx(user), thread_id, after_seq=after_seq
         )
         subscription: ThreadSubscription = subscribed.subscription
         try:
             yield Watcher(connection)
         finally:
-            services.gateway.detach(subscription)
+            self.gateway.detach(subscription)
 
     # --- the database, directly ---
 
@@ -311,15 +312,15 @@ class Harness:
 async def running_app(settings: Settings) -> AsyncIterator[Harness]:
     """An app with its lifespan and embedded worker; tool gates are opened before shutdown so a
     failing test never leaves the worker waiting out its grace period."""
-    agents_for_tests.reset()
-    app = create_app(settings)
+    controls = agents_for_tests.Controls()
+    app = create_app(settings, agents=agents_for_tests.agents, deps=lambda _run: controls)
     async with LifespanManager(app, startup_timeout=30, shutdown_timeout=60) as manager:
         transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://threadline") as client:
             try:
-                yield Harness(client, app.state.services, agents_for_tests.controls)
+                yield Harness(client, app.state.runtime, app.state.gateway, controls)
             finally:
-                agents_for_tests.open_all()
+                controls.open_all()
 
 
 # --- what a provider request must look like ---
@@ -409,6 +410,6 @@ def hold_the_model_after_tools(h: Harness) -> None:
     `controls.model_gate` is set: a model stuck mid-run, at a point the test chooses."""
     original = h.services.execution.providers
     providers = {name: original.resolve(f"{name}:model")[0] for name in original.names}
-    providers["demo"] = agents_for_tests.GatedModel(providers["demo"])
+    providers["demo"] = agents_for_tests.GatedModel(providers["demo"], h.controls)
     h.services.execution.providers = ProviderSet(providers)
     h.controls.hold_model_after_tools = True

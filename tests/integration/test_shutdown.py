@@ -56,7 +56,7 @@ async def test_shutdown_hands_unfinished_runs_back_and_another_worker_finishes_t
     async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            services = app.state.services
+            services = app.state.runtime
             run = await _wait_for_status(
                 client, user, thread_id, run_id, {"completed", "failed", "cancelled"}
             )

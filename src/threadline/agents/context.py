@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -27,3 +28,19 @@ class RunContext(Generic[DepsT]):
     agent_name: str
     deps: DepsT
     """Built by the agent's `deps_factory` once per run, so no state leaks between runs."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What an application's deps factory knows of the run it builds dependencies for."""
+
+    user: UserContext
+    thread_id: str
+    run_id: str
+    agent_name: str
+
+
+DepsFactory = Callable[[RunInfo], object]
+"""Builds a run's `RunContext.deps` from the run, once per run. An application passes one to
+`create_app(deps=...)` (or the worker) to hand its own resources (a client, a pool) to its
+tools; an agent that declares its own `deps_factory` keeps it."""

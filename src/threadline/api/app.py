@@ -1,4 +1,5 @@
-"""The application factory. `create_app(settings)` is all a deployment needs."""
+"""The application factory. `create_app(settings)` is all a deployment needs; an application
+may hand in its own agents and per-run deps."""
 
 from __future__ import annotations
 
@@ -8,20 +9,43 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from threadline.agents.context import DepsFactory
 from threadline.api import ws
 from threadline.api.errors import install_error_handlers
+from threadline.api.gateway import Gateway, settled_reader
 from threadline.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
-from threadline.api.routes import agents, auth, events, health, messages, runs, threads
-from threadline.api.services import open_services
+from threadline.api.routes import agents as agent_routes
+from threadline.api.routes import auth, events, health, messages, runs, threads
+from threadline.runtime import AgentsArg, open_runtime
 from threadline.settings import Settings
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(
+    settings: Settings, *, agents: AgentsArg = None, deps: DepsFactory | None = None
+) -> FastAPI:
+    """The ASGI app. Its lifespan opens the runtime (`threadline.runtime`) and adds what is
+    HTTP: the gateway that fans events out to this process's sockets.
+
+    Args:
+        settings: The configuration, built once by the caller.
+        agents: Agents (or factories) offered besides the demo agent and `settings.agents`,
+            or a ready `AgentRegistry` used as is.
+        deps: Builds each run's `RunContext.deps` (for agents without a `deps_factory`), so
+            the application can hand its own resources to its tools.
+    """
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_services(settings) as services:
-            app.state.services = services
-            yield
+        async with open_runtime(settings, agents=agents, deps=deps) as runtime:
+            app.state.runtime = runtime
+            gateway = Gateway(
+                runtime.bus, runtime.metrics, reader=settled_reader(runtime.engine, runtime.events)
+            )
+            app.state.gateway = gateway
+            try:
+                yield
+            finally:
+                await gateway.aclose()
 
     app = FastAPI(
         title="Threadline",
@@ -30,7 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (auth, threads, messages, runs, events, agents, health, ws):
+    for module in (auth, threads, messages, runs, events, agent_routes, health, ws):
         app.include_router(module.router)
     # Outermost first in the stack: CORS must answer preflights before the size check runs.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)

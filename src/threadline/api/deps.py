@@ -1,4 +1,5 @@
-"""Request dependencies: the services, one transaction, the signed-in user, owned resources."""
+"""Request dependencies: the runtime and the gateway, one transaction, the signed-in user,
+owned resources."""
 
 from __future__ import annotations
 
@@ -9,23 +10,33 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from threadline.api.services import Services
+from threadline.api.gateway import Gateway
 from threadline.auth.tokens import TokenClaims
 from threadline.context import UserContext
 from threadline.errors import AuthError, RateLimitedError
 from threadline.logs import bind_context
+from threadline.runtime import Runtime
 from threadline.store.db import read_transaction
 from threadline.store.threads import Thread
 
 _bearer = HTTPBearer(auto_error=False, description="A token from POST /v1/auth/token")
 
 
-async def get_services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
+async def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
 
 
-ServicesDep = Annotated[Services, Depends(get_services)]
+# The runtime's services (stores, auth, run service...): handlers call them `services`.
+ServicesDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+async def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
 async def _transaction(services: ServicesDep, request: Request) -> AsyncIterator[AsyncConnection]:

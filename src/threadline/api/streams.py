@@ -33,9 +33,9 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from threadline.api.gateway import Connection, Gateway, ThreadSubscription, WireMessage
-from threadline.api.services import Services
 from threadline.context import UserContext
 from threadline.events.types import Event
+from threadline.runtime import Runtime
 from threadline.store.db import read_transaction
 from threadline.store.runs import Run
 
@@ -78,7 +78,7 @@ class Subscribed:
 
 
 async def open_subscription(
-    services: Services,
+    services: Runtime,
     gateway: Gateway,
     connection: Connection,
     ctx: UserContext,
@@ -126,7 +126,7 @@ def _snapshot(thread_id: str, last_seq: int, active: list[Run]) -> WireMessage:
 
 
 async def replay(
-    services: Services, ctx: UserContext, opened: Opened
+    services: Runtime, ctx: UserContext, opened: Opened
 ) -> AsyncGenerator[list[WireMessage], None]:
     """The snapshot and the stored events after `after_seq`, then the buffered live events,
     in pages; then the subscription goes live. Stops early if the connection is dropped."""
@@ -155,7 +155,7 @@ async def replay(
 
 
 async def _stored_pages(
-    services: Services, ctx: UserContext, subscription: ThreadSubscription, after_seq: int
+    services: Runtime, ctx: UserContext, subscription: ThreadSubscription, after_seq: int
 ) -> AsyncGenerator[list[Event], None]:
     """Pages of stored events after `after_seq`, until a short page that reaches the
     subscription's `missed_to`. Drops the connection if that never happens; stops early once
@@ -191,7 +191,7 @@ def _give_up(subscription: ThreadSubscription, cursor: int) -> None:
 
 
 async def _read_page(
-    services: Services, ctx: UserContext, thread_id: str, *, after_seq: int
+    services: Runtime, ctx: UserContext, thread_id: str, *, after_seq: int
 ) -> list[Event]:
     # A connection per page: none is held while the client takes its time with a page.
     async with read_transaction(services.engine) as conn:
@@ -206,7 +206,7 @@ def _wire(events: list[Event]) -> list[WireMessage]:
 
 
 async def subscribe(
-    services: Services,
+    services: Runtime,
     gateway: Gateway,
     connection: Connection,
     ctx: UserContext,

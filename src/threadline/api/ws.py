@@ -41,12 +41,12 @@ from threadline.api.gateway import (
     ThreadSubscription,
     WireMessage,
 )
-from threadline.api.services import Services
 from threadline.api.streams import MAX_SEQ, run_wire, subscribe
 from threadline.auth.revocation import RevocationUnavailableError
 from threadline.context import UserContext
 from threadline.errors import AuthError, RateLimitedError, ThreadlineError
 from threadline.runs.service import MultitaskStrategy, RunRequest
+from threadline.runtime import Runtime
 from threadline.store.messages import MessageRole, NewMessage
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ _ClientMessage = TypeAdapter(dict[str, object])
 
 @router.websocket("/v1/ws")
 async def websocket_endpoint(websocket: WebSocket) -> None:
-    services: Services = websocket.app.state.services
+    services: Runtime = websocket.app.state.runtime
+    gateway: Gateway = websocket.app.state.gateway
     offered = websocket.scope.get("subprotocols", [])
     header_token = next((p[len("bearer.") :] for p in offered if p.startswith("bearer.")), None)
     await websocket.accept(subprotocol=_SUBPROTOCOL if _SUBPROTOCOL in offered else None)
@@ -105,13 +106,13 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         metrics=services.metrics,
         token_id=token_id,
     )
-    session = _Session(websocket, services, services.gateway, connection, ctx)
+    session = _Session(websocket, services, gateway, connection, ctx)
     services.metrics.sockets_active.inc()
-    services.gateway.register(connection)
+    gateway.register(connection)
     try:
         await session.serve()
     finally:
-        services.gateway.unregister(connection)
+        gateway.unregister(connection)
         services.metrics.sockets_active.dec()
         session.close_subscriptions()
     if connection.overflowed:
@@ -119,7 +120,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
 
 async def _authenticate(
-    websocket: WebSocket, services: Services, header_token: str | None
+    websocket: WebSocket, services: Runtime, header_token: str | None
 ) -> tuple[UserContext, str] | None:
     try:
         token = header_token
@@ -186,7 +187,7 @@ class _Session:
     def __init__(
         self,
         websocket: WebSocket,
-        services: Services,
+        services: Runtime,
         gateway: Gateway,
         connection: Connection,
         ctx: UserContext,

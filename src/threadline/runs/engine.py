@@ -29,7 +29,7 @@ from enum import StrEnum
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from threadline.agents.agent import Agent
-from threadline.agents.context import RunContext
+from threadline.agents.context import DepsFactory, RunContext, RunInfo
 from threadline.agents.history import repair_history, window_history
 from threadline.agents.loop import AgentOutcome, run_agent
 from threadline.agents.registry import AgentRegistry
@@ -92,6 +92,8 @@ class ExecutionEngine:
     runs: RunStore
     messages: MessageStore
     metrics: Metrics
+    deps: DepsFactory | None = None
+    """The application's per-run deps, for agents that declare no `deps_factory` of their own."""
     config: EngineConfig = field(default_factory=EngineConfig)
     _slots: dict[str, int] = field(default_factory=dict)
     _tasks: dict[str, asyncio.Task[object]] = field(default_factory=dict)
@@ -216,7 +218,7 @@ class UserRunEngine:
             thread_id=run.thread_id,
             run_id=run.id,
             agent_name=agent.name,
-            deps=agent.new_deps(),
+            deps=self._deps(run, ctx, agent),
         )
         return await run_agent(
             agent,
@@ -226,6 +228,13 @@ class UserRunEngine:
             model=model,
             sink=sink,
         )
+
+    def _deps(self, run: Run, ctx: UserContext, agent: Agent) -> object:
+        factory = self._engine.deps
+        if agent.deps_factory is not None or factory is None:
+            return agent.new_deps()
+        info = RunInfo(user=ctx, thread_id=run.thread_id, run_id=run.id, agent_name=agent.name)
+        return factory(info)
 
     async def _place_input_message(self, run: Run, ctx: UserContext) -> int | None:
         """The position of the message this run answers, after moving it behind the output of

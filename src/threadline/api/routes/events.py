@@ -24,13 +24,13 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from threadline.api.deps import CurrentClaims, CurrentUser, ServicesDep
-from threadline.api.gateway import OVERFLOW, Connection, ThreadSubscription, WireMessage
+from threadline.api.deps import CurrentClaims, CurrentUser, GatewayDep, ServicesDep
+from threadline.api.gateway import OVERFLOW, Connection, Gateway, ThreadSubscription, WireMessage
 from threadline.api.schemas import ErrorOut
-from threadline.api.services import Services
 from threadline.api.streams import MAX_SEQ, Opened, open_subscription, replay
 from threadline.context import UserContext
 from threadline.errors import InvalidInputError
+from threadline.runtime import Runtime
 
 router = APIRouter(tags=["events"])
 _HEARTBEAT_SECONDS = 15.0
@@ -72,6 +72,7 @@ async def thread_events(
     user: CurrentUser,
     claims: CurrentClaims,
     services: ServicesDep,
+    gateway: GatewayDep,
     after: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
     last_event_id: Annotated[str | None, Header(max_length=32)] = None,
 ) -> StreamingResponse:
@@ -85,32 +86,32 @@ async def thread_events(
     # Subscribe before answering, so a thread the user does not own is a plain 404.
     opened = await open_subscription(
         services,
-        services.gateway,
+        gateway,
         connection,
         user,
         thread_id,
         after_seq=_resume_point(after, last_event_id),
     )
     return StreamingResponse(
-        _stream(services, user, opened, request),
+        _stream(services, gateway, user, opened, request),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         # The stream's own `finally` never runs if the client leaves before it starts; this
         # runs either way (detaching twice is harmless).
-        background=BackgroundTask(_release, services, opened.subscription),
+        background=BackgroundTask(_release, gateway, opened.subscription),
     )
 
 
-def _release(services: Services, subscription: ThreadSubscription) -> None:
-    services.gateway.unregister(subscription.connection)
-    services.gateway.detach(subscription)
+def _release(gateway: Gateway, subscription: ThreadSubscription) -> None:
+    gateway.unregister(subscription.connection)
+    gateway.detach(subscription)
 
 
 async def _stream(
-    services: Services, ctx: UserContext, opened: Opened, request: Request
+    services: Runtime, gateway: Gateway, ctx: UserContext, opened: Opened, request: Request
 ) -> AsyncIterator[str]:
     services.metrics.sockets_active.inc()
-    services.gateway.register(opened.subscription.connection)
+    gateway.register(opened.subscription.connection)
     try:
         yield ": connected\n\n"
         async with aclosing(replay(services, ctx, opened)) as pages:
@@ -121,10 +122,10 @@ async def _stream(
             yield chunk
     finally:
         services.metrics.sockets_active.dec()
-        _release(services, opened.subscription)
+        _release(gateway, opened.subscription)
 
 
-async def _live(services: Services, connection: Connection, request: Request) -> AsyncIterator[str]:
+async def _live(services: Runtime, connection: Connection, request: Request) -> AsyncIterator[str]:
     while not await request.is_disconnected():
         try:
             async with asyncio.timeout(_HEARTBEAT_SECONDS):

@@ -1,11 +1,18 @@
-"""Everything a running server holds: built once by the app's lifespan, closed in reverse."""
+"""Everything a Threadline process holds below HTTP, built once from the settings and closed in
+reverse: the database engine, Redis, the event bus, the stores, auth, the rate limiter, the
+providers, the agent registry, the run service, the execution engine and the worker.
+
+`threadline serve` opens it and adds the HTTP parts (the gateway, sockets) in the app's
+lifespan; `threadline worker` opens it with the worker on and builds nothing of HTTP. Two
+runtimes (two apps in one test process) share no object.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,9 +20,10 @@ from pathlib import Path
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from threadline.agents.agent import Agent
+from threadline.agents.context import DepsFactory
 from threadline.agents.demo import demo_agent
-from threadline.agents.registry import AgentRegistry
-from threadline.api.gateway import Gateway, settled_reader
+from threadline.agents.registry import AgentFactory, AgentRegistry
 from threadline.auth.passwords import Passwords
 from threadline.auth.revocation import (
     DatabaseRevocationList,
@@ -48,9 +56,13 @@ from threadline.threads_service import ThreadService
 logger = logging.getLogger(__name__)
 _REDIS_TIMEOUT_SECONDS = 5.0
 
+AgentsArg = AgentRegistry | Iterable[Agent | AgentFactory] | None
+"""What an application may hand in: a ready registry (used as is), or agents added to the
+built-in demo agent and the modules of `settings.agents`."""
+
 
 @dataclass(frozen=True, slots=True)
-class Services:
+class Runtime:
     settings: Settings
     engine: AsyncEngine
     redis: Redis | None
@@ -63,13 +75,73 @@ class Services:
     limiter: RateLimiter
     metrics: Metrics
     bus: EventBus
-    gateway: Gateway
     registry: AgentRegistry
     providers: ProviderSet
     thread_service: ThreadService
     run_service: RunService
     execution: ExecutionEngine
     worker: Worker | None
+
+
+@asynccontextmanager
+async def open_runtime(
+    settings: Settings,
+    *,
+    agents: AgentsArg = None,
+    deps: DepsFactory | None = None,
+    worker: bool | None = None,
+) -> AsyncIterator[Runtime]:
+    """Build everything, run the worker if enabled (`worker`, by default
+    `settings.embedded_worker`), and close it all in reverse."""
+    registry = check_agents(settings, agents)
+    async with AsyncExitStack() as stack:
+        engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
+        stack.push_async_callback(engine.dispose)
+        if settings.is_sqlite:
+            await upgrade_to_head(engine)
+        else:
+            await ensure_schema_current(engine)
+        redis = await _connect_redis(settings.redis_url) if settings.redis_url else None
+        if redis is not None:
+            stack.push_async_callback(redis.aclose)
+        bus = _build_bus(settings, redis)
+        stack.push_async_callback(bus.aclose)
+        with_worker = settings.embedded_worker if worker is None else worker
+        runtime = _assemble(
+            settings, engine, redis, bus, registry=registry, deps=deps, with_worker=with_worker
+        )
+        stack.push_async_callback(runtime.providers.aclose)
+        if runtime.worker is None:
+            yield runtime
+            return
+        async with asyncio.TaskGroup() as group:
+            group.create_task(runtime.worker.run())
+            try:
+                yield runtime
+            finally:
+                await runtime.worker.stop()
+
+
+def _build_bus(settings: Settings, redis: Redis | None) -> EventBus:
+    """The one place that chooses the event bus. Every process of a deployment must choose the
+    same one: with several processes that is Redis, so a run executed by one worker reaches
+    sockets held by any API process. The Redis bus (whenever `THREADLINE_REDIS_URL` is set)
+    keeps its own connections: a bounded pool and one per reader, see `events/redis_bus.py`."""
+    if settings.redis_url is None:
+        return MemoryBus()
+    bus = RedisBus(
+        settings.redis_url,
+        config=RedisBusConfig(
+            prefix=settings.redis_prefix,
+            max_len=settings.redis_stream_max_len,
+            ttl_seconds=settings.redis_stream_ttl_seconds,
+            readers=settings.redis_readers,
+            keys_per_read=settings.redis_keys_per_read,
+            timeout_seconds=settings.redis_timeout_seconds,
+        ),
+    )
+    bus.start()
+    return bus
 
 
 def resolve_secret(settings: Settings) -> str:
@@ -106,29 +178,16 @@ async def _connect_redis(url: str) -> Redis:
     return redis
 
 
-def build_bus(settings: Settings) -> EventBus:
-    """The Redis bus whenever `THREADLINE_REDIS_URL` is set (any number of processes), else
-    the in-process one. A `RedisBus` needs `start()` in the running loop."""
-    if settings.redis_url is None:
-        return MemoryBus()
-    return RedisBus(
-        settings.redis_url,
-        config=RedisBusConfig(
-            prefix=settings.redis_prefix,
-            max_len=settings.redis_stream_max_len,
-            ttl_seconds=settings.redis_stream_ttl_seconds,
-            readers=settings.redis_readers,
-            keys_per_read=settings.redis_keys_per_read,
-            timeout_seconds=settings.redis_timeout_seconds,
-        ),
-    )
-
-
-def build_registry(settings: Settings) -> AgentRegistry:
-    """The built-in demo agent (on `default_model`) plus every agent of `settings.agents`."""
+def build_registry(settings: Settings, agents: AgentsArg = None) -> AgentRegistry:
+    """The built-in demo agent (on `default_model`), every agent of `settings.agents`, and
+    `agents`; or `agents` itself when it is a registry."""
+    if isinstance(agents, AgentRegistry):
+        return agents
     registry = AgentRegistry([replace(demo_agent(), model=settings.default_model)])
     for module in settings.agents:
         registry.load_module(module)
+    for agent in agents or ():
+        registry.register(agent)
     return registry
 
 
@@ -143,10 +202,10 @@ def build_provider_set(settings: Settings) -> ProviderSet:
     )
 
 
-def check_agents(settings: Settings) -> AgentRegistry:
+def check_agents(settings: Settings, agents: AgentsArg = None) -> AgentRegistry:
     """Load the agents and check each one's model has a configured provider: a missing key is
     a start-up error naming the variable, not a failed run later."""
-    registry = build_registry(settings)
+    registry = build_registry(settings, agents)
     # Stand-ins named like the configured providers: resolving needs only the names, and real
     # SDK clients would need closing.
     configured = {DEMO: True, OPENAI: _openai_key(settings) is not None}
@@ -164,37 +223,16 @@ def _openai_key(settings: Settings) -> str | None:
     return "not-needed" if settings.openai_base_url else None
 
 
-@asynccontextmanager
-async def open_services(settings: Settings) -> AsyncIterator[Services]:
-    """Build everything, run the embedded worker if enabled, and close it all in reverse."""
-    async with AsyncExitStack() as stack:
-        engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
-        stack.push_async_callback(engine.dispose)
-        if settings.is_sqlite:
-            await upgrade_to_head(engine)
-        else:
-            await ensure_schema_current(engine)
-        redis = await _connect_redis(settings.redis_url) if settings.redis_url else None
-        if redis is not None:
-            stack.push_async_callback(redis.aclose)
-        services = _assemble(settings, engine, redis)
-        stack.push_async_callback(services.providers.aclose)
-        stack.push_async_callback(services.bus.aclose)
-        if isinstance(services.bus, RedisBus):
-            services.bus.start()
-        stack.push_async_callback(services.gateway.aclose)
-        if services.worker is None:
-            yield services
-            return
-        async with asyncio.TaskGroup() as group:
-            group.create_task(services.worker.run())
-            try:
-                yield services
-            finally:
-                await services.worker.stop()
-
-
-def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> Services:
+def _assemble(
+    settings: Settings,
+    engine: AsyncEngine,
+    redis: Redis | None,
+    bus: EventBus,
+    *,
+    registry: AgentRegistry,
+    deps: DepsFactory | None,
+    with_worker: bool,
+) -> Runtime:
     revocations: RevocationList = (
         RedisRevocationList(redis, prefix=settings.redis_prefix)
         if redis is not None
@@ -212,9 +250,7 @@ def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> S
         max_metadata_bytes=settings.max_metadata_bytes,
     )
     runs, events, metrics = RunStore(), EventStore(), Metrics()
-    bus = build_bus(settings)
     publisher = EventPublisher(bus=bus, store=events, engine=engine)
-    registry = check_agents(settings)
     providers = build_provider_set(settings)
     execution = ExecutionEngine(
         db=engine,
@@ -224,6 +260,7 @@ def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> S
         runs=runs,
         messages=messages,
         metrics=metrics,
+        deps=deps,
         config=EngineConfig(
             run_timeout_seconds=settings.run_timeout_seconds,
             per_user_concurrency=settings.max_concurrent_runs_per_user,
@@ -242,7 +279,7 @@ def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> S
                 grace_seconds=settings.shutdown_grace_seconds,
             ),
         )
-        if settings.embedded_worker
+        if with_worker
         else None
     )
     auth = AuthService(
@@ -254,7 +291,7 @@ def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> S
         tokens=TokenCodec(resolve_secret(settings), ttl_seconds=settings.token_ttl_seconds),
         revocations=revocations,
     )
-    return Services(
+    return Runtime(
         settings=settings,
         engine=engine,
         redis=redis,
@@ -267,7 +304,6 @@ def _assemble(settings: Settings, engine: AsyncEngine, redis: Redis | None) -> S
         limiter=limiter,
         metrics=metrics,
         bus=bus,
-        gateway=Gateway(bus, metrics, reader=settled_reader(engine, events)),
         registry=registry,
         providers=providers,
         thread_service=ThreadService(threads=threads, events=events, publisher=publisher),
