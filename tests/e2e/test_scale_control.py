@@ -1,5 +1,10 @@
-"""Logout closes that token's open WebSockets and SSE streams on every API process at once
-(WebSocket close code 4003, SSE `session_ended`), and nothing opened with another token."""
+"""Control messages cross processes through Redis at once:
+
+- logout closes that token's open WebSockets and SSE streams on every API process (WebSocket
+  close code 4003, SSE `session_ended`), and nothing opened with another token;
+- a cancel posted to one API process stops the run on the worker executing it well before the
+  worker's next heartbeat (the fallback that would notice the cancel in the database).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from tests.e2e.scale_support import Cluster, cluster
 from tests.e2e.sockets_support import (
     PASSWORD,
+    TERMINAL,
     create_thread,
     http_client,
     open_socket,
@@ -23,6 +29,8 @@ from tests.e2e.sockets_support import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 CLOSE_SESSION_ENDED = 4003
+# The worker heartbeats every lease/4: with this lease, 15 s. A cancel seen sooner came by Redis.
+LEASE_SECONDS = 60
 
 
 @pytest.fixture
@@ -69,3 +77,45 @@ async def test_logout_closes_the_tokens_sockets_and_streams_on_every_process(
             await kept.ping()  # the other token's socket is untouched
             refused = await http_b.get("/v1/auth/me", headers=user.headers)
             assert refused.status_code == 401 and refused.json()["error"]["code"] == "token_revoked"
+
+
+@pytest.fixture
+def api_and_worker(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    with cluster(request, tmp_path_factory.mktemp("cancel")) as c:
+        c.api(run_lease_seconds=LEASE_SECONDS)
+        c.api(run_lease_seconds=LEASE_SECONDS)
+        c.worker(run_lease_seconds=LEASE_SECONDS, demo_delay_seconds=0.2)
+        yield c
+
+
+async def test_a_cancel_reaches_the_worker_at_once(api_and_worker: Cluster) -> None:
+    a, b = api_and_worker.apis
+    question = " ".join(f"word{n}" for n in range(100))  # 20 s of streaming at 0.2 s a word
+    async with asyncio.timeout(60), http_client(a) as http_a, http_client(b) as http_b:
+        user = await register(http_a)
+        thread_id = await create_thread(http_a, user)
+        async with open_socket(a, user.token) as sock:
+            await sock.subscribe(thread_id)
+            await sock.send(
+                {
+                    "type": "send_message",
+                    "thread_id": thread_id,
+                    "content": question,
+                    "agent": "demo",
+                }
+            )
+            run_id = (await sock.until_type("message_accepted"))["run_id"]
+            await sock.until_type("message_delta", run_id=run_id, within=30)
+            asked = time.monotonic()
+            cancel = await http_b.post(
+                f"/v1/threads/{thread_id}/runs/{run_id}/cancel", headers=user.headers
+            )
+            assert cancel.status_code == 200, cancel.text
+            ended = await sock.until(
+                lambda m: m.get("run_id") == run_id and m.get("type") in TERMINAL, within=30
+            )
+            took = time.monotonic() - asked
+    assert ended["type"] == "run_cancelled" and ended["data"] == {"reason": "user"}, ended
+    assert took < 2.0, f"the cancel took {took:.2f} s: it waited for a heartbeat"
