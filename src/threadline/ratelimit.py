@@ -23,7 +23,6 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
-_REDIS_TIMEOUT_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,18 +61,24 @@ class RedisRateLimiter:
     expiry (INCR keeps it); this also works on Redis 6, unlike `EXPIRE ... NX`."""
 
     def __init__(
-        self, redis: Redis, *, prefix: str, clock: Callable[[], float] = time.time
+        self,
+        redis: Redis,
+        *,
+        prefix: str,
+        clock: Callable[[], float] = time.time,
+        timeout_seconds: float = 2.0,
     ) -> None:
         self._redis = redis
         self._prefix = f"{prefix}:rate:"
         self._clock = clock
+        self._timeout = timeout_seconds
         self._failing = False
 
     async def hit(self, key: str, *, limit: int, window_seconds: int) -> RateDecision:
         start, retry_after = _window(self._clock(), window_seconds)
         redis_key = f"{self._prefix}{key}:{start}"
         try:
-            async with asyncio.timeout(_REDIS_TIMEOUT_SECONDS):
+            async with asyncio.timeout(self._timeout):
                 async with self._redis.pipeline(transaction=True) as pipe:
                     pipe.set(redis_key, 0, ex=window_seconds + 1, nx=True)
                     pipe.incr(redis_key)

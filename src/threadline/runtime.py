@@ -234,12 +234,16 @@ def _assemble(
     with_worker: bool,
 ) -> Runtime:
     revocations: RevocationList = (
-        RedisRevocationList(redis, prefix=settings.redis_prefix)
+        RedisRevocationList(
+            redis, prefix=settings.redis_prefix, timeout_seconds=settings.redis_timeout_seconds
+        )
         if redis is not None
         else DatabaseRevocationList(engine)
     )
     limiter: RateLimiter = (
-        RedisRateLimiter(redis, prefix=settings.redis_prefix)
+        RedisRateLimiter(
+            redis, prefix=settings.redis_prefix, timeout_seconds=settings.redis_timeout_seconds
+        )
         if redis is not None
         else MemoryRateLimiter()
     )

@@ -25,8 +25,6 @@ from threadline.errors import ThreadlineError
 from threadline.store.db import read_transaction
 from threadline.store.tables import revoked_tokens
 
-_REDIS_TIMEOUT_SECONDS = 2.0
-
 
 class RevocationUnavailableError(ThreadlineError):
     """The revocation list cannot be read or written right now (Redis unreachable)."""
@@ -47,13 +45,14 @@ class RevocationList(Protocol):
 
 
 class RedisRevocationList:
-    def __init__(self, redis: Redis, *, prefix: str) -> None:
+    def __init__(self, redis: Redis, *, prefix: str, timeout_seconds: float = 2.0) -> None:
         self._redis = redis
         self._prefix = f"{prefix}:revoked:"
+        self._timeout = timeout_seconds
 
     async def revoke(self, jti: str, *, expires_at: datetime) -> None:
         try:
-            async with asyncio.timeout(_REDIS_TIMEOUT_SECONDS):
+            async with asyncio.timeout(self._timeout):
                 await self._redis.set(
                     self._prefix + jti, b"1", exat=int(expires_at.timestamp()) + 1
                 )
@@ -62,7 +61,7 @@ class RedisRevocationList:
 
     async def is_revoked(self, jti: str) -> bool:
         try:
-            async with asyncio.timeout(_REDIS_TIMEOUT_SECONDS):
+            async with asyncio.timeout(self._timeout):
                 return bool(await self._redis.exists(self._prefix + jti))
         except (RedisError, OSError, TimeoutError) as exc:
             raise RevocationUnavailableError(exc) from exc
