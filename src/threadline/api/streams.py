@@ -1,9 +1,11 @@
 """Subscribing a connection to a thread: ownership check, snapshot, replay, then live.
 
 Two steps, so that nothing is sent before the request is known to be good:
-1. `open_subscription` attaches the live listener (buffering), checks ownership, reads the
-   thread's last seq (once no publisher's transaction is in flight), the first page of stored
-   events and the active runs, and builds the `snapshot`. A thread the user does not own
+1. `open_subscription` attaches the live listener (buffering), waits until the bus carries the
+   thread's events to it from now on (`Gateway.ready`: the Redis bus first learns where the
+   thread's stream ends), checks ownership, reads the thread's last seq (once no publisher's
+   transaction is in flight), the first page of stored events and the active runs, and builds
+   the `snapshot`. A thread the user does not own
    raises `NotFoundError` here (SSE answers 404).
 2. `replay` yields pages of messages for the connection's writer: the snapshot with the first
    page, further pages of stored events (`PAGE_SIZE` each) until a short page, then what the
