@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -20,11 +21,13 @@ from tests.e2e.scale_support import Cluster, cluster
 from tests.e2e.sockets_support import (
     PASSWORD,
     TERMINAL,
+    ServerProcess,
     create_thread,
     http_client,
     open_socket,
     open_sse,
     register,
+    server_factory,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -119,3 +122,20 @@ async def test_a_cancel_reaches_the_worker_at_once(api_and_worker: Cluster) -> N
             took = time.monotonic() - asked
     assert ended["type"] == "run_cancelled" and ended["data"] == {"reason": "user"}, ended
     assert took < 2.0, f"the cancel took {took:.2f} s: it waited for a heartbeat"
+
+
+@pytest.fixture
+def embedded(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerProcess]:
+    with server_factory("sqlite", request, tmp_path) as start:
+        yield start()
+
+
+async def test_logout_closes_sockets_on_the_embedded_server_too(embedded: ServerProcess) -> None:
+    """One process, SQLite, the in-process bus: the same promise, the same close code."""
+    async with asyncio.timeout(60), http_client(embedded) as http:
+        user = await register(http)
+        async with open_socket(embedded, user.token) as sock:
+            await sock.ping()
+            assert (await http.post("/v1/auth/logout", headers=user.headers)).status_code == 204
+            closed = await sock.drain_until_closed(within=5)
+    assert closed.rcvd is not None and closed.rcvd.code == CLOSE_SESSION_ENDED
