@@ -1,53 +1,132 @@
-"""The `threadline` command: serve, migrate."""
+"""The `threadline` command: serve, worker, migrate.
+
+Every failure a user can fix (a bad setting, a database that cannot be reached or is not
+migrated, a port in use) ends in one unwrapped line on stderr and exit status 2, before the
+server creates anything; never in a traceback.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from importlib.metadata import version as package_version
+from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 import uvicorn
-from rich.console import Console
 
 from threadline.errors import ThreadlineError
 from threadline.logs import configure_logging
 from threadline.runtime import check_agents
-from threadline.settings import Settings, load_settings
+from threadline.settings import Settings, load_settings, unknown_variables
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Threadline server and tools.")
-console = Console(stderr=True)
+# Plain click help: rich's panels print a `<bool>` type beside every flag and wrap long lines.
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    help="Threadline server and tools.",
+)
+_DEFAULTS = Settings.model_fields
 
 
-def _settings(**overrides: object) -> Settings:
+def _help(text: str, name: str) -> str:
+    """`text` with the option's default: the variable, else the setting's own default (the
+    option itself defaults to None so that the variable and the TOML file still apply)."""
+    variable = f"THREADLINE_{name.upper()}"
+    return f"{text}  [default: {variable}, else {_DEFAULTS[name].default}]"
+
+
+def _say(message: str) -> None:
+    """One line on stderr, never wrapped (a terminal wraps it at its own width)."""
+    click.echo(message, err=True)
+
+
+def _fail(title: str, exc: BaseException | str) -> typer.Exit:
+    _say(f"{click.style(title + ':', fg='red')} {exc}")
+    return typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        click.echo(f"threadline {package_version('threadline')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Threadline server and tools."""
+
+
+AgentsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="MODULE",
+        help="Module whose agents to register, e.g. mypkg.agents (repeatable).  "
+        "[default: THREADLINE_AGENTS, else none]",
+    ),
+]
+AppDirOption = Annotated[
+    Path,
+    typer.Option(
+        metavar="DIR",
+        help="Directory put first on the import path, so that --agents finds modules there "
+        "(like uvicorn's --app-dir).",
+    ),
+]
+
+
+def _settings(*, app_dir: Path | None = None, **overrides: object) -> Settings:
+    if app_dir is not None:
+        # What `python -m` does for the working directory: `threadline serve --agents
+        # mypkg.agents`, run from the folder that holds mypkg, imports it.
+        sys.path.insert(0, str(app_dir.resolve()))
+    for warning in unknown_variables():
+        _say(f"{click.style('Warning:', fg='yellow')} {warning}")
     try:
         settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
         check_agents(settings)
     except ThreadlineError as exc:
-        console.print(f"[red]Configuration error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        raise _fail("Configuration error", exc) from exc
     return settings
 
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Interface to bind [THREADLINE_HOST]")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [THREADLINE_PORT]")] = None,
-    agents: Annotated[
-        list[str] | None,
-        typer.Option(help="Module whose agents to register (repeatable) [THREADLINE_AGENTS]"),
+    host: Annotated[
+        str | None,
+        typer.Option(metavar="HOST", help=_help("Interface to bind.", "host")),
     ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(metavar="PORT", help=_help("Port to listen on (0: any free one).", "port")),
+    ] = None,
+    agents: AgentsOption = None,
+    app_dir: AppDirOption = Path("."),
 ) -> None:
     """Run the API server. With no configuration: SQLite file, in-process worker, demo agent."""
     from threadline.api.app import create_app
 
-    settings = _settings(host=host, port=port, agents=agents or None)
-    _check_schema(settings)
-    configure_logging(settings.log_level)
+    settings = _settings(app_dir=app_dir, host=host, port=port, agents=agents or None)
+    # Before anything is created (database, secret key) or printed: a second server on the
+    # same port fails here, in one line.
+    listener = _bind(settings.host, settings.port)
+    _check_database(settings)
+    configure_logging(settings.log_level, json_lines=settings.log_json)
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(settings),
-            host=settings.host,
-            port=settings.port,
+            log_config=None,  # configure_logging above formats uvicorn's lines like ours
             log_level=settings.log_level.lower(),
             proxy_headers=True,
             timeout_graceful_shutdown=30,
@@ -56,72 +135,109 @@ def serve(
             ws_per_message_deflate=False,
         )
     )
+    bound_port = listener.getsockname()[1]
     shown_host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
-    console.print(f"Threadline on [bold]http://{shown_host}:{settings.port}[/bold]")
-    console.print(f"Database: {_redacted(settings.database_url)}")
-    server.run()
+    _announce(settings, f"Threadline on http://{shown_host}:{bound_port}")
+    _announce(settings, f"Database: {_redacted(settings.database_url)}")
+    server.run(sockets=[listener])
+
+
+def _announce(settings: Settings, line: str) -> None:
+    """A start-up line: plain for a person at a terminal, a log record when logs are JSON (so
+    that every line a log collector reads is JSON)."""
+    if settings.log_json:
+        logging.getLogger("threadline.cli").info("%s", line)
+    else:
+        _say(line)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now so that a port in use is found before anything else."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # As uvicorn does: a restart may reuse a port whose old connections are in TIME_WAIT (a
+    # port another process listens on still fails to bind).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "is already in use" if exc.errno == 98 else f"cannot be bound ({exc.strerror})"
+        raise _fail(
+            "Cannot listen",
+            f"{host}:{port} {reason}; choose another with --port or THREADLINE_PORT",
+        ) from exc
+    sock.set_inheritable(True)
+    return sock
 
 
 @app.command()
 def worker(
-    agents: Annotated[
-        list[str] | None,
-        typer.Option(help="Module whose agents to register (repeatable) [THREADLINE_AGENTS]"),
-    ] = None,
+    agents: AgentsOption = None,
+    app_dir: AppDirOption = Path("."),
 ) -> None:
     """Run agents from the queue, without serving HTTP (start API processes with
     THREADLINE_EMBEDDED_WORKER=false when workers run apart)."""
     from threadline.runs.standalone import run_worker
 
-    settings = _settings(agents=agents or None, embedded_worker=True)
-    _check_schema(settings)
-    configure_logging(settings.log_level)
-    console.print(f"Threadline worker on {_redacted(settings.database_url)}")
+    settings = _settings(app_dir=app_dir, agents=agents or None, embedded_worker=True)
+    _check_database(settings)
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    _announce(settings, f"Threadline worker on {_redacted(settings.database_url)}")
     asyncio.run(run_worker(settings))  # SIGINT and SIGTERM stop it gracefully
 
 
 @app.command()
 def migrate() -> None:
     """Apply database migrations (needed before `serve` on PostgreSQL)."""
-    from threadline.store.db import create_engine
     from threadline.store.migrate import upgrade_to_head
 
     settings = _settings()
-
-    async def run() -> None:
-        engine = create_engine(settings.database_url)
-        try:
-            await upgrade_to_head(engine)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(run())
-    console.print(f"Migrated {_redacted(settings.database_url)} to the latest schema.")
+    _with_database(settings, upgrade_to_head)
+    _say(f"Migrated {_redacted(settings.database_url)} to the latest schema.")
 
 
-def _check_schema(settings: Settings) -> None:
-    """On PostgreSQL, refuse to start on a database `threadline migrate` has not brought up to
-    date (SQLite is migrated by the server itself)."""
+def _check_database(settings: Settings) -> None:
+    """On PostgreSQL, refuse to start on a database that cannot be reached or that `threadline
+    migrate` has not brought up to date (SQLite is migrated by the server itself)."""
     if settings.is_sqlite:
         return
-    from threadline.store.db import create_engine
     from threadline.store.migrate import ensure_schema_current
 
-    async def check() -> None:
-        engine = create_engine(settings.database_url, pool_size=1)
+    _with_database(settings, ensure_schema_current)
+
+
+def _with_database(settings: Settings, action: Callable[..., Awaitable[None]]) -> None:
+    """Check the database answers within the connect timeout, then run `action(engine)`; any
+    failure is one line."""
+    from threadline.store.db import (
+        DatabaseUnavailableError,
+        check_reachable,
+        create_engine,
+        unavailable,
+    )
+
+    timeout = settings.database_connect_timeout_seconds
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url, pool_size=1, connect_timeout_seconds=timeout)
         try:
-            await ensure_schema_current(engine)
+            await check_reachable(
+                engine, database_url=settings.database_url, timeout_seconds=timeout
+            )
+            await action(engine)
         finally:
             await engine.dispose()
 
     try:
-        asyncio.run(check())
+        asyncio.run(run())
+    except DatabaseUnavailableError as exc:
+        raise _fail("Database error", exc) from exc
     except ThreadlineError as exc:
-        console.print(f"[red]Configuration error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    except Exception as exc:  # any driver error: show it in one line, not a traceback
-        console.print(f"[red]Cannot reach the database:[/red] {type(exc).__name__}: {exc}")
-        raise typer.Exit(2) from exc
+        raise _fail("Configuration error", exc) from exc
+    except Exception as exc:  # any other driver error: one line, not a traceback
+        error = unavailable(exc, database_url=settings.database_url, timeout_seconds=timeout)
+        raise _fail("Database error", error) from exc
 
 
 def _redacted(url: str) -> str:

@@ -41,6 +41,7 @@ from threadline.llm.providers import ANTHROPIC, DEMO, OPENAI, ProviderSet, build
 from threadline.metrics import Metrics
 from threadline.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from threadline.runs.engine import EngineConfig, ExecutionEngine
+from threadline.runs.outcomes import RunFinisher
 from threadline.runs.service import RunService
 from threadline.runs.worker import Worker, WorkerConfig
 from threadline.settings import Settings
@@ -48,6 +49,7 @@ from threadline.store.db import create_engine
 from threadline.store.events import EventStore
 from threadline.store.messages import MessageStore
 from threadline.store.migrate import ensure_schema_current, upgrade_to_head
+from threadline.store.queue import RunQueue
 from threadline.store.runs import RunStore
 from threadline.store.threads import ThreadStore
 from threadline.store.users import UserStore
@@ -70,11 +72,13 @@ class Runtime:
     threads: ThreadStore
     messages: MessageStore
     runs: RunStore
+    queue: RunQueue
     events: EventStore
     auth: AuthService
     limiter: RateLimiter
     metrics: Metrics
     bus: EventBus
+    publisher: EventPublisher
     registry: AgentRegistry
     providers: ProviderSet
     thread_service: ThreadService
@@ -95,7 +99,12 @@ async def open_runtime(
     `settings.embedded_worker`), and close it all in reverse."""
     registry = check_agents(settings, agents)
     async with AsyncExitStack() as stack:
-        engine = create_engine(settings.database_url, pool_size=settings.database_pool_size)
+        engine = create_engine(
+            settings.database_url,
+            pool_size=settings.database_pool_size,
+            connect_timeout_seconds=settings.database_connect_timeout_seconds,
+            statement_timeout_seconds=settings.database_statement_timeout_seconds,
+        )
         stack.push_async_callback(engine.dispose)
         if settings.is_sqlite:
             await upgrade_to_head(engine)
@@ -253,38 +262,56 @@ def _assemble(
         max_message_chars=settings.max_message_chars,
         max_metadata_bytes=settings.max_metadata_bytes,
     )
-    runs, events, metrics = RunStore(), EventStore(), Metrics()
+    runs, queue, events, metrics = RunStore(), RunQueue(), EventStore(), Metrics()
     publisher = EventPublisher(bus=bus, store=events, engine=engine)
+    finisher = RunFinisher(queue=queue, messages=messages, publisher=publisher, metrics=metrics)
     providers = build_provider_set(settings)
     execution = ExecutionEngine(
         db=engine,
         registry=registry,
         providers=providers,
         publisher=publisher,
-        runs=runs,
         messages=messages,
+        queue=queue,
+        finisher=finisher,
         metrics=metrics,
         deps=deps,
         config=EngineConfig(
             run_timeout_seconds=settings.run_timeout_seconds,
             per_user_concurrency=settings.max_concurrent_runs_per_user,
-            max_attempts=settings.run_max_attempts,
-            lease_seconds=settings.run_lease_seconds,
         ),
     )
     worker = (
         Worker(
             execution,
+            db=engine,
+            queue=queue,
+            finisher=finisher,
             bus=bus,
             config=WorkerConfig(
                 concurrency=settings.worker_concurrency,
                 poll_seconds=settings.worker_poll_seconds,
                 heartbeat_seconds=max(settings.run_lease_seconds / 4, 0.5),
                 grace_seconds=settings.shutdown_grace_seconds,
+                lease_seconds=settings.run_lease_seconds,
+                per_user_limit=settings.max_concurrent_runs_per_user,
             ),
         )
         if with_worker
         else None
+    )
+    run_service = RunService(
+        db=engine,
+        threads=threads,
+        messages=messages,
+        runs=runs,
+        registry=registry,
+        publisher=publisher,
+        bus=bus,
+        max_attempts=settings.run_max_attempts,
+        max_active_per_user=settings.max_active_runs_per_user,
+        finisher=finisher,
+        wake_worker=worker.notify if worker is not None else lambda: None,
     )
     auth = AuthService(
         engine=engine,
@@ -303,27 +330,19 @@ def _assemble(
         threads=threads,
         messages=messages,
         runs=runs,
+        queue=queue,
         events=events,
         auth=auth,
         limiter=limiter,
         metrics=metrics,
         bus=bus,
+        publisher=publisher,
         registry=registry,
         providers=providers,
-        thread_service=ThreadService(threads=threads, events=events, publisher=publisher),
-        run_service=RunService(
-            db=engine,
-            threads=threads,
-            messages=messages,
-            runs=runs,
-            registry=registry,
-            publisher=publisher,
-            bus=bus,
-            max_attempts=settings.run_max_attempts,
-            max_active_per_user=settings.max_active_runs_per_user,
-            metrics=metrics,
-            wake_worker=worker.notify if worker is not None else lambda: None,
+        thread_service=ThreadService(
+            threads=threads, events=events, publisher=publisher, runs=run_service
         ),
+        run_service=run_service,
         execution=execution,
         worker=worker,
     )

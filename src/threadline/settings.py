@@ -7,6 +7,7 @@ vendors' usual names (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`) so existing set-ups
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -31,6 +32,10 @@ _POSTGRES_SCHEMES = frozenset(
     {"postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "postgresql+asyncpg"}
 )
 _SQLITE_SCHEMES = frozenset({"sqlite", "sqlite+aiosqlite"})
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ENV_PREFIX = "THREADLINE_"
+# Read by the test suite, not by the server: never warned about.
+_TEST_SUITE_VARIABLES = frozenset({"THREADLINE_TEST_DATABASE_URL", "THREADLINE_TEST_REDIS_URL"})
 
 
 def normalize_database_url(url: str, *, setting: str = "THREADLINE_DATABASE_URL") -> str:
@@ -101,6 +106,35 @@ def _split_comma_list(value: object) -> object:
     return value
 
 
+def check_cors_origin(origin: str) -> str:
+    """`*`, or a browser origin: `http(s)://host[:port]`, no path, no trailing slash."""
+    if origin == "*":
+        return origin
+    parts = urlsplit(origin)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    well_formed = (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and port != -1
+        and not parts.username
+        and not parts.password
+        and parts.path == ""
+        and not parts.query
+        and not parts.fragment
+        and " " not in origin
+    )
+    if not well_formed:
+        raise ConfigurationError(
+            "THREADLINE_CORS_ORIGINS",
+            f"{origin!r} is not an origin: use scheme://host[:port] such as "
+            "https://app.example.com (no path, no trailing slash), or *",
+        )
+    return origin
+
+
 class Settings(BaseSettings):
     """Every setting, with its environment variable `THREADLINE_<NAME>`."""
 
@@ -118,6 +152,10 @@ class Settings(BaseSettings):
     """Normalized on load; see `normalize_database_url`."""
     database_pool_size: int = Field(default=10, ge=1, le=200)
     """PostgreSQL connections per process (the pool may overflow by as many again)."""
+    database_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
+    """How long to wait for PostgreSQL to accept a connection and answer before failing."""
+    database_statement_timeout_seconds: float = Field(default=60.0, ge=0)
+    """PostgreSQL cancels any one statement that runs longer than this; 0 turns it off."""
     redis_url: str | None = None
     """When set, live events, control messages (cancel, logout), token revocations and
     rate-limit counters go through Redis, shared by every process."""
@@ -157,7 +195,10 @@ class Settings(BaseSettings):
     max_metadata_bytes: int = Field(default=8_192, ge=2)
     """Largest metadata object (thread or message), as compact JSON."""
     log_level: str = "INFO"
-    """Threadline logs JSON lines at this level."""
+    """Lowest level logged: DEBUG, INFO, WARNING, ERROR or CRITICAL."""
+    log_format: Literal["auto", "text", "json"] = "auto"
+    """`text` (readable lines), `json` (one object a line) or `auto`: JSON in production,
+    text otherwise. Every line, the server's access log included, has this one format."""
 
     agents: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Python modules whose agents to register (comma-separated), besides the built-in `demo`."""
@@ -217,6 +258,21 @@ class Settings(BaseSettings):
     def _normalize_database(cls, value: str) -> str:
         return normalize_database_url(value)
 
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ConfigurationError(
+                "THREADLINE_LOG_LEVEL", f"{value!r} is not one of {', '.join(LOG_LEVELS)}"
+            )
+        return level
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_cors_origins(cls, value: list[str]) -> list[str]:
+        return [check_cors_origin(origin) for origin in value]
+
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> Settings:
         if self.environment != "production":
@@ -232,6 +288,12 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def log_json(self) -> bool:
+        if self.log_format == "auto":
+            return self.environment == "production"
+        return self.log_format == "json"
 
     @classmethod
     def settings_customise_sources(
@@ -250,6 +312,33 @@ class Settings(BaseSettings):
                 raise ConfigurationError(CONFIG_FILE_VARIABLE, f"no such file: {path}")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+
+def known_variables() -> frozenset[str]:
+    """Every environment variable the settings read (`THREADLINE_CONFIG_FILE` included)."""
+    names = {CONFIG_FILE_VARIABLE}
+    for name, field in Settings.model_fields.items():
+        names.add(f"{ENV_PREFIX}{name.upper()}")
+        if isinstance(field.validation_alias, AliasChoices):
+            names.update(str(choice) for choice in field.validation_alias.choices)
+    return frozenset(names)
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """One warning per `THREADLINE_*` variable that no setting reads, naming the closest real
+    one: a misspelled variable is otherwise silently ignored."""
+    environ = dict(os.environ) if environ is None else environ
+    known = known_variables() | _TEST_SUITE_VARIABLES
+    # Compared without the common prefix, which would make every name look close.
+    suffixes = {name.removeprefix(ENV_PREFIX): name for name in known}
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1)
+        hint = f"; did you mean {suffixes[close[0]]}?" if close else ""
+        warnings.append(f"{name} is not a Threadline setting and is ignored{hint}")
+    return warnings
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -7,6 +7,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from threadline.context import UserContext
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
+from threadline.runs.outcomes import CancelReason
+from threadline.runs.service import RunService
 from threadline.store.events import EventStore
 from threadline.store.threads import JSONObject, Thread, ThreadChanges, ThreadStatus, ThreadStore
 
@@ -22,10 +24,27 @@ def thread_event_data(thread: Thread) -> dict[str, object]:
 
 
 class ThreadService:
-    def __init__(self, *, threads: ThreadStore, events: EventStore, publisher: EventPublisher):
+    """Thread changes with their events. Archiving or deleting a thread ends its queued and
+    running runs as cancelled (`run_cancelled`, reason `thread_archived` / `thread_deleted`)
+    rather than leaving them to vanish or run on into a thread nobody sees.
+
+    The executors of running runs are told before the transaction commits (the caller owns
+    it): an executor's own terminal write waits on the locks this transaction holds on the run,
+    so it lands after the commit; only a failed commit would leave such a run cancelled.
+    """
+
+    def __init__(
+        self,
+        *,
+        threads: ThreadStore,
+        events: EventStore,
+        publisher: EventPublisher,
+        runs: RunService,
+    ):
         self._threads = threads
         self._events = events
         self._publisher = publisher
+        self._runs = runs
 
     async def create(
         self, conn: AsyncConnection, ctx: UserContext, *, title: str | None, metadata: JSONObject
@@ -53,6 +72,11 @@ class ThreadService:
             await self._publisher.emit(
                 conn, ctx, thread.id, EventType.THREAD_UPDATED, thread_event_data(thread)
             )
+        archived = ThreadStatus.ARCHIVED
+        if thread.status is archived and before.status is not archived:
+            reason = CancelReason.THREAD_ARCHIVED
+            running = await self._runs.end_thread_runs(conn, ctx, thread_id, reason=reason)
+            await self._runs.stop_executing(running, reason=reason)
         return thread
 
     async def archive(self, conn: AsyncConnection, ctx: UserContext, thread_id: str) -> Thread:
@@ -60,6 +84,10 @@ class ThreadService:
         return await self.update(conn, ctx, thread_id, changes, expected_version=None)
 
     async def delete(self, conn: AsyncConnection, ctx: UserContext, thread_id: str) -> None:
+        await self._threads.get(conn, ctx, thread_id, for_update=True)
+        reason = CancelReason.THREAD_DELETED
+        running = await self._runs.end_thread_runs(conn, ctx, thread_id, reason=reason)
         seq = await self._events.next_seq(conn, ctx, thread_id)
         await self._threads.delete(conn, ctx, thread_id)
         await self._publisher.publish_deleted(ctx, thread_id, seq)
+        await self._runs.stop_executing(running, reason=reason)

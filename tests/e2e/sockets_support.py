@@ -504,6 +504,10 @@ async def in_background(coroutine: Coroutine[Any, Any, T]) -> AsyncIterator[asyn
 # --------------------------------------------------------------------------- SSE client
 
 
+class _StreamEnded(AssertionError):
+    """The server ended the event stream."""
+
+
 @dataclass
 class SSEStream:
     """The frames of one `GET /v1/threads/{id}/events` response, parsed."""
@@ -539,7 +543,15 @@ class SSEStream:
                     data.append(value)
                 elif name in ("id", "event"):
                     frame[name] = value
-        raise AssertionError("the event stream ended")
+        raise _StreamEnded("the event stream ended")
+
+    async def rest(self, within: float = WAIT) -> list[JSON]:
+        """Every frame until the server ends the stream (which must happen `within`)."""
+        frames: list[JSON] = []
+        with contextlib.suppress(_StreamEnded):
+            while True:
+                frames.append(await self.next(within=within))
+        return frames
 
     async def until(self, predicate: Callable[[JSON], bool], within: float = WAIT) -> JSON:
         try:
@@ -560,11 +572,14 @@ async def open_sse(
     *,
     last_event_id: int | None = None,
     after: int | None = None,
+    after_seq: int | None = None,
 ) -> AsyncIterator[SSEStream]:
     headers = dict(user.headers)
     if last_event_id is not None:
         headers["Last-Event-ID"] = str(last_event_id)
-    params = {"after": after} if after is not None else None
+    params = {"after": after} if after is not None else {}
+    if after_seq is not None:
+        params["after_seq"] = after_seq
     async with asyncio.timeout(WAIT):
         request = http.build_request(
             "GET", f"/v1/threads/{thread_id}/events", headers=headers, params=params

@@ -4,8 +4,11 @@ real `threadline serve` process (SQLite)."""
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from collections.abc import Iterator
 
+import jwt
 import pytest
 from websockets.asyncio.client import connect
 
@@ -25,6 +28,7 @@ from tests.e2e.sockets_support import (
     register,
     server_factory,
 )
+from threadline.ids import IdPrefix, new_id
 
 pytestmark = pytest.mark.e2e
 QUESTION = "what is 12*7?"
@@ -154,6 +158,40 @@ async def test_a_bad_token_closes_the_socket_with_4001(server: ServerProcess, au
                 assert closed.rcvd is not None and closed.rcvd.code == 4001, closed
 
 
+def _forge(secret: str, **claims: object) -> str:
+    payload = {"jti": uuid.uuid4().hex, "iss": "threadline", "iat": int(time.time()), **claims}
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+async def test_signed_tokens_of_a_missing_user_or_absurd_expiry_close_the_socket(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The WebSocket refuses them like every HTTP endpoint, with the same codes."""
+    secret = "e2e-known-secret-key-0123456789abcdefghijklmnop"
+    with server_factory("sqlite", request, tmp_path_factory.mktemp("forged")) as start:
+        server = start(secret_key=secret)
+        async with asyncio.timeout(60), http_client(server) as http:
+            user = await register(http)
+            later = int(time.time()) + 3600
+            cases = {
+                "token_user_not_found": _forge(secret, sub=new_id(IdPrefix.USER), exp=later),
+                "token_invalid": _forge(secret, sub=user.id, exp=10**30),
+            }
+            for code, token in cases.items():
+                offered = ["threadline", f"bearer.{token}"]
+                async with connect(server.ws_url, subprotocols=offered) as ws:  # type: ignore[arg-type]
+                    sock = EventSocket(ws)
+                    error = await sock.next()
+                    assert error == {"type": "error", "code": code, "message": "Not authenticated"}
+                    closed = await sock.drain_until_closed()
+                    assert closed.rcvd is not None and closed.rcvd.code == 4001, closed
+                    assert closed.rcvd.reason == code
+                over_http = await http.get(
+                    "/v1/threads", headers={"Authorization": f"Bearer {token}"}
+                )
+                assert over_http.status_code == 401 and over_http.json()["error"]["code"] == code
+
+
 async def test_a_first_message_that_is_not_auth_closes_with_4001(server: ServerProcess) -> None:
     async with asyncio.timeout(60):
         for first in ('{"type": "ping"}', "not json", '{"type": "auth"}'):
@@ -238,6 +276,33 @@ async def test_sse_streams_the_run_and_resumes_from_last_event_id(server: Server
                 lambda f: f["event"] == "agent_completed" and f["data"]["run_id"] == run_id
             )
         assert compact(by_query.events) == [e for e in compact(log) if e[0] > cut_seq]
+
+        # `?after_seq=` is the WebSocket's name, and SSE's own too.
+        async with open_sse(http, user, thread_id, after_seq=cut_seq) as by_seq:
+            await by_seq.until(
+                lambda f: f["event"] == "agent_completed" and f["data"]["run_id"] == run_id
+            )
+        assert compact(by_seq.events) == compact(by_query.events)
+        conflicting = await http.get(
+            f"/v1/threads/{thread_id}/events",
+            params={"after": 1, "after_seq": 2},
+            headers=user.headers,
+        )
+        assert conflicting.status_code == 422, conflicting.text
+
+
+async def test_sse_stream_ends_after_thread_deleted(server: ServerProcess) -> None:
+    async with asyncio.timeout(60), http_client(server) as http:
+        user = await register(http)
+        thread_id = await create_thread(http, user)
+        async with open_sse(http, user, thread_id) as stream:
+            assert (await stream.next())["event"] == "snapshot"
+            deleted = await http.delete(
+                f"/v1/threads/{thread_id}", params={"permanent": "true"}, headers=user.headers
+            )
+            assert deleted.status_code == 204
+            rest = await stream.rest(within=10)
+        assert [frame["event"] for frame in rest] == ["thread_deleted"]
 
 
 async def test_sse_refuses_another_users_thread(server: ServerProcess) -> None:

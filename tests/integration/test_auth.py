@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import TEST_SECRET, register_user
 from tests.integration._support import app_client, assert_error, create_thread, error_code
+from threadline.ids import IdPrefix, new_id
 from threadline.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -253,5 +254,48 @@ async def test_health_and_readiness(client, backend):
     assert body["checks"]["database"] == "ok"
     if backend == "postgres":
         assert body["checks"]["redis"] == "ok"
-    # Health checks need no token.
-    assert "authorization" not in {k.lower() for k in health.request.headers}
+    # Health checks never look at a token: a load balancer's stale header changes nothing.
+    for path in ("/healthz", "/readyz"):
+        stale = await client.get(path, headers={"Authorization": "Bearer not.a.token"})
+        assert stale.status_code == 200, (path, stale.text)
+
+
+def _every_authenticated_operation(spec: dict) -> list[tuple[str, str]]:
+    operations = []
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            if operation.get("security"):
+                operations.append((method.upper(), path))
+    return operations
+
+
+async def test_a_signed_token_of_a_missing_user_or_with_an_absurd_expiry_is_401_everywhere(
+    client, make_user
+):
+    """A database reset while the signing key stayed brings old tokens back: each is a 401
+    `token_user_not_found` on every authenticated operation, never a 404, an empty list or a
+    500. A token with an expiry no clock can hold is a 401 `token_invalid` (it was a 500)."""
+    user = await make_user()
+    thread_id = (await create_thread(client, user))["id"]
+    later = int(time.time()) + 3600
+    tokens = {
+        "token_user_not_found": _forge(TEST_SECRET, sub=new_id(IdPrefix.USER), exp=later),
+        "token_invalid": _forge(TEST_SECRET, sub=user.id, exp=10**30),
+    }
+    spec = (await client.get("/openapi.json")).json()
+    operations = _every_authenticated_operation(spec)
+    assert len(operations) >= 12, operations  # the whole API surface, not a sample
+    for code, token in tokens.items():
+        for method, path in operations:
+            url = path.format(thread_id=thread_id, run_id=new_id(IdPrefix.RUN))
+            response = await client.request(
+                method,
+                url,
+                headers={"Authorization": f"Bearer {token}"},
+                json={} if method in ("POST", "PATCH") else None,
+            )
+            assert response.status_code == 401, (code, method, path, response.text)
+            assert error_code(response) == code, (method, path, response.text)
+    # The user's own token still works on the same thread.
+    own = await client.get(f"/v1/threads/{thread_id}", headers=user.headers)
+    assert own.status_code == 200

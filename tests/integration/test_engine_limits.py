@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.integration.test_runs_support import Harness, run_settings, running_app, wait_until
-from threadline.runs.engine import RunLimitError, UserRunEngine
+from threadline.runs.engine import RunLimitError
 
 pytestmark = pytest.mark.integration
 
@@ -36,28 +36,6 @@ def _max_overlap(runs: list[dict[str, Any]]) -> int:
         current += step
         peak = max(peak, current)
     return peak
-
-
-async def test_create_for_user_gives_an_engine_bound_to_that_user(h: Harness) -> None:
-    alice, bob = await h.user(), await h.user()
-    execution = h.services.execution
-    alices = execution.create_for_user(h.ctx(alice))
-    bobs = execution.create_for_user(h.ctx(bob))
-    assert isinstance(alices, UserRunEngine) and isinstance(bobs, UserRunEngine)
-    assert alices is not bobs
-
-    thread = await h.thread(bob)
-    run = await h.start(bob, thread, "what is 12*7?", agent="blocker")
-    await h.wait_tool_started(run["id"])
-    async with h.services.engine.connect() as conn:
-        stored = await h.services.runs.get(conn, h.ctx(bob), run["id"])
-    with pytest.raises(ValueError, match="its own user's engine"):
-        await alices.execute(stored, worker_id="someone-else")
-    assert execution.running_for(alice.id) == 0
-
-    h.controls.gate.set()
-    done = await h.wait_run(bob, thread, run["id"])
-    assert done["status"] == "completed" and done["attempt"] == 1
 
 
 async def test_concurrent_runs_of_different_users_stay_apart(h: Harness) -> None:
@@ -110,16 +88,14 @@ async def test_per_user_concurrency_limit(h: Harness) -> None:
 
     # The engine refuses a run beyond the limit even if a claim slipped past the queue's check.
     async with h.services.engine.begin() as conn:
-        extra = await h.services.runs.claim_next(
+        extra = await h.services.queue.claim_next(
             conn, worker_id="test-claimer", lease_seconds=30, per_user_limit=100
         )
     assert extra is not None and extra.user_id == alice.id
     with pytest.raises(RunLimitError):
-        await h.services.execution.create_for_user(h.ctx(alice)).execute(
-            extra, worker_id="test-claimer"
-        )
+        await h.services.execution.execute(extra)
     async with h.services.engine.begin() as conn:
-        assert await h.services.runs.release(conn, extra.id, worker_id="test-claimer")
+        assert await h.services.queue.release(conn, extra)
     assert h.services.execution.running_for(alice.id) == LIMIT
 
     h.controls.gate.set()

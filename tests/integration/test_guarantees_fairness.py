@@ -2,7 +2,7 @@
 must not hold back another user's run: once Bob queues a run behind Alice's hundred, it is
 claimed after at most one more of Alice's (or as many as run at once), not after all of them.
 
-The claim order is observed at the queue itself (`RunStore.claim_next`, what every worker calls)
+The claim order is observed at the queue itself (`RunQueue.claim_next`, what every worker calls)
 and end to end through a worker that runs one run at a time.
 """
 
@@ -49,18 +49,16 @@ async def test_a_short_queue_is_not_starved_by_a_long_one(
         bobs = await h.start(bob, bob_thread, "what is 1+1?", agent="demo")
 
         claimed: list[str] = []
-        runs = h.services.runs
+        queue = h.services.queue
         for _ in range(BACKLOG + 1):
             async with h.services.engine.begin() as conn:
-                run = await runs.claim_next(
+                run = await queue.claim_next(
                     conn, worker_id="fairness-test", lease_seconds=60, per_user_limit=per_user_limit
                 )
                 assert run is not None, claimed
                 claimed.append(run.id)
                 if finish_each:
-                    assert await runs.finish(
-                        conn, run.id, status=RunStatus.COMPLETED, worker_id="fairness-test"
-                    )
+                    assert await queue.finish(conn, run, status=RunStatus.COMPLETED)
             if run.id == bobs["id"]:
                 break
         alices_before_bob = claimed.index(bobs["id"]) if bobs["id"] in claimed else len(claimed)

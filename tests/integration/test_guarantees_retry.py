@@ -31,7 +31,8 @@ async def _crash(h: Harness, monkeypatch: pytest.MonkeyPatch, run_id: str) -> No
     """Stop the run's execution the way a dying process does: no release, no terminal state."""
     worker = h.services.worker
     assert worker is not None
-    task = h.services.execution._tasks[run_id]
+    task = h.services.execution.task_for(run_id)
+    assert task is not None
 
     async def release_nothing(run: Run) -> None:
         return None

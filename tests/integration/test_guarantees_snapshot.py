@@ -145,7 +145,7 @@ async def test_resuming_replays_every_stored_event_of_a_long_thread(h: Harness) 
     """A thread with more stored events than one read of the log returns (a page: 500)."""
     user = await h.user()
     thread = await h.thread(user)
-    publisher = h.services.execution.publisher
+    publisher = h.services.publisher
     async with h.services.engine.begin() as conn:
         for i in range(1100):
             await publisher.emit(conn, h.ctx(user), thread, EventType.THREAD_UPDATED, {"note": i})
@@ -172,7 +172,7 @@ def _small_connection(h: Harness, user: TestUser) -> Connection:
 async def _emit(h: Harness, user: TestUser, thread: str, count: int) -> None:
     """`count` durable events, each in a transaction of its own."""
     for i in range(count):
-        await h.services.execution.publisher.emit_now(
+        await h.services.publisher.emit_now(
             h.ctx(user), thread, EventType.THREAD_UPDATED, {"live": i}
         )
 
@@ -188,7 +188,7 @@ async def test_live_events_that_overflow_the_replay_buffer_are_read_from_the_sto
     thread = await h.thread(user)
     async with h.services.engine.begin() as conn:
         for i in range(PAGE_SIZE + 100):
-            await h.services.execution.publisher.emit(
+            await h.services.publisher.emit(
                 conn, h.ctx(user), thread, EventType.THREAD_UPDATED, {"note": i}
             )
     connection = _small_connection(h, user)
@@ -229,7 +229,7 @@ async def test_a_replay_waits_for_a_dropped_live_event_to_be_committed(h: Harnes
             received = await anext(pages)
             async with h.services.engine.begin() as conn:
                 for i in range(12):  # one transaction, more events than the buffer holds
-                    await h.services.execution.publisher.emit(
+                    await h.services.publisher.emit(
                         conn, h.ctx(user), thread, EventType.THREAD_UPDATED, {"batch": i}
                     )
                 rest = asyncio.create_task(_pages(pages))
@@ -261,7 +261,7 @@ async def test_a_dropped_live_event_that_never_reaches_the_store_drops_the_conne
             async with h.services.engine.connect() as conn:
                 transaction = await conn.begin()
                 for i in range(12):
-                    await h.services.execution.publisher.emit(
+                    await h.services.publisher.emit(
                         conn, h.ctx(user), thread, EventType.THREAD_UPDATED, {"batch": i}
                     )
                 await transaction.rollback()
@@ -282,7 +282,7 @@ async def test_subscribing_while_an_event_is_published_but_not_committed(h: Harn
     thread = await h.thread(user)
     async with h.services.engine.connect() as conn:
         transaction = await conn.begin()
-        event = await h.services.execution.publisher.emit(
+        event = await h.services.publisher.emit(
             conn, h.ctx(user), thread, EventType.THREAD_UPDATED, {"title": "in flight"}
         )
         watching = asyncio.create_task(_watch_from_start(h, user, thread))

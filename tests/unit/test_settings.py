@@ -13,7 +13,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from threadline.errors import ConfigurationError
-from threadline.settings import Settings, load_settings, normalize_database_url
+from threadline.settings import (
+    Settings,
+    known_variables,
+    load_settings,
+    normalize_database_url,
+    unknown_variables,
+)
 from threadline.store.db import create_engine, read_transaction
 
 pytestmark = pytest.mark.unit
@@ -185,13 +191,13 @@ def test_defaults_with_an_empty_environment(tmp_path: Path) -> None:
 
 def test_settings_come_from_threadline_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("THREADLINE_PORT", "9123")
-    monkeypatch.setenv("THREADLINE_CORS_ORIGINS", "a,b")
+    monkeypatch.setenv("THREADLINE_CORS_ORIGINS", "https://a.example,http://b.example:3000")
     monkeypatch.setenv("THREADLINE_DATABASE_URL", "postgres://ada@db/app?sslmode=require")
 
     settings = Settings()
 
     assert settings.port == 9123
-    assert settings.cors_origins == ["a", "b"]
+    assert settings.cors_origins == ["https://a.example", "http://b.example:3000"]
     assert settings.database_url == "postgresql+asyncpg://ada@db/app?ssl=require"
     assert not settings.is_sqlite
 
@@ -381,3 +387,80 @@ async def test_a_sqlite_read_transaction_does_not_wait_for_a_writer(tmp_path: Pa
 
     if waited > 0.5:
         pytest.fail(f"a read transaction waited {waited:.2f} s for the writer's transaction")
+
+
+@pytest.mark.parametrize("level", ["verbose", "", "INFOO", "10"])
+def test_an_unknown_log_level_is_a_configuration_error(level: str) -> None:
+    with pytest.raises(ConfigurationError, match="THREADLINE_LOG_LEVEL"):
+        load_settings(log_level=level)
+
+
+def test_log_levels_are_case_insensitive() -> None:
+    assert load_settings(log_level="debug").log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "nonsense",
+        "localhost:3000",
+        "https://a.example/",
+        "https://a.example/app",
+        "ftp://a.example",
+        "http://",
+        "https://a.example:99999",
+        "https://user:pw@a.example",
+    ],
+)
+def test_a_nonsense_cors_origin_is_refused(origin: str) -> None:
+    with pytest.raises(ConfigurationError, match="THREADLINE_CORS_ORIGINS"):
+        load_settings(cors_origins=origin)
+
+
+@pytest.mark.parametrize("origin", ["*", "https://a.example", "http://localhost:3000"])
+def test_real_cors_origins_are_accepted(origin: str) -> None:
+    assert load_settings(cors_origins=origin).cors_origins == [origin]
+
+
+def test_unknown_threadline_variables_are_named_with_the_closest_real_one() -> None:
+    warnings = unknown_variables(
+        {
+            "THREADLINE_PORTT": "1",
+            "THREADLINE_LOGLEVEL": "debug",
+            "THREADLINE_ZZZ": "1",
+            "THREADLINE_PORT": "8000",  # real
+            "THREADLINE_TEST_DATABASE_URL": "postgresql://x/y",  # the test suite's
+            "OPENAI_API_KEY": "sk-x",  # not ours to judge
+        }
+    )
+    assert warnings == [
+        "THREADLINE_LOGLEVEL is not a Threadline setting and is ignored; "
+        "did you mean THREADLINE_LOG_LEVEL?",
+        "THREADLINE_PORTT is not a Threadline setting and is ignored; "
+        "did you mean THREADLINE_PORT?",
+        "THREADLINE_ZZZ is not a Threadline setting and is ignored",
+    ]
+
+
+def test_every_documented_variable_is_known() -> None:
+    documented = Path(__file__).parents[2].joinpath("docs", "configuration.md").read_text()
+    for name in known_variables() - {"THREADLINE_CONFIG_FILE"}:
+        if name.startswith("THREADLINE_PASSWORD_"):
+            continue  # test-only tuning, deliberately undocumented
+        assert f"`{name}`" in documented, name
+
+
+@pytest.mark.parametrize(
+    ("environment", "log_format", "json_lines"),
+    [
+        ("development", "auto", False),
+        ("production", "auto", True),
+        ("development", "json", True),
+        ("production", "text", False),
+    ],
+)
+def test_log_format_text_in_development_json_in_production(
+    environment: str, log_format: str, json_lines: bool
+) -> None:
+    settings = load_settings(environment=environment, log_format=log_format, secret_key="x" * 40)
+    assert settings.log_json is json_lines

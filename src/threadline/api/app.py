@@ -15,7 +15,7 @@ from threadline.api.errors import install_error_handlers
 from threadline.api.gateway import Gateway, settled_reader
 from threadline.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from threadline.api.routes import agents as agent_routes
-from threadline.api.routes import auth, events, health, messages, runs, threads
+from threadline.api.routes import auth, events, health, messages, page, runs, threads
 from threadline.runtime import AgentsArg, open_runtime
 from threadline.settings import Settings
 
@@ -54,7 +54,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (auth, threads, messages, runs, events, agent_routes, health, ws):
+    for module in (auth, threads, messages, runs, events, agent_routes, health, ws, page):
         app.include_router(module.router)
     # Outermost first in the stack: CORS must answer preflights before the size check runs.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)

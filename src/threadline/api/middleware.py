@@ -9,9 +9,25 @@ import uuid
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from threadline.ids import IdPrefix, is_valid_id
 from threadline.logs import set_request_id
 
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_PATH_IDS = re.compile(r"/v1/threads/([^/]+)(?:/runs/([^/]+))?")
+
+
+def _path_ids(path: str) -> dict[str, str]:
+    """The well-formed thread and run ids a path names, for the request's log lines."""
+    match = _PATH_IDS.match(path)
+    if match is None:
+        return {}
+    ids = {}
+    thread_id, run_id = match.groups()
+    if is_valid_id(thread_id, IdPrefix.THREAD):
+        ids["thread_id"] = thread_id
+    if run_id is not None and is_valid_id(run_id, IdPrefix.RUN):
+        ids["run_id"] = run_id
+    return ids
 
 
 class RequestIdMiddleware:
@@ -27,7 +43,7 @@ class RequestIdMiddleware:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        set_request_id(request_id)
+        set_request_id(request_id, **_path_ids(scope.get("path", "")))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

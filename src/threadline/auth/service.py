@@ -82,9 +82,19 @@ class AuthService:
         return self._tokens.issue(found.user.id)
 
     async def validate(self, token: str) -> TokenClaims:
+        """The token's claims, once its signature, expiry, revocation and its user's account
+        are checked. A well-signed token of an account that no longer exists (the database
+        was reset, the signing key kept) is `token_user_not_found`, on every endpoint."""
         claims = self._tokens.decode(token)
         if await self._revocations.is_revoked(claims.jti):
             raise AuthError("The token was revoked (signed out)", code="token_revoked")
+        async with read_transaction(self._engine) as conn:
+            known = await self._users.exists(conn, claims.user_id)
+        if not known:
+            raise AuthError(
+                "The token's account does not exist (any more); sign up or sign in again",
+                code="token_user_not_found",
+            )
         return claims
 
     async def logout(self, claims: TokenClaims) -> None:

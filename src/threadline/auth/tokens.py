@@ -68,6 +68,9 @@ class TokenCodec:
         user_id, jti = payload["sub"], payload["jti"]
         if not is_valid_id(user_id, IdPrefix.USER) or not isinstance(jti, str):
             raise AuthError("The token is invalid", code="token_invalid")
-        return TokenClaims(
-            user_id=user_id, jti=jti, expires_at=datetime.fromtimestamp(payload["exp"], UTC)
-        )
+        try:
+            expires_at = datetime.fromtimestamp(payload["exp"], UTC)
+        except (OverflowError, ValueError, OSError, TypeError) as exc:
+            # Signed, but with an expiry no clock can hold (say 10**30): not a token we issued.
+            raise AuthError("The token is invalid", code="token_invalid") from exc
+        return TokenClaims(user_id=user_id, jti=jti, expires_at=expires_at)

@@ -19,8 +19,7 @@ from threadline.events.bus import EventBus
 from threadline.events.control import CancelRun
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
-from threadline.metrics import Metrics
-from threadline.runs.engine import CancelReason
+from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
 from threadline.store.db import read_transaction
 from threadline.store.messages import Message, MessageStore, NewMessage
 from threadline.store.runs import Run, RunStatus, RunStore
@@ -71,7 +70,7 @@ class RunService:
         bus: EventBus,
         max_attempts: int,
         max_active_per_user: int,
-        metrics: Metrics,
+        finisher: RunFinisher,
         wake_worker: Callable[[], None] = lambda: None,
     ) -> None:
         self._db = db
@@ -83,7 +82,7 @@ class RunService:
         self._bus = bus
         self._max_attempts = max_attempts
         self._max_active_per_user = max_active_per_user
-        self._metrics = metrics
+        self._finisher = finisher
         self._wake_worker = wake_worker
 
     async def post(
@@ -116,10 +115,7 @@ class RunService:
             created = None
             if run is not None:
                 created, to_cancel = await self._queue(conn, ctx, thread_id, run, stored)
-        for running in to_cancel:
-            await self._bus.publish_control(
-                CancelRun(run_id=running.id, reason=CancelReason.INTERRUPT.value)
-            )
+        await self.stop_executing([r.id for r in to_cancel], reason=CancelReason.INTERRUPT)
         if created is not None:
             self._wake_worker()
         return Posted(message=stored, run=created)
@@ -168,24 +164,30 @@ class RunService:
     async def _cancel_queued(
         self, conn: AsyncConnection, ctx: UserContext, run: Run, reason: CancelReason
     ) -> bool:
-        applied = await self._runs.finish(
-            conn,
-            run.id,
-            status=RunStatus.CANCELLED,
-            worker_id=None,
-            error={"reason": reason.value},
-        )
-        if applied:
-            self._metrics.runs_finished.labels(RunStatus.CANCELLED.value).inc()
-            await self._publisher.emit(
-                conn,
-                ctx,
-                run.thread_id,
-                EventType.RUN_CANCELLED,
-                {"reason": reason.value},
-                run_id=run.id,
-            )
-        return applied
+        return await self._finisher.finish(conn, run, Outcome.cancelled(reason))
+
+    async def end_thread_runs(
+        self, conn: AsyncConnection, ctx: UserContext, thread_id: str, *, reason: CancelReason
+    ) -> list[str]:
+        """In the transaction that archives or deletes the thread: end its queued runs as
+        cancelled now, and its running ones too when the thread is deleted (their rows go with
+        it, so their executor could not end them); a running run of an archived thread is asked
+        to stop and ends itself. Returns the running runs' ids, whose executors must be told
+        (`stop_executing`)."""
+        running: list[str] = []
+        for run in await self._runs.active_for_thread(conn, ctx, thread_id):
+            if run.status is RunStatus.QUEUED or reason is CancelReason.THREAD_DELETED:
+                await self._finisher.finish(conn, run, Outcome.cancelled(reason))
+            else:
+                await self._runs.mark_cancel_requested(conn, ctx, run.id)
+            if run.status is RunStatus.RUNNING:
+                running.append(run.id)
+        return running
+
+    async def stop_executing(self, run_ids: list[str], *, reason: CancelReason) -> None:
+        """Tell whichever process executes each run to cancel it for `reason`."""
+        for run_id in run_ids:
+            await self._bus.publish_control(CancelRun(run_id=run_id, reason=reason.value))
 
     async def cancel(self, ctx: UserContext, thread_id: str, run_id: str) -> Run:
         """Cancel a queued run at once, or ask the process executing it to stop it.
@@ -201,6 +203,6 @@ class RunService:
             if run.status is not RunStatus.RUNNING:
                 return run
             await self._runs.mark_cancel_requested(conn, ctx, run_id)
-        await self._bus.publish_control(CancelRun(run_id=run_id, reason=CancelReason.USER.value))
+        await self.stop_executing([run_id], reason=CancelReason.USER)
         async with read_transaction(self._db) as conn:
             return await self._runs.get(conn, ctx, run_id)

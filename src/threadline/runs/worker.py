@@ -4,10 +4,11 @@ Model:
 - Up to `concurrency` runs execute at once, each in a task of the worker's TaskGroup with a
   heartbeat beside it. A heartbeat extends the lease and also notices a cancel requested from
   another process whose control message did not reach this one.
-- Claiming wakes on `notify()` (a run was queued in this process) or every `poll_seconds`
-  (queued elsewhere).
+- Claiming wakes on `notify()` (a run was queued in this process), on a `Waker`'s signal (on
+  PostgreSQL: `LISTEN` on the channel every run insert notifies, `runs/wakeup.py`), or every
+  `poll_seconds` as a safety net (a notification lost while the listening connection was down).
 - The reaper finds running runs whose lease expired (their worker died): it requeues them until
-  `max_attempts`, then fails them with `agent_failed` (code `worker_lost`). No run stays
+  `max_attempts`, then ends them as failed (`worker_lost`) through `RunFinisher`. No run stays
   `running` forever.
 - `stop()` stops claiming, lets running runs finish for `grace_seconds`, then cancels the rest,
   which hands them back to the queue for another worker.
@@ -21,15 +22,18 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from threadline.context import UserContext
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from threadline.events.bus import EventBus, Unsubscribe
 from threadline.events.control import CancelRun, SessionEnded
-from threadline.events.types import EventType
-from threadline.runs.conversation import close_unanswered_tool_calls
-from threadline.runs.engine import CancelReason, ExecutionEngine, RunLimitError
-from threadline.store.runs import Run, RunStatus
+from threadline.runs.engine import ExecutionEngine, RunLimitError
+from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
+from threadline.store.queue import RunQueue
+from threadline.store.runs import Run
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,14 @@ class WorkerConfig:
     heartbeat_seconds: float = 5.0
     reap_seconds: float = 5.0
     grace_seconds: float = 20.0
+    lease_seconds: float = 30.0
+    per_user_limit: int = 4
+
+
+class Waker(Protocol):
+    """Calls `wake` whenever a run may have been queued by another process, until cancelled."""
+
+    async def run(self, wake: Callable[[], None]) -> None: ...
 
 
 def new_worker_id() -> str:
@@ -52,14 +64,22 @@ class Worker:
         self,
         engine: ExecutionEngine,
         *,
+        db: AsyncEngine,
+        queue: RunQueue,
+        finisher: RunFinisher,
         bus: EventBus,
         config: WorkerConfig = WorkerConfig(),
+        waker: Waker | None = None,
         worker_id: str | None = None,
     ) -> None:
         self.engine = engine
-        self.bus = bus
         self.config = config
         self.worker_id = worker_id or new_worker_id()
+        self._db = db
+        self._queue = queue
+        self._finisher = finisher
+        self._bus = bus
+        self._waker = waker
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(config.concurrency)
@@ -70,12 +90,16 @@ class Worker:
 
     async def run(self) -> None:
         """Work until `stop()`; then drain gracefully and return."""
-        unsubscribe: Unsubscribe = self.bus.subscribe_control(self._on_control)
+        unsubscribe: Unsubscribe = self._bus.subscribe_control(self._on_control)
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._reap_loop())
+                reaper = group.create_task(self._reap_loop())
+                waker = group.create_task(self._waker.run(self.notify)) if self._waker else None
                 await self._claim_loop(group)
                 await self._drain()
+                reaper.cancel()
+                if waker is not None:
+                    waker.cancel()
         finally:
             unsubscribe()
 
@@ -90,6 +114,9 @@ class Worker:
     async def _claim_loop(self, group: asyncio.TaskGroup) -> None:
         while not self._stopping.is_set():
             await self._slots.acquire()
+            if self._stopping.is_set():
+                self._slots.release()
+                return
             try:
                 run = await self._claim()
             except Exception:
@@ -110,25 +137,17 @@ class Worker:
         self._wake.clear()
 
     async def _claim(self) -> Run | None:
-        engine = self.engine
-        async with engine.db.begin() as conn:
-            return await engine.runs.claim_next(
+        async with self._db.begin() as conn:
+            return await self._queue.claim_next(
                 conn,
                 worker_id=self.worker_id,
-                lease_seconds=engine.config.lease_seconds,
-                per_user_limit=engine.config.per_user_concurrency,
+                lease_seconds=self.config.lease_seconds,
+                per_user_limit=self.config.per_user_limit,
             )
 
     async def _execute(self, run: Run) -> None:
         try:
-            ctx = UserContext.create(run.user_id, thread_id=run.thread_id, run_id=run.id)
-            user_engine = self.engine.create_for_user(ctx)
-            async with asyncio.TaskGroup() as group:
-                heartbeat = group.create_task(self._heartbeat(run))
-                try:
-                    await user_engine.execute(run, worker_id=self.worker_id)
-                finally:
-                    heartbeat.cancel()
+            await self._execute_with_heartbeat(run)
         except RunLimitError:
             await self._release(run)
         except asyncio.CancelledError:
@@ -140,27 +159,44 @@ class Worker:
             self._slots.release()
             self._wake.set()  # a slot (and maybe a thread) is free: look for more work
 
+    async def _execute_with_heartbeat(self, run: Run) -> None:
+        # A plain task, not a TaskGroup: a TaskGroup would wrap RunLimitError and the
+        # executor's errors in an ExceptionGroup. The heartbeat is owned and awaited here.
+        heartbeat = asyncio.create_task(self._heartbeat(run))
+        try:
+            await self.engine.execute(run)
+        finally:
+            heartbeat.cancel()
+            await asyncio.wait({heartbeat})
+
     async def _release(self, run: Run) -> None:
-        async with self.engine.db.begin() as conn:
-            await self.engine.runs.release(conn, run.id, worker_id=self.worker_id)
+        async with self._db.begin() as conn:
+            await self._queue.release(conn, run)
 
     async def _heartbeat(self, run: Run) -> None:
-        engine = self.engine
         while True:
             await asyncio.sleep(self.config.heartbeat_seconds)
-            async with engine.db.begin() as conn:
-                cancel = await engine.runs.heartbeat(
-                    conn,
-                    run.id,
-                    worker_id=self.worker_id,
-                    lease_seconds=engine.config.lease_seconds,
-                )
+            try:
+                async with self._db.begin() as conn:
+                    cancel = await self._queue.heartbeat(
+                        conn, run, lease_seconds=self.config.lease_seconds
+                    )
+                    gone = cancel is None and await self._queue.status_of(conn, run.id) is None
+            except Exception:
+                # The database is briefly unreachable: try again at the next beat; the lease
+                # is several beats long.
+                logger.warning("Heartbeat of run %s failed; retrying", run.id, exc_info=True)
+                continue
+            if gone:
+                logger.info("Run %s was deleted with its thread; stopping it here", run.id)
+                self.engine.cancel_local(run.id, CancelReason.THREAD_DELETED)
+                return
             if cancel is None:
                 logger.warning("Run %s lost its lease; stopping it here", run.id)
-                engine.cancel_local(run.id, CancelReason.SHUTDOWN)
+                self.engine.cancel_local(run.id, CancelReason.SHUTDOWN)
                 return
             if cancel:
-                engine.cancel_local(run.id, CancelReason.USER)
+                self.engine.cancel_local(run.id, CancelReason.USER)
 
     async def _reap_loop(self) -> None:
         while not self._stopping.is_set():
@@ -174,29 +210,18 @@ class Worker:
 
     async def reap_expired(self) -> int:
         """Requeue or fail every run whose lease expired. Returns how many were handled."""
-        engine = self.engine
         handled = 0
-        async with engine.db.begin() as conn:
-            for run in await engine.runs.expired(conn):
-                ctx = UserContext.create(run.user_id, thread_id=run.thread_id, run_id=run.id)
+        async with self._db.begin() as conn:
+            for run in await self._queue.expired(conn):
                 if run.attempt < run.max_attempts:
-                    if await engine.runs.requeue_expired(conn, run):
-                        handled += 1
+                    handled += await self._queue.requeue_expired(conn, run)
                     continue
-                error: dict[str, object] = {
-                    "code": "worker_lost",
-                    "message": f"The worker stopped responding {run.attempt} times",
-                }
-                await close_unanswered_tool_calls(conn, engine.messages, ctx, run=run)
-                if await engine.runs.finish(
-                    conn, run.id, status=RunStatus.FAILED, worker_id=run.lease_owner, error=error
-                ):
-                    await engine.publisher.emit(
-                        conn, ctx, run.thread_id, EventType.AGENT_FAILED, error, run_id=run.id
-                    )
-                    engine.metrics.runs_finished.labels(RunStatus.FAILED.value).inc()
-                    handled += 1
+                lost = Outcome.failed(
+                    "worker_lost", f"The worker stopped responding {run.attempt} times"
+                )
+                handled += await self._finisher.finish(conn, run, lost)
         if handled:
+            logger.info("Reaped %d run(s) whose worker stopped responding", handled)
             self._wake.set()
         return handled
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,7 +11,10 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from threadline.errors import ThreadlineError
 
 logger = logging.getLogger(__name__)
 
@@ -19,10 +23,36 @@ _READ_ONLY = "threadline_read_only"
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def create_engine(database_url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
-    """Create the async engine for a normalized URL (see `settings.normalize_database_url`)."""
+class DatabaseUnavailableError(ThreadlineError):
+    """The database cannot be reached, or does not answer in time."""
+
+    code = "database_unavailable"
+
+    def __init__(self, *, location: str, reason: str) -> None:
+        super().__init__(f"Cannot reach the database at {location}: {reason}")
+        self.location = location
+        self.reason = reason
+
+
+def create_engine(
+    database_url: str,
+    *,
+    pool_size: int = 10,
+    echo: bool = False,
+    connect_timeout_seconds: float = 5.0,
+    statement_timeout_seconds: float = 0.0,
+) -> AsyncEngine:
+    """Create the async engine for a normalized URL (see `settings.normalize_database_url`).
+
+    On PostgreSQL, `connect_timeout_seconds` bounds opening a connection (TCP, TLS, start-up
+    and authentication: a server that accepts but never answers fails within it), and a
+    non-zero `statement_timeout_seconds` becomes the session's `statement_timeout`."""
     if database_url.startswith("sqlite"):
         return _create_sqlite_engine(database_url, echo=echo)
+    connect_args: dict[str, Any] = {"timeout": connect_timeout_seconds}
+    if statement_timeout_seconds > 0:
+        milliseconds = str(int(statement_timeout_seconds * 1000))
+        connect_args["server_settings"] = {"statement_timeout": milliseconds}
     return create_async_engine(
         database_url,
         pool_size=pool_size,
@@ -30,7 +60,49 @@ def create_engine(database_url: str, *, pool_size: int = 10, echo: bool = False)
         pool_pre_ping=True,
         pool_recycle=1800,
         echo=echo,
+        connect_args=connect_args,
     )
+
+
+def describe_location(database_url: str) -> str:
+    """`host:port/database` (no credentials), or the SQLite file, for messages."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        return str(url.database)
+    host = url.host or str(url.query.get("host", "localhost"))
+    return f"{host}:{url.port or 5432}/{url.database or ''}"
+
+
+def unavailable(
+    exc: BaseException, *, database_url: str, timeout_seconds: float
+) -> DatabaseUnavailableError:
+    """The one-line explanation of a failure to connect, with what to check."""
+    cause: BaseException = getattr(exc, "orig", None) or exc
+    if isinstance(cause, TimeoutError):
+        reason = (
+            f"no answer within {timeout_seconds:g} s "
+            "(THREADLINE_DATABASE_CONNECT_TIMEOUT_SECONDS); is it a PostgreSQL server, "
+            "and is it up?"
+        )
+    elif isinstance(cause, ConnectionRefusedError):
+        reason = "connection refused (nothing listens there); check THREADLINE_DATABASE_URL"
+        reason += " and that the server is running"
+    else:
+        detail = " ".join(str(cause).split()) or type(cause).__name__
+        reason = f"{detail}; check THREADLINE_DATABASE_URL and that the server is running"
+    return DatabaseUnavailableError(location=describe_location(database_url), reason=reason)
+
+
+async def check_reachable(
+    engine: AsyncEngine, *, database_url: str, timeout_seconds: float
+) -> None:
+    """Connect and run one query within about `timeout_seconds` (the driver's connect timeout
+    bounds the connection; this bounds the query too), or raise `DatabaseUnavailableError`."""
+    try:
+        async with asyncio.timeout(timeout_seconds * 2):
+            await ping(engine)
+    except (OSError, TimeoutError, DBAPIError) as exc:
+        raise unavailable(exc, database_url=database_url, timeout_seconds=timeout_seconds) from exc
 
 
 def _create_sqlite_engine(database_url: str, *, echo: bool) -> AsyncEngine:

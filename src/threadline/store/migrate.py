@@ -47,13 +47,21 @@ async def ensure_schema_current(engine: AsyncEngine) -> None:
     """Fail start-up clearly when the database has not been migrated to this code's schema."""
     async with engine.connect() as connection:
         current = await connection.run_sync(_current_revision)
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    if current != head:
+    scripts = ScriptDirectory.from_config(alembic_config())
+    head = scripts.get_current_head()
+    if current == head:
+        return
+    if current is None:
+        problem = "the database has no Threadline tables yet (a new database?)"
+    elif current not in {script.revision for script in scripts.walk_revisions()}:
         raise ConfigurationError(
             "THREADLINE_DATABASE_URL",
-            f"the database schema is at {current or 'nothing'}, this version needs {head}: "
-            "run `threadline migrate`",
+            f"the database schema is at revision {current}, which this version of Threadline "
+            "does not know (a newer version migrated it): upgrade Threadline",
         )
+    else:
+        problem = f"the database schema is at revision {current}, this version needs {head}"
+    raise ConfigurationError("THREADLINE_DATABASE_URL", f"{problem}: run `threadline migrate`")
 
 
 def _current_revision(connection: Connection) -> str | None:

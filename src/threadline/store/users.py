@@ -79,5 +79,11 @@ class UserStore:
             raise NotFoundError("user", ctx.user_id)
         return _user(row)
 
+    async def exists(self, conn: AsyncConnection, user_id: str) -> bool:
+        """Whether the account exists (a signed token may outlive it: a database reset while
+        the signing key stayed)."""
+        found = await conn.scalar(sa.select(users.c.id).where(users.c.id == user_id))
+        return found is not None
+
     async def count(self, conn: AsyncConnection) -> int:
         return int((await conn.execute(sa.select(sa.func.count()).select_from(users))).scalar_one())

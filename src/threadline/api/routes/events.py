@@ -1,14 +1,24 @@
 """Server-sent events for one thread: `GET /v1/threads/{thread_id}/events`.
 
-Resume with `Last-Event-ID` (what browsers' EventSource sends on reconnect) or `?after=<seq>`.
-Each event is `id: <seq>`, `event: <type>`, `data: <json>`; a comment line every
-`_HEARTBEAT_SECONDS` keeps proxies from closing an idle stream.
+Resume with `Last-Event-ID` (what browsers' EventSource sends on reconnect) or `?after_seq=<seq>`
+(the WebSocket's name; `?after=` is kept as an alias). Each event is `id: <seq>`,
+`event: <type>`, `data: <json>`. sse-starlette does the framing and sends a comment every
+`_PING_SECONDS`, so proxies do not close an idle stream.
 
 The subscription is opened before the response starts (a thread the user does not own is a
 plain 404). The stream generator is its own writer: it yields the snapshot and the replay page
 by page, so a long replay goes at the pace the client reads, then drains the connection's
-queue of live events. If that queue overflows, the stream ends with a `resume` event; if the
-token it was opened with is revoked (a logout on any process), with a `session_ended` event.
+queue of live events.
+
+A stream ends cleanly (the chunked body is terminated, so the client sees an end, not a broken
+transfer), with an `event: resume` telling the client to reconnect from its last id, when:
+- its queue overflowed (a slow consumer), or
+- the server shuts down: sse-starlette sets `shutdown` and the generator returns at once rather
+  than holding up uvicorn's graceful shutdown (which would cancel it, with a traceback, after
+  its timeout).
+A stream also ends, after the event itself, on `thread_deleted`: nothing more can come; and
+with an `event: session_ended` when the token it was opened with is revoked (a logout on any
+process): the client signs in again rather than reconnecting with that token.
 """
 
 from __future__ import annotations
@@ -20,8 +30,9 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import StreamingResponse
+import anyio
+from fastapi import APIRouter, Header, Query
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 from threadline.api.deps import CurrentClaims, CurrentUser, GatewayDep, ServicesDep
@@ -30,26 +41,45 @@ from threadline.api.schemas import ErrorOut
 from threadline.api.streams import MAX_SEQ, Opened, open_subscription, replay
 from threadline.context import UserContext
 from threadline.errors import InvalidInputError
+from threadline.events.types import EventType
 from threadline.runtime import Runtime
 
 router = APIRouter(tags=["events"])
-_HEARTBEAT_SECONDS = 15.0
+_PING_SECONDS = 15.0
+# How long sse-starlette waits for the generator to return by itself on shutdown before it
+# cancels it; the generator returns within one event-loop turn, this is only a bound.
+_SHUTDOWN_GRACE_SECONDS = 2.0
+# Browsers' EventSource reconnects after this many milliseconds once a stream ends.
+_RETRY_MS = 1000
 
 
-def _frame(message: WireMessage) -> str:
-    data = json.dumps(message, separators=(",", ":"), default=str)
+def _event(message: WireMessage) -> ServerSentEvent:
     seq = message.get("seq")
-    head = f"id: {seq}\n" if isinstance(seq, int) else ""
-    return f"{head}event: {message.get('type')}\ndata: {data}\n\n"
+    return ServerSentEvent(
+        data=json.dumps(message, separators=(",", ":"), default=str),
+        event=str(message.get("type")),
+        id=str(seq) if isinstance(seq, int) else None,
+    )
 
 
-def _frames(messages: list[WireMessage]) -> str:
-    return "".join(_frame(message) for message in messages)
+def _resume(reason: str) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps({"reason": reason}), event="resume", retry=_RETRY_MS)
 
 
-def _resume_point(after: int | None, last_event_id: str | None) -> int | None:
-    if after is not None:
-        return after
+def _session_ended() -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps({"reason": "token revoked"}), event="session_ended")
+
+
+def _resume_point(
+    after_seq: int | None, after: int | None, last_event_id: str | None
+) -> int | None:
+    if after_seq is not None and after is not None and after_seq != after:
+        raise InvalidInputError(
+            "Give after_seq or its alias after, not both", code="invalid_cursor"
+        )
+    chosen = after_seq if after_seq is not None else after
+    if chosen is not None:
+        return chosen
     if last_event_id is None or not last_event_id.strip():
         return None
     if not last_event_id.strip().isdigit() or int(last_event_id.strip()) > MAX_SEQ:
@@ -59,23 +89,32 @@ def _resume_point(after: int | None, last_event_id: str | None) -> int | None:
 
 @router.get(
     "/v1/threads/{thread_id}/events",
-    response_class=StreamingResponse,
+    response_class=EventSourceResponse,
     responses={
-        200: {"content": {"text/event-stream": {}}},
-        401: {"model": ErrorOut},
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "Events as `id: <seq>`, `event: <type>`, `data: <json>`; "
+            "ends with `event: resume` when the client should reconnect.",
+        },
         404: {"model": ErrorOut},
     },
 )
 async def thread_events(
     thread_id: str,
-    request: Request,
     user: CurrentUser,
     claims: CurrentClaims,
     services: ServicesDep,
     gateway: GatewayDep,
-    after: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
+    after_seq: Annotated[
+        int | None,
+        Query(ge=0, le=MAX_SEQ, description="Resume after this sequence number."),
+    ] = None,
+    after: Annotated[
+        int | None,
+        Query(ge=0, le=MAX_SEQ, deprecated=True, description="Alias of `after_seq`."),
+    ] = None,
     last_event_id: Annotated[str | None, Header(max_length=32)] = None,
-) -> StreamingResponse:
+) -> EventSourceResponse:
     connection = Connection(
         user_id=user.user_id,
         connection_id=f"sse-{uuid.uuid4().hex[:16]}",
@@ -90,12 +129,15 @@ async def thread_events(
         connection,
         user,
         thread_id,
-        after_seq=_resume_point(after, last_event_id),
+        after_seq=_resume_point(after_seq, after, last_event_id),
     )
-    return StreamingResponse(
-        _stream(services, gateway, user, opened, request),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    shutdown = anyio.Event()
+    return EventSourceResponse(
+        _stream(services, gateway, user, opened, shutdown),
+        headers={"Cache-Control": "no-cache"},
+        ping=_PING_SECONDS,
+        shutdown_event=shutdown,
+        shutdown_grace_period=_SHUTDOWN_GRACE_SECONDS,
         # The stream's own `finally` never runs if the client leaves before it starts; this
         # runs either way (detaching twice is harmless).
         background=BackgroundTask(_release, gateway, opened.subscription),
@@ -108,38 +150,71 @@ def _release(gateway: Gateway, subscription: ThreadSubscription) -> None:
 
 
 async def _stream(
-    services: Runtime, gateway: Gateway, ctx: UserContext, opened: Opened, request: Request
-) -> AsyncIterator[str]:
+    services: Runtime,
+    gateway: Gateway,
+    ctx: UserContext,
+    opened: Opened,
+    shutdown: anyio.Event,
+) -> AsyncIterator[ServerSentEvent]:
     services.metrics.sockets_active.inc()
     gateway.register(opened.subscription.connection)
     try:
-        yield ": connected\n\n"
+        yield ServerSentEvent(comment="connected")
         async with aclosing(replay(services, ctx, opened)) as pages:
             async for page in pages:
-                yield _frames(page)
+                for message in page:
+                    yield _event(message)
                 services.metrics.events_delivered.inc(len(page))
-        async for chunk in _live(services, opened.subscription.connection, request):
-            yield chunk
+                if _ends_stream(page):
+                    return
+        async for event in _live(services, opened.subscription.connection, shutdown):
+            yield event
     finally:
         services.metrics.sockets_active.dec()
         _release(gateway, opened.subscription)
 
 
-async def _live(services: Runtime, connection: Connection, request: Request) -> AsyncIterator[str]:
-    while not await request.is_disconnected():
-        try:
-            async with asyncio.timeout(_HEARTBEAT_SECONDS):
-                batch = await connection.next_batch()
-        except TimeoutError:
-            yield ": keep-alive\n\n"
-            continue
-        end = next((i for i, m in enumerate(batch) if m is OVERFLOW), len(batch))
-        if end:
-            yield _frames(batch[:end])
+def _ends_stream(messages: list[WireMessage]) -> bool:
+    return any(message.get("type") == EventType.THREAD_DELETED for message in messages)
+
+
+async def _live(
+    services: Runtime, connection: Connection, shutdown: anyio.Event
+) -> AsyncIterator[ServerSentEvent]:
+    # Owned by this generator: cancelled in `finally` however the stream ends. (Not a
+    # TaskGroup: a generator suspended at `yield` inside one would take its cancellation.)
+    stopping = asyncio.ensure_future(shutdown.wait())
+    try:
+        while True:
+            batch = await _next_batch(connection, stopping)
+            if batch is None:
+                yield _resume("server shutting down")
+                return
+            end = next((i for i, m in enumerate(batch) if m is OVERFLOW), len(batch))
+            for message in batch[:end]:
+                yield _event(message)
             services.metrics.events_delivered.inc(end)
-        if end < len(batch):
-            if connection.session_ended:
-                yield 'event: session_ended\ndata: {"reason":"token revoked"}\n\n'
-            else:
-                yield 'event: resume\ndata: {"reason":"slow consumer"}\n\n'
-            return
+            if end < len(batch):
+                yield _session_ended() if connection.session_ended else _resume("slow consumer")
+                return
+            if _ends_stream(batch[:end]):
+                return
+    finally:
+        stopping.cancel()
+
+
+async def _next_batch(
+    connection: Connection, stopping: asyncio.Task[None]
+) -> list[WireMessage] | None:
+    """The connection's next batch, or None once the server is shutting down."""
+    if stopping.done():
+        return None
+    batch = asyncio.ensure_future(connection.next_batch())
+    await asyncio.wait({batch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if batch.done():
+        return batch.result()
+    batch.cancel()  # a `Queue.get` cancelled before it returns takes nothing
+    await asyncio.wait({batch})
+    if not batch.cancelled():
+        return batch.result()
+    return None

@@ -37,7 +37,7 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 async def metrics(services: ServicesDep) -> Response:
     """Prometheus metrics of this process (and run counts by state from the database)."""
     async with read_transaction(services.engine) as conn:
-        counts = await services.runs.count_by_status(conn)
+        counts = await services.queue.count_by_status(conn)
     for status in RunStatus:
         services.metrics.runs_by_state.labels(status.value).set(counts.get(status.value, 0))
     return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,97 @@
+"""How a run ends, written once: `RunFinisher.finish` is the only way any run reaches a
+terminal state, whoever ends it (the engine that executed it, the reaper that found its worker
+dead, a cancel of a queued run, the archive or deletion of its thread).
+
+In the caller's transaction, it:
+1. writes the terminal status, conditional on the run being exactly as the caller saw it (the
+   lease of the attempt that ends it, or still queued), so a run gets one outcome;
+2. only if that applied: gives every unanswered tool call of the run a synthetic error result
+   (the history stays valid for every provider), emits the single terminal event
+   (`agent_completed`, `agent_failed` or `run_cancelled`) and counts the metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from threadline.context import UserContext
+from threadline.events.publisher import EventPublisher
+from threadline.events.types import EventType
+from threadline.metrics import Metrics
+from threadline.runs.conversation import close_unanswered_tool_calls
+from threadline.store.messages import MessageStore
+from threadline.store.queue import RunQueue
+from threadline.store.runs import Run, RunStatus
+
+JSONObject = dict[str, object]
+
+
+class CancelReason(StrEnum):
+    """Why a run is cancelled. All but `SHUTDOWN` end it as cancelled; shutdown hands it back
+    to the queue for another worker."""
+
+    USER = "user"
+    INTERRUPT = "interrupted"
+    THREAD_ARCHIVED = "thread_archived"
+    THREAD_DELETED = "thread_deleted"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: RunStatus
+    event: EventType
+    data: JSONObject
+    """The terminal event's data."""
+    result: JSONObject | None = None
+    error: JSONObject | None = None
+
+    @classmethod
+    def completed(cls, result: JSONObject) -> Outcome:
+        data = {k: result.get(k) for k in ("message_id", "text", "usage")}
+        return cls(RunStatus.COMPLETED, EventType.AGENT_COMPLETED, data, result=result)
+
+    @classmethod
+    def failed(cls, code: str, message: str, *, status: RunStatus = RunStatus.FAILED) -> Outcome:
+        error: JSONObject = {"code": code, "message": message}
+        return cls(status, EventType.AGENT_FAILED, error, error=error)
+
+    @classmethod
+    def cancelled(cls, reason: CancelReason) -> Outcome:
+        data: JSONObject = {"reason": reason.value}
+        return cls(RunStatus.CANCELLED, EventType.RUN_CANCELLED, data, error=data)
+
+
+class RunFinisher:
+    def __init__(
+        self,
+        *,
+        queue: RunQueue,
+        messages: MessageStore,
+        publisher: EventPublisher,
+        metrics: Metrics,
+    ) -> None:
+        self._queue = queue
+        self._messages = messages
+        self._publisher = publisher
+        self._metrics = metrics
+
+    async def finish(self, conn: AsyncConnection, run: Run, outcome: Outcome) -> bool:
+        """End `run` (as the caller saw it) with `outcome`. Returns whether it applied; when it
+        did not, someone else already ended or took over the run and nothing was written."""
+        applied = await self._queue.finish(
+            conn, run, status=outcome.status, result=outcome.result, error=outcome.error
+        )
+        if not applied:
+            return False
+        ctx = UserContext.create(run.user_id, thread_id=run.thread_id, run_id=run.id)
+        if outcome.status is not RunStatus.COMPLETED:
+            await close_unanswered_tool_calls(conn, self._messages, ctx, run=run)
+        await self._publisher.emit(
+            conn, ctx, run.thread_id, outcome.event, outcome.data, run_id=run.id
+        )
+        self._metrics.runs_finished.labels(outcome.status.value).inc()
+        return True
