@@ -98,7 +98,8 @@ class TrackedSocket(EventSocket):
     def _dispatch(self, item: dict[str, object], recv_perf: float, recv_wall: float) -> None:
         if "seq" in item:
             run_id = item.get("run_id")
-            self.seen.append((int(str(item["seq"])), str(item["type"]), str(run_id) if run_id else None))
+            seq = int(str(item["seq"]))
+            self.seen.append((seq, str(item["type"]), str(run_id) if run_id else None))
         super()._dispatch(item, recv_perf, recv_wall)
 
 
