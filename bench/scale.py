@@ -86,6 +86,7 @@ class Options:
     users: int
     runs_per_user: int
     warmup: int
+    worker_poll_seconds: float | None
 
 
 class TrackedSocket(EventSocket):
@@ -224,6 +225,8 @@ async def run_layout(options: Options, api_count: int, worker_count: int) -> dic
     extra = {"THREADLINE_REDIS_URL": options.redis_url, "THREADLINE_REDIS_PREFIX": prefix,
              "THREADLINE_MAX_CONCURRENT_RUNS_PER_USER": "1000",
              "THREADLINE_DEMO_DELAY_SECONDS": "0"}
+    if options.worker_poll_seconds is not None:
+        extra["THREADLINE_WORKER_POLL_SECONDS"] = str(options.worker_poll_seconds)
     with tempfile.TemporaryDirectory(prefix="threadline-bench-scale-") as tmp:
         workdir = Path(tmp)
         async with postgres_database(options.postgres_url, label="scale") as database_url:
@@ -267,6 +270,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--runs-per-user", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured runs per user")
+    parser.add_argument("--worker-poll-seconds", type=float, default=None,
+                        help="THREADLINE_WORKER_POLL_SECONDS of the workers (default: its default)")
     args = parser.parse_args(argv)
     try:
         layouts = tuple(tuple(int(x) for x in item.split("x")) for item in args.layouts.split(","))
@@ -279,7 +284,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
     require_loopback(args.redis_url, "--redis-url")
     return Options(out=args.out, postgres_url=args.postgres_url, redis_url=args.redis_url,
                    layouts=layouts, users=args.users,  # type: ignore[arg-type]
-                   runs_per_user=args.runs_per_user, warmup=args.warmup)
+                   runs_per_user=args.runs_per_user, warmup=args.warmup,
+                   worker_poll_seconds=args.worker_poll_seconds)
 
 
 async def run(options: Options) -> dict[str, object]:
