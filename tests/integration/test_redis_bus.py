@@ -107,6 +107,7 @@ async def test_redis_refuses_an_out_of_order_or_duplicate_append(
         await reader.ready("thr_x")
         for seq in (5, 3, 5, 6):  # 3 is late, the second 5 a duplicate: neither raises
             await publisher.publish(_event("thr_x", seq))
+            await publisher.flush()  # one at a time, as publishes from several processes
         await _until(lambda: 6 in got)
         client = Redis.from_url(shared_redis)
         try:
@@ -127,6 +128,7 @@ async def test_a_reader_behind_the_trim_point_sees_the_jump(shared_redis: str, p
         await reader.ready("thr_t")  # positioned at the (empty) stream's end, not reading yet
         for seq in range(1, 401):
             await publisher.publish(_event("thr_t", seq))
+        await publisher.flush()
         client = Redis.from_url(shared_redis)
         try:
             length = await client.xlen(f"{prefix}:events:thr_t")
@@ -284,6 +286,8 @@ async def test_live_delivery_resumes_after_redis_restarts_without_loss_or_duplic
             await _received(connection, seqs, until=first)
             server.stop()  # SIGKILL: Redis is gone, with every stream
             during = [await _emit(live, ctx, thread_id, n) for n in (1, 2)]  # stored only
+            assert isinstance(services.bus, RedisBus)
+            await services.bus.flush()  # tried, and failed: Redis is down
             _restart(server)
             await _received(connection, seqs, until=during[-1])  # the reader's reset
             after = await _emit(live, ctx, thread_id, 3)

@@ -1,14 +1,18 @@
 """The Redis event bus: live events between processes, one Redis stream per thread.
 
 Model:
-- Publishing is `XADD <prefix>:events:<thread_id> <seq>-0` inside the recording transaction
-  (`events/publisher.py`). The entry id is the event's sequence number, so Redis itself refuses
-  an append that is out of order or a duplicate (a retried or late publish): each stream is in
-  `seq` order whatever the publishers do. Each append trims the stream to about `max_len`
-  entries (`MAXLEN ~`) and re-arms the key's expiry, so a thread's stream disappears
-  `ttl_seconds` after its last event (the ids are sequence numbers, not times, so age cannot
-  trim by `MINID`). A failed append is logged and dropped: a durable event is already in the
-  database, and readers notice the hole and catch up from there (below).
+- Publishing queues the event (`publish` is called inside the recording transaction,
+  `events/publisher.py`, and must not hold it for a Redis round trip); one sender task per
+  process takes the queue in order and appends each batch in one pipelined round trip:
+  `XADD <prefix>:events:<thread_id> <seq>-0`. The entry id is the event's sequence number, so
+  Redis itself refuses an append that is out of order or a duplicate (a retry, or another
+  process's later event that got there first): each stream is in `seq` order whatever the
+  publishers do, and a refused durable event reaches listeners from the database (below).
+  Each append trims the stream to about `max_len` entries (`MAXLEN ~`) and re-arms the key's
+  expiry, so a thread's stream disappears `ttl_seconds` after its last event (the ids are
+  sequence numbers, not times, so age cannot trim by `MINID`). A failed append is logged and
+  dropped, as is an event that finds the queue full: a durable event is already in the
+  database, and readers notice the hole and catch up from there.
 - Reading: a process reads only the streams of threads its own subscribers watch, over a fixed
   number of reader connections (`readers`) whatever the number of threads. A thread belongs to
   one shard by hash; each shard's task runs `XREAD BLOCK` over all its streams (at most
@@ -58,6 +62,10 @@ _READ_COUNT = 500
 # With more threads than one XREAD carries, each call blocks this long before the next turn.
 _TURN_BLOCK_MS = 10
 _CONTROL_POLL_SECONDS = 1.0
+# Events waiting for the sender; beyond this (Redis far behind or away) new ones are dropped.
+_OUTBOX_SIZE = 10_000
+# Events appended per round trip at most.
+_SEND_BATCH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,16 +182,21 @@ class RedisBus:
         self._watches: dict[str, _Watch] = {}
         self._control: list[ControlListener] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._outbox: asyncio.Queue[Event] = asyncio.Queue(maxsize=_OUTBOX_SIZE)
+        self._outbox_full = False
         self._publish_failing = False
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        self._spawn(self._send_loop())
         for shard in self._shards:
             self._spawn(self._read_loop(shard))
         self._spawn(self._control_loop())
 
     async def aclose(self) -> None:
+        if self._tasks:
+            await self.flush()  # the last events of a shutting-down worker still go out
         tasks = tuple(self._tasks)
         for task in tasks:
             task.cancel()
@@ -206,21 +219,48 @@ class RedisBus:
         return f"{self._config.prefix}:events:{thread_id}".encode()
 
     async def publish(self, event: Event) -> None:
+        """Queue `event` for the sender; never waits for Redis (see the module docstring)."""
+        try:
+            self._outbox.put_nowait(event)
+        except asyncio.QueueFull:
+            # Redis is far behind or away: drop it; listeners see the gap and catch up.
+            if not self._outbox_full:
+                logger.warning(
+                    "Redis publish queue full (%d events); dropping live events", _OUTBOX_SIZE
+                )
+            self._outbox_full = True
+            return
+        self._outbox_full = False
+
+    async def flush(self) -> None:
+        """Return once every event queued so far was sent (or given up on). Bounded."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._config.timeout_seconds * 2):
+                await self._outbox.join()
+
+    async def _send_loop(self) -> None:
+        """The one sender: takes what is queued, in order, and appends it in one round trip."""
+        while True:
+            batch = [await self._outbox.get()]
+            while len(batch) < _SEND_BATCH and not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            try:
+                await self._send(batch)
+            finally:
+                for _ in batch:
+                    self._outbox.task_done()
+
+    async def _send(self, batch: list[Event]) -> None:
         try:
             async with asyncio.timeout(self._config.timeout_seconds):
                 try:
-                    await self._append(event)
+                    results = await self._append(batch)
                 except RedisConnectionError:
                     # A pooled connection that a Redis restart left dead fails at first use;
-                    # the pool drops it. Appending again is safe: the id makes it idempotent.
-                    await self._append(event)
-        except ResponseError as exc:
-            # Redis refused the id: an event of this thread with this or a later seq is
-            # already on the stream. Order on the stream is kept; this one is not carried live.
-            logger.warning("Event %d of %s not appended: %s", event.seq, event.thread_id, exc)
-            return
+                    # the pool drops it. Appending again is safe: the ids make it idempotent.
+                    results = await self._append(batch)
         except _TRANSPORT_ERRORS as exc:
-            logger.debug("Publishing event %d of %s failed: %s", event.seq, event.thread_id, exc)
+            logger.debug("Publishing %d events failed: %s", len(batch), exc)
             if not self._publish_failing:
                 logger.warning(
                     "Cannot publish to Redis (%s: %s); live listeners will catch up from the "
@@ -233,19 +273,30 @@ class RedisBus:
         if self._publish_failing:
             logger.info("Publishing to Redis again")
             self._publish_failing = False
+        for event, result in zip(batch, results[::2], strict=True):
+            if isinstance(result, ResponseError):
+                # Redis refused the id: an event of this thread with this or a later seq is
+                # already on the stream. The stream stays in order; this one is not carried
+                # live (a durable one reaches listeners from the database).
+                logger.warning(
+                    "Event %d of %s not appended: %s", event.seq, event.thread_id, result
+                )
 
-    async def _append(self, event: Event) -> None:
+    async def _append(self, batch: list[Event]) -> list[object]:
+        """XADD and EXPIRE per event, in order, on one connection; per-command results."""
         config = self._config
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(
-                self._key(event.thread_id),
-                {b"e": _encode(event)},
-                id=f"{event.seq}-0",
-                maxlen=config.max_len,
-                approximate=True,
-            )
-            pipe.expire(self._key(event.thread_id), config.ttl_seconds)
-            await pipe.execute()
+            for event in batch:
+                key = self._key(event.thread_id)
+                pipe.xadd(
+                    key,
+                    {b"e": _encode(event)},
+                    id=f"{event.seq}-0",
+                    maxlen=config.max_len,
+                    approximate=True,
+                )
+                pipe.expire(key, config.ttl_seconds)
+            return list(await pipe.execute(raise_on_error=False))
 
     def subscribe(
         self, thread_id: str, listener: EventListener, *, on_reset: ResetListener | None = None

@@ -1,0 +1,618 @@
+"""End-to-end run benchmark: agent runs through a real `threadline serve` process, watched live
+on real WebSockets.
+
+    python bench/runs.py --backend sqlite|postgres|both --out bench/results/runs.json \
+        [--users 1,32] [--runs-per-user N] [--idle-sockets 1000]
+
+Each simulated user has its own account, thread and WebSocket (authenticated with the first
+message, subscribed to its thread). It posts "what is 12*7?" with `"run": {"agent": "demo"}`
+(HTTP `POST /v1/threads/{id}/messages` by default, or the socket's `send_message` with
+`--send ws`) and posts the next message only after `agent_completed` arrived on its socket. The
+demo model answers at once (delay 0): one calculator tool call, then a short streamed answer.
+
+Measured per backend and per number of concurrent users, after a warm-up:
+- runs per second: completed runs / wall time of the measured phase;
+- from just before posting to (a) the first event of that run on the socket, of any kind: the
+  user's `message_created` (no run id; matched by message id) or `run_queued` normally come
+  first; (b) `agent_started`; (c) `agent_completed`; and to the HTTP answer (or
+  `message_accepted`);
+- emit-to-socket latency: client receive time - the event's `ts` (the server's clock when it was
+  emitted; same machine, same clock). `ts` is truncated to the millisecond, so a measured value
+  is 0-1 ms above the true one (0.5 ms on average);
+- server CPU (user + system, psutil) over the measured phase, per completed run;
+- server RSS before and after `--idle-sockets` authenticated, subscribed, idle sockets (each on a
+  thread of its own), per socket.
+
+The server is a subprocess on a free loopback port: SQLite in a temporary directory, or a fresh
+PostgreSQL database (dropped afterwards) plus Redis under a unique key prefix (deleted
+afterwards). Every wait is bounded and the server is always stopped. The client shares the
+machine (and its cores) with the server; its own CPU time is reported beside the server's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import psutil
+from _support import (
+    DEFAULT_POSTGRES_URL,
+    DEFAULT_REDIS_URL,
+    HTTP_TIMEOUT,
+    ROOT,
+    BenchError,
+    BenchUser,
+    Server,
+    create_thread,
+    delete_redis_prefix,
+    expect,
+    machine_info,
+    migrate,
+    postgres_database,
+    postgres_version,
+    redis_version,
+    register_many,
+    report_failures,
+    require_loopback,
+    server_env,
+    server_process,
+    summarize,
+    write_results,
+)
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from threadline.settings import Settings
+
+QUESTION = "what is 12*7?"
+RUN_TIMEOUT = 60.0  # one run, posting to agent_completed
+LEVEL_TIMEOUT = 600.0  # warm-up plus measured phase of one concurrency level
+CONNECT_TIMEOUT = 15.0
+SETTLE_SECONDS = 1.0
+# Subscribing without `after_seq` fails on PostgreSQL (streams.py passes 2**62 to an INTEGER
+# column). The threads here are fresh, so replaying from 0 costs one stored event and is what a
+# client that has seen nothing yet may send anyway.
+SUBSCRIBE_AFTER_SEQ = 0
+TERMINAL = frozenset({"agent_completed", "agent_failed", "run_cancelled"})
+TARGETS = {  # for PostgreSQL
+    "runs_per_second_at_32": 200.0, "first_event_p50_ms": 15.0, "first_event_p99_ms": 50.0,
+    "emit_to_socket_p99_ms": 10.0, "idle_socket_kb": 100.0,
+}
+REFERENCE_PEER = {"runs_per_second": 30.0, "first_event_ms": 1000.0,
+                  "server_cpu_ms_per_run": [17.0, 30.0]}
+
+
+@dataclass(frozen=True)
+class Options:
+    backends: tuple[str, ...]
+    out: Path
+    postgres_url: str
+    redis_url: str
+    users: tuple[int, ...]
+    runs_per_user: int | None
+    warmup: int
+    idle_sockets: int
+    send: str
+    ws_compression: bool
+
+    def runs_for(self, users: int) -> int:
+        # Enough runs at one user for a p99, and ~640 runs at 32 users: a few seconds each.
+        return self.runs_per_user or max(20, math.ceil(200 / users))
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    type: str
+    run_id: str | None
+    message_id: str | None
+    ts: float  # server emit time, epoch seconds (millisecond resolution)
+    recv_perf: float
+    recv_wall: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunSample:
+    post_ms: float
+    first_event_ms: float
+    first_event_type: str
+    agent_started_ms: float | None
+    completed_ms: float
+    emit_ms: list[tuple[str, float]]
+
+
+# --- The client's sockets -------------------------------------------------------------------------
+
+
+async def open_socket(server: Server, token: str, thread_id: str, *, compression: bool
+                      ) -> ClientConnection:
+    """Connect, authenticate with the first message, subscribe; returns after the snapshot."""
+    async with asyncio.timeout(CONNECT_TIMEOUT):
+        ws = await connect(server.ws_url, open_timeout=CONNECT_TIMEOUT, ping_interval=None,
+                           compression="deflate" if compression else None, max_size=2**22)
+        try:
+            await ws.send(json.dumps({"type": "auth", "token": token}))
+            await _expect_reply(ws, "authenticated")
+            await ws.send(json.dumps({"type": "subscribe", "thread_id": thread_id,
+                                      "after_seq": SUBSCRIBE_AFTER_SEQ}))
+            await _expect_reply(ws, "snapshot")
+        except BaseException:
+            await ws.close()
+            raise
+    return ws
+
+
+async def _expect_reply(ws: ClientConnection, kind: str) -> None:
+    """The next message must be `kind`; a batch may carry it first, then replayed events."""
+    reply = json.loads(await ws.recv())
+    first = reply["events"][0] if reply.get("type") == "batch" and reply["events"] else reply
+    if first.get("type") != kind:
+        raise BenchError(f"expected {kind!r} on the socket, got {reply}")
+
+
+class EventSocket:
+    """A user's subscribed socket whose reader records every event with its receive time."""
+
+    def __init__(self, ws: ClientConnection, user: BenchUser) -> None:
+        self.ws = ws
+        self.user = user
+        self.events: list[Received] = []
+        self.replies: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+        self._terminal: dict[str, asyncio.Future[Received]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def aclose(self) -> None:
+        """Close the socket; its reader then ends on its own (awaited, bounded)."""
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await self.ws.close()
+            if self._reader is not None:
+                await self._reader
+
+    def terminal(self, run_id: str) -> asyncio.Future[Received]:
+        if run_id not in self._terminal:
+            self._terminal[run_id] = asyncio.get_running_loop().create_future()
+        return self._terminal[run_id]
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                recv_perf, recv_wall = time.perf_counter(), time.time()
+                message = json.loads(raw)
+                items = message["events"] if message.get("type") == "batch" else [message]
+                for item in items:
+                    self._dispatch(item, recv_perf, recv_wall)
+        except ConnectionClosed:
+            pass
+        finally:
+            for future in self._terminal.values():
+                if not future.done():
+                    future.set_exception(BenchError(f"socket closed: {self.ws.close_reason}"))
+
+    def _dispatch(self, item: dict[str, object], recv_perf: float, recv_wall: float) -> None:
+        kind = str(item.get("type"))
+        if "seq" not in item:  # message_accepted, error, pong, snapshot...
+            if kind in ("message_accepted", "error"):
+                self.replies.put_nowait(item)
+            return
+        data, run_id = item.get("data"), item.get("run_id")
+        message_id = data.get("message_id") if isinstance(data, dict) else None
+        event = Received(
+            type=kind,
+            run_id=str(run_id) if run_id else None,
+            message_id=str(message_id) if message_id else None,
+            ts=datetime.fromisoformat(str(item["ts"])).timestamp(),
+            recv_perf=recv_perf,
+            recv_wall=recv_wall,
+        )
+        self.events.append(event)
+        if kind in TERMINAL and event.run_id:
+            future = self.terminal(event.run_id)
+            if not future.done():
+                future.set_result(event)
+
+    async def one_run(self, http: httpx.AsyncClient, send: str) -> RunSample:
+        """Post one message with a run and wait for its terminal event on this socket."""
+        self.events.clear()  # runs are sequential: whatever is here belongs to finished runs
+        async with asyncio.timeout(RUN_TIMEOUT):
+            started = time.perf_counter()
+            message_id, run_id = await self._post(http, send)
+            posted = time.perf_counter()
+            terminal = await self.terminal(run_id)
+        del self._terminal[run_id]
+        if terminal.type != "agent_completed":
+            raise BenchError(f"run {run_id} ended with {terminal.type}")
+        if not self.replies.empty():
+            raise BenchError(f"unexpected reply on the socket: {self.replies.get_nowait()}")
+        mine = [e for e in self.events if e.run_id == run_id
+                or (e.type == "message_created" and e.message_id == message_id)]
+        agent_started = next((e for e in mine if e.type == "agent_started"), None)
+        return RunSample(
+            post_ms=(posted - started) * 1000,
+            first_event_ms=(mine[0].recv_perf - started) * 1000,
+            first_event_type=mine[0].type,
+            agent_started_ms=(agent_started.recv_perf - started) * 1000 if agent_started else None,
+            completed_ms=(terminal.recv_perf - started) * 1000,
+            emit_ms=[(e.type, (e.recv_wall - e.ts) * 1000) for e in mine],
+        )
+
+    async def _post(self, http: httpx.AsyncClient, send: str) -> tuple[str, str]:
+        thread_id = self.user.thread_id
+        if send == "http":
+            response = await http.post(
+                f"/v1/threads/{thread_id}/messages", headers=self.user.headers,
+                json={"content": QUESTION, "run": {"agent": "demo"}},
+            )
+            expect(response, 201)
+            body = response.json()
+            return str(body["id"]), str(body["run"]["id"])
+        await self.ws.send(json.dumps({"type": "send_message", "thread_id": thread_id,
+                                       "content": QUESTION, "agent": "demo"}))
+        reply = await self.replies.get()
+        if reply.get("type") != "message_accepted" or not reply.get("run_id"):
+            raise BenchError(f"send_message was refused: {reply}")
+        return str(reply["message_id"]), str(reply["run_id"])
+
+
+# --- Phases ---------------------------------------------------------------------------------------
+
+
+async def sequential_runs(sock: EventSocket, http: httpx.AsyncClient, count: int, send: str
+                          ) -> list[RunSample]:
+    return [await sock.one_run(http, send) for _ in range(count)]
+
+
+async def run_level(server: Server, http: httpx.AsyncClient, sockets: list[EventSocket],
+                    options: Options) -> dict[str, object]:
+    runs = options.runs_for(len(sockets))
+    server_proc, client_proc = psutil.Process(server.pid), psutil.Process()
+    async with asyncio.timeout(LEVEL_TIMEOUT):
+        async with asyncio.TaskGroup() as group:
+            for sock in sockets:
+                group.create_task(sequential_runs(sock, http, options.warmup, options.send))
+        server_cpu, client_cpu = _cpu(server_proc), _cpu(client_proc)
+        started = time.perf_counter()
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(sequential_runs(sock, http, runs, options.send))
+                     for sock in sockets]
+        wall = time.perf_counter() - started
+        server_cpu, client_cpu = _cpu(server_proc) - server_cpu, _cpu(client_proc) - client_cpu
+    samples = [sample for task in tasks for sample in task.result()]
+    return level_result(samples, users=len(sockets), runs=runs, warmup=options.warmup,
+                        wall=wall, server_cpu=server_cpu, client_cpu=client_cpu)
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def level_result(samples: list[RunSample], *, users: int, runs: int, warmup: int, wall: float,
+                 server_cpu: float, client_cpu: float) -> dict[str, object]:
+    emitted = [(kind, ms) for sample in samples for kind, ms in sample.emit_ms]
+    by_type: dict[str, list[float]] = {}
+    for kind, ms in emitted:
+        by_type.setdefault(kind, []).append(ms)
+    started = [s.agent_started_ms for s in samples if s.agent_started_ms is not None]
+    return {
+        "users": users,
+        "runs_per_user": runs,
+        "warmup_runs_per_user": warmup,
+        "completed_runs": len(samples),
+        "wall_s": round(wall, 3),
+        "runs_per_second": round(len(samples) / wall, 1),
+        "server_cpu_ms_per_run": round(server_cpu / len(samples) * 1000, 3),
+        "client_cpu_ms_per_run": round(client_cpu / len(samples) * 1000, 3),
+        "post_ms": summarize([s.post_ms for s in samples]),
+        "first_event_ms": summarize([s.first_event_ms for s in samples]),
+        "first_event_types": dict(Counter(s.first_event_type for s in samples)),
+        "agent_started_ms": summarize(started),
+        "agent_completed_ms": summarize([s.completed_ms for s in samples]),
+        "events_per_run": round(len(emitted) / len(samples), 2),
+        "emit_to_socket_ms": summarize([ms for _, ms in emitted]),
+        "emit_to_socket_ms_by_type": {k: summarize(v) for k, v in sorted(by_type.items())},
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+async def idle_socket_memory(server: Server, http: httpx.AsyncClient, users: list[BenchUser],
+                             count: int, *, compression: bool) -> dict[str, object]:
+    """RSS before and after `count` authenticated, subscribed sockets, each on its own thread."""
+    owners = [users[i % len(users)] for i in range(count)]
+    threads = await _bounded([lambda u=u: create_thread(http, u, "idle") for u in owners], 16)
+    pairs = list(zip(owners, threads, strict=True))
+
+    def opener(user: BenchUser, thread_id: str):  # type: ignore[no-untyped-def]
+        return lambda: open_socket(server, user.token, thread_id, compression=compression)
+
+    # A few first, so that what is set up once (lazy imports, caches) is not counted per socket.
+    for ws in await _bounded([opener(u, t) for u, t in pairs[:20]], 20):
+        await ws.close()
+    process = psutil.Process(server.pid)
+    await asyncio.sleep(SETTLE_SECONDS)
+    rss_before, fds_before = process.memory_info().rss, process.num_fds()
+    started = time.perf_counter()
+    sockets = await _bounded([opener(u, t) for u, t in pairs], 50)
+    opened_s = time.perf_counter() - started
+    try:
+        await asyncio.sleep(SETTLE_SECONDS)
+        rss_after, fds_after = process.memory_info().rss, process.num_fds()
+        extensions = [type(e).__name__ for e in sockets[0].protocol.extensions]
+    finally:
+        await _bounded([lambda ws=ws: ws.close() for ws in sockets], 100)
+    await asyncio.sleep(SETTLE_SECONDS)
+    return {
+        "sockets": count,
+        "compression_offered": compression,
+        "extensions_negotiated": extensions,
+        "open_s": round(opened_s, 3),
+        "server_fds_before": fds_before,
+        "server_fds_after": fds_after,
+        "rss_before_mb": round(rss_before / 2**20, 2),
+        "rss_after_mb": round(rss_after / 2**20, 2),
+        "rss_after_close_mb": round(process.memory_info().rss / 2**20, 2),
+        "kb_per_socket": round((rss_after - rss_before) / 1024 / count, 2),
+    }
+
+
+async def _bounded(factories: list, limit: int) -> list:  # type: ignore[type-arg]
+    """Await every factory's coroutine, at most `limit` at a time, results in order."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(factory):  # type: ignore[no-untyped-def]
+        async with gate:
+            return await factory()
+
+    async with asyncio.timeout(LEVEL_TIMEOUT), asyncio.TaskGroup() as group:
+        tasks = [group.create_task(one(factory)) for factory in factories]
+    return [task.result() for task in tasks]
+
+
+# --- Per backend ----------------------------------------------------------------------------------
+
+
+async def drive(server: Server, options: Options) -> dict[str, object]:
+    most = max(options.users)
+    limits = httpx.Limits(max_connections=most + 8, max_keepalive_connections=most + 8)
+    async with httpx.AsyncClient(base_url=server.base_url, limits=limits, timeout=HTTP_TIMEOUT,
+                                 trust_env=False) as http:
+        async with asyncio.timeout(LEVEL_TIMEOUT):
+            users = await register_many(http, most, with_thread=True)
+            sockets = [EventSocket(await open_socket(server, u.token, u.thread_id,
+                                                     compression=options.ws_compression), u)
+                       for u in users]
+        for sock in sockets:
+            sock.start()
+        levels = []
+        try:
+            for count in options.users:
+                result = await run_level(server, http, sockets[:count], options)
+                levels.append(result)
+                print_level(result)
+        finally:
+            for sock in sockets:
+                await sock.aclose()
+        idle = None
+        if options.idle_sockets:
+            idle = await idle_socket_memory(server, http, users, options.idle_sockets,
+                                            compression=options.ws_compression)
+            print_idle(idle)
+    return {"levels": levels, "idle_sockets": idle}
+
+
+def _server_extra() -> dict[str, str]:
+    return {"THREADLINE_MAX_CONCURRENT_RUNS_PER_USER": "1000",
+            "THREADLINE_DEMO_DELAY_SECONDS": "0"}
+
+
+async def run_sqlite(options: Options) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="threadline-bench-") as tmp:
+        workdir = Path(tmp)
+        env = server_env(f"sqlite:///{workdir / 'bench.db'}", workdir, _server_extra())
+        with server_process(env, workdir) as server:
+            result = await drive(server, options)
+    import sqlite3
+
+    return {"services": {"database": f"SQLite {sqlite3.sqlite_version}"}, **result}
+
+
+async def run_postgres(options: Options) -> dict[str, object]:
+    require_loopback(options.postgres_url, "--postgres-url")
+    require_loopback(options.redis_url, "--redis-url")
+    prefix = f"threadline-bench-runs-{uuid.uuid4().hex[:10]}"
+    extra = {**_server_extra(),
+}
+    with tempfile.TemporaryDirectory(prefix="threadline-bench-") as tmp:
+        workdir = Path(tmp)
+        async with postgres_database(options.postgres_url, label="runs") as database_url:
+            env = server_env(database_url, workdir, extra)
+            try:
+                await asyncio.to_thread(migrate, env, workdir)
+                with server_process(env, workdir) as server:
+                    result = await drive(server, options)
+                services = {"database": await postgres_version(database_url),
+                            "redis": await redis_version(options.redis_url)}
+            finally:
+                await delete_redis_prefix(options.redis_url, prefix)
+    return {"services": services, **result}
+
+
+# --- Output ---------------------------------------------------------------------------------------
+
+
+def print_level(r: dict[str, object]) -> None:
+    def p(key: str) -> str:
+        s = r[key]
+        return f"{s['p50']:>8.2f}/{s['p99']:<8.2f}"  # type: ignore[index]
+
+    print(f"{r['users']:>5}{r['completed_runs']:>6}{r['runs_per_second']:>8.1f}"
+          f"{r['server_cpu_ms_per_run']:>9.2f}{r['client_cpu_ms_per_run']:>9.2f}  {p('post_ms')}"
+          f"{p('first_event_ms')}{p('agent_started_ms')}{p('agent_completed_ms')}"
+          f"{p('emit_to_socket_ms')}", flush=True)
+
+
+HEADER = (f"{'users':>5}{'runs':>6}{'runs/s':>8}{'srv CPU':>9}{'cli CPU':>9}  "
+          f"{'post p50/p99':<18}{'1st event':<18}{'started':<18}{'completed':<18}"
+          f"{'emit->socket':<18}\n{'':>19}{'ms/run':>9}{'ms/run':>9}  (all times in ms)")
+
+
+def print_idle(r: dict[str, object]) -> None:
+    print(f"idle sockets: {r['sockets']} (extensions {r['extensions_negotiated']}, fds "
+          f"{r['server_fds_before']} -> {r['server_fds_after']}): RSS {r['rss_before_mb']} -> "
+          f"{r['rss_after_mb']} MB = {r['kb_per_socket']} KB per socket", flush=True)
+
+
+def comparison(backend: str, result: dict[str, object]) -> list[str]:
+    """Lines comparing the results with the targets and the reference peer."""
+    levels: list[dict] = result["levels"]  # type: ignore[assignment,type-arg]
+    top = max(levels, key=lambda r: r["users"])
+    t, peer = TARGETS, REFERENCE_PEER
+
+    def mark(ok: bool) -> str:
+        return "PASS" if ok else "MISS"
+
+    lines = [f"[{backend}] vs targets (set for PostgreSQL) and the reference peer:"]
+    rate = top["runs_per_second"]
+    lines.append(f"  {mark(top['users'] >= 32 and rate >= t['runs_per_second_at_32'])} runs/s at "
+                 f"{top['users']} users: {rate} (target >= {t['runs_per_second_at_32']:.0f} at "
+                 f"32; peer ~{peer['runs_per_second']:.0f}, x{rate / peer['runs_per_second']:.1f})")
+    for r in levels:
+        first, started, emit = r["first_event_ms"], r["agent_started_ms"], r["emit_to_socket_ms"]
+        ok = first["p50"] < t["first_event_p50_ms"] and first["p99"] < t["first_event_p99_ms"]
+        ok_started = (started["p50"] < t["first_event_p50_ms"]
+                      and started["p99"] < t["first_event_p99_ms"])
+        lines += [
+            f"  {mark(ok)} {r['users']} users, first event (any, mostly "
+            f"{max(r['first_event_types'], key=r['first_event_types'].get)}) p50/p99: "
+            f"{first['p50']}/{first['p99']} ms (target < 15/50; peer ~1000)",
+            f"  {mark(ok_started)} {r['users']} users, agent_started p50/p99: "
+            f"{started['p50']}/{started['p99']} ms (same target)",
+            f"  {mark(emit['p99'] < t['emit_to_socket_p99_ms'])} {r['users']} users, "
+            f"emit->socket p99: {emit['p99']} ms (target < 10; ms resolution)",
+            f"  info {r['users']} users, server CPU per run: {r['server_cpu_ms_per_run']} ms "
+            f"(peer 17-30 ms)",
+        ]
+    idle = result.get("idle_sockets")
+    if idle:
+        lines.append(f"  {mark(idle['kb_per_socket'] < t['idle_socket_kb'])} idle socket: "  # type: ignore[index]
+                     f"{idle['kb_per_socket']} KB each (target < 100)")  # type: ignore[index]
+    return lines
+
+
+# --- Entry point ----------------------------------------------------------------------------------
+
+
+def raise_open_files(needed: int) -> dict[str, int]:
+    """Both ends of every socket live on this machine; the server inherits this limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < needed:
+        raise BenchError(f"need {needed} open files, the hard limit is {hard}")
+    return {"soft": soft, "hard": hard}
+
+
+def parse_options(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "runs.json")
+    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL,
+                        help="a PostgreSQL server where the benchmark may create a database")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    parser.add_argument("--users", default="1,32", help="concurrency levels, comma-separated")
+    parser.add_argument("--runs-per-user", type=int, default=None,
+                        help="measured runs per user (default: max(20, 200/users))")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured runs per user")
+    parser.add_argument("--idle-sockets", type=int, default=1000, help="0 skips the phase")
+    parser.add_argument("--send", choices=["http", "ws"], default="http",
+                        help="post through HTTP POST .../messages or the socket's send_message")
+    parser.add_argument("--ws-compression", choices=["on", "off"], default="on",
+                        help="offer permessage-deflate, as browsers do (default on)")
+    args = parser.parse_args(argv)
+    users = tuple(sorted({int(n) for n in args.users.split(",") if n.strip()}))
+    if not users or users[0] < 1 or args.warmup < 0 or args.idle_sockets < 0 \
+            or (args.runs_per_user is not None and args.runs_per_user < 1):
+        parser.error("--users, --runs-per-user, --warmup and --idle-sockets must be positive")
+    return Options(
+        backends=("sqlite", "postgres") if args.backend == "both" else (args.backend,),
+        out=args.out, postgres_url=args.postgres_url, redis_url=args.redis_url, users=users,
+        runs_per_user=args.runs_per_user, warmup=args.warmup, idle_sockets=args.idle_sockets,
+        send=args.send, ws_compression=args.ws_compression == "on",
+    )
+
+
+async def run(options: Options, open_files: dict[str, int]) -> dict[str, object]:
+    backends: dict[str, dict[str, object]] = {}
+    started = time.perf_counter()
+    for backend in options.backends:
+        print(f"\n[{backend}] posting via {options.send}\n{HEADER}", flush=True)
+        runner = run_sqlite if backend == "sqlite" else run_postgres
+        backends[backend] = await runner(options)
+    print()
+    for backend, result in backends.items():
+        print("\n".join(comparison(backend, result)))
+    config = {k: v for k, v in asdict(options).items() if k != "out"}
+    config["postgres_url"] = options.postgres_url.split("@")[-1]  # no credentials in results
+    config["runs_per_user_by_level"] = {str(n): options.runs_for(n) for n in options.users}
+    config["server_settings"] = {
+        name: Settings.model_fields[name].default
+        for name in ("database_pool_size", "worker_concurrency", "socket_queue_size")
+    }
+    return {
+        "benchmark": "bench/runs.py",
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "duration_s": round(time.perf_counter() - started, 1),
+        "machine": {**machine_info(("psutil",)), "client_event_loop": _loop_name(),
+                    "open_files": open_files},
+        "config": config,
+        "targets": {"postgres": TARGETS, "reference_peer": REFERENCE_PEER},
+        "backends": backends,
+    }
+
+
+def _loop_name() -> str:
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_options(argv)
+    failures: list[BaseException] = []
+    try:
+        open_files = raise_open_files(options.idle_sockets + max(options.users) * 2 + 256)
+        results = _run_loop(options, open_files)
+    except* (BenchError, TimeoutError, ConnectionClosed, OSError, httpx.HTTPError) as group:
+        failures.extend(group.exceptions)
+    if failures:
+        return report_failures(failures, with_type=True)
+    return write_results(options.out, results)
+
+
+def _run_loop(options: Options, open_files: dict[str, int]) -> dict[str, object]:
+    """The client's loop: uvloop when installed (the server uses it too), to keep the client's
+    own overhead, which shares the machine's cores, small."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(run(options, open_files))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(run(options, open_files))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
