@@ -1,13 +1,16 @@
 """The Redis event bus: live events between processes, one Redis stream per thread.
 
 Model:
-- Publishing queues the event (`publish` is called inside the recording transaction,
-  `events/publisher.py`, and must not hold it for a Redis round trip); one sender task per
-  process takes the queue in order and appends each batch in one pipelined round trip:
-  `XADD <prefix>:events:<thread_id> <seq>-0`. The entry id is the event's sequence number, so
-  Redis itself refuses an append that is out of order or a duplicate (a retry, or another
-  process's later event that got there first): each stream is in `seq` order whatever the
-  publishers do, and a refused durable event reaches listeners from the database (below).
+- Publishing queues the event; one sender task per process takes the queue in order and
+  appends each batch in one pipelined round trip: `XADD <prefix>:events:<thread_id> <seq>-0`.
+  `publish` (called inside the recording transaction, `events/publisher.py`) waits for its
+  append, so that the thread's row lock orders appends across processes as it orders numbers,
+  but at most `_PUBLISH_WAIT_SECONDS`, and not at all while Redis is failing: a slow or hung
+  Redis cannot hold database transactions for long. The entry id is the event's sequence
+  number, so Redis itself refuses an append that is out of order or a duplicate (a retry, or
+  another process's later event that got there first after a wait ran out): each stream is in
+  `seq` order whatever the publishers do, and a refused durable event reaches listeners from
+  the database (below).
   Each append trims the stream to about `max_len` entries (`MAXLEN ~`) and re-arms the key's
   expiry, so a thread's stream disappears `ttl_seconds` after its last event (the ids are
   sequence numbers, not times, so age cannot trim by `MINID`). A failed append is logged and
@@ -66,6 +69,9 @@ _CONTROL_POLL_SECONDS = 1.0
 _OUTBOX_SIZE = 10_000
 # Events appended per round trip at most.
 _SEND_BATCH = 256
+# How long `publish` waits for its append (inside the recording transaction) before letting
+# the transaction go on; normally the append takes a round trip, well under this.
+_PUBLISH_WAIT_SECONDS = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +188,9 @@ class RedisBus:
         self._watches: dict[str, _Watch] = {}
         self._control: list[ControlListener] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._outbox: asyncio.Queue[Event] = asyncio.Queue(maxsize=_OUTBOX_SIZE)
+        self._outbox: asyncio.Queue[tuple[Event, asyncio.Future[None]]] = asyncio.Queue(
+            maxsize=_OUTBOX_SIZE
+        )
         self._outbox_full = False
         self._publish_failing = False
 
@@ -219,9 +227,12 @@ class RedisBus:
         return f"{self._config.prefix}:events:{thread_id}".encode()
 
     async def publish(self, event: Event) -> None:
-        """Queue `event` for the sender; never waits for Redis (see the module docstring)."""
+        """Queue `event` for the sender and wait (briefly, see the module docstring) until it
+        is appended: while the caller's transaction still holds the thread's row lock, so the
+        next event of the thread, from any process, is appended after it."""
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            self._outbox.put_nowait(event)
+            self._outbox.put_nowait((event, sent))
         except asyncio.QueueFull:
             # Redis is far behind or away: drop it; listeners see the gap and catch up.
             if not self._outbox_full:
@@ -231,6 +242,8 @@ class RedisBus:
             self._outbox_full = True
             return
         self._outbox_full = False
+        if not self._publish_failing:
+            await asyncio.wait({sent}, timeout=_PUBLISH_WAIT_SECONDS)
 
     async def flush(self) -> None:
         """Return once every event queued so far was sent (or given up on). Bounded."""
@@ -245,9 +258,11 @@ class RedisBus:
             while len(batch) < _SEND_BATCH and not self._outbox.empty():
                 batch.append(self._outbox.get_nowait())
             try:
-                await self._send(batch)
+                await self._send([event for event, _ in batch])
             finally:
-                for _ in batch:
+                for _, sent in batch:
+                    if not sent.done():
+                        sent.set_result(None)
                     self._outbox.task_done()
 
     async def _send(self, batch: list[Event]) -> None:
