@@ -19,6 +19,7 @@ from typing import Annotated
 import click
 import typer
 import uvicorn
+from sqlalchemy.exc import DBAPIError
 
 from threadline.errors import ThreadlineError
 from threadline.logs import configure_logging
@@ -183,8 +184,14 @@ def worker(
     settings = _settings(app_dir=app_dir, agents=agents or None, embedded_worker=True)
     _check_database(settings)
     configure_logging(settings.log_level, json_lines=settings.log_json)
-    _announce(settings, f"Threadline worker on {_redacted(settings.database_url)}")
-    asyncio.run(run_worker(settings))  # SIGINT and SIGTERM stop it gracefully
+
+    def ready(worker_id: str) -> None:  # announced once it works, so a failure is one line
+        _announce(settings, f"Threadline worker {worker_id} on {_redacted(settings.database_url)}")
+
+    try:
+        asyncio.run(run_worker(settings, on_ready=ready))  # SIGINT and SIGTERM stop it gracefully
+    except (ThreadlineError, OSError, DBAPIError) as exc:  # Redis or PostgreSQL unreachable
+        raise _fail("Worker cannot start", " ".join(str(exc).split())) from exc
 
 
 @app.command()
@@ -247,6 +254,24 @@ def _redacted(url: str) -> str:
     if not at or ":" not in credentials:
         return url
     return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{location}"
+
+
+@app.command()
+def chat(
+    url: Annotated[str, typer.Argument(help="The server")] = "http://localhost:8000",
+    email: Annotated[str | None, typer.Option(help="Sign in as (asked if not given)")] = None,
+    password: Annotated[str | None, typer.Option(help="Password (asked if not given)")] = None,
+    token: Annotated[str | None, typer.Option(help="A bearer token instead of a password")] = None,
+    agent: Annotated[str | None, typer.Option(help="Agent to talk to")] = None,
+    thread: Annotated[str | None, typer.Option(help="Open this thread id")] = None,
+) -> None:
+    """Chat with an agent in the terminal, its steps shown live (Ctrl-C cancels a run)."""
+    from threadline.chat import run_chat
+
+    code = run_chat(
+        url, email=email, password=password, token=token, agent=agent, thread_id=thread
+    )
+    raise typer.Exit(code)
 
 
 def main() -> None:

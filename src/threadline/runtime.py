@@ -53,6 +53,7 @@ from threadline.store.queue import RunQueue
 from threadline.store.runs import RunStore
 from threadline.store.threads import ThreadStore
 from threadline.store.users import UserStore
+from threadline.store.wakeup import PostgresRunWaker
 from threadline.threads_service import ThreadService
 
 logger = logging.getLogger(__name__)
@@ -295,6 +296,13 @@ def _assemble(
                 grace_seconds=settings.shutdown_grace_seconds,
                 lease_seconds=settings.run_lease_seconds,
                 per_user_limit=settings.max_concurrent_runs_per_user,
+            ),
+            # Embedded SQLite: one process, woken by `notify()` alone.
+            waker=None
+            if settings.is_sqlite
+            else PostgresRunWaker(
+                settings.database_url,
+                connect_timeout_seconds=settings.database_connect_timeout_seconds,
             ),
         )
         if with_worker

@@ -5,22 +5,13 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from threadline.context import UserContext
+from threadline.events import payloads
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.runs.outcomes import CancelReason
 from threadline.runs.service import RunService
 from threadline.store.events import EventStore
 from threadline.store.threads import JSONObject, Thread, ThreadChanges, ThreadStatus, ThreadStore
-
-
-def thread_event_data(thread: Thread) -> dict[str, object]:
-    return {
-        "thread_id": thread.id,
-        "title": thread.title,
-        "status": thread.status.value,
-        "metadata": thread.metadata,
-        "version": thread.version,
-    }
 
 
 class ThreadService:
@@ -51,7 +42,7 @@ class ThreadService:
     ) -> Thread:
         thread = await self._threads.create(conn, ctx, title=title, metadata=metadata)
         await self._publisher.emit(
-            conn, ctx, thread.id, EventType.THREAD_CREATED, thread_event_data(thread)
+            conn, ctx, thread.id, EventType.THREAD_CREATED, payloads.thread_changed(thread)
         )
         return thread
 
@@ -70,7 +61,7 @@ class ThreadService:
         )
         if thread.version != before.version:
             await self._publisher.emit(
-                conn, ctx, thread.id, EventType.THREAD_UPDATED, thread_event_data(thread)
+                conn, ctx, thread.id, EventType.THREAD_UPDATED, payloads.thread_changed(thread)
             )
         archived = ThreadStatus.ARCHIVED
         if thread.status is archived and before.status is not archived:

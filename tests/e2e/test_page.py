@@ -18,11 +18,13 @@ from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwrig
 
 from tests.e2e.page_support import (
     CHROMIUM_ARGS,
+    PASSWORD,
     Browsing,
     PageServer,
     api_token,
     current_thread_id,
     message_box,
+    require_axe,
     require_chromium,
     screenshot,
     send,
@@ -34,13 +36,18 @@ pytestmark = pytest.mark.e2e
 # A loaded two-core machine runs several suites at once: waits are generous, never fixed.
 expect.set_options(timeout=20_000)
 QUESTION, ANSWER = "what is 12*7?", "12*7 = 84."
+# Records every text the streaming answer and the thinking indicator show, as they change.
 STREAM_RECORDER = """
 window.__streamed = [];
-new MutationObserver(() => {
-  const bubble = document.querySelector('.bubble.streaming');
-  const text = bubble ? bubble.textContent.trim() : '';
-  const seen = window.__streamed;
+window.__thinking = [];
+const record = (selector, seen) => {
+  const element = document.querySelector(selector);
+  const text = element ? element.textContent.trim() : '';
   if (text && seen[seen.length - 1] !== text) seen.push(text);
+};
+new MutationObserver(() => {
+  record('.bubble.streaming', window.__streamed);
+  record('.thinking-text', window.__thinking);
 }).observe(document.body, { subtree: true, childList: true, characterData: true });
 """
 
@@ -49,7 +56,7 @@ new MutationObserver(() => {
 def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PageServer]:
     server = PageServer(
         tmp_path_factory.mktemp("page-server"),
-        {"demo_delay_seconds": "0.25", "messages_per_minute": "8"},
+        {"demo_delay_seconds": "0.25", "messages_per_minute": "70"},
     )
     server.start()
     try:
@@ -137,6 +144,8 @@ def test_first_conversation_live_then_after_reload(
     assert any(ANSWER.startswith(text) and text != ANSWER for text in streamed), (
         f"the answer did not stream in (texts seen while streaming: {streamed})"
     )
+    thinking = page.evaluate("window.__thinking")
+    assert "Looking at the question… this is arithmetic." in thinking, thinking
     thread_id = current_thread_id(page)
     expect(page.get_by_role("button", name=QUESTION)).to_be_visible()  # titled, in the list
     screenshot(page, "02-conversation")
@@ -147,6 +156,8 @@ def test_first_conversation_live_then_after_reload(
     expect(page.locator(".row-assistant .markdown")).to_have_text([ANSWER])
     assert current_thread_id(page) == thread_id
 
+    foreign = [url for url in requested if not url.startswith(page_server.base_url)]
+    assert not foreign, f"the page loaded something from elsewhere: {foreign}"
     token = page.evaluate("localStorage.getItem('threadline.token')")
     assert token, "the token is not kept across a reload"
     assert sockets and all(token not in url for url in sockets + requested), (
@@ -154,28 +165,55 @@ def test_first_conversation_live_then_after_reload(
     )
 
 
-def test_second_page_watches_the_same_run_live(browsing: Browsing) -> None:
+def test_second_tab_and_device_watch_the_same_run_live(browsing: Browsing) -> None:
     context = browsing.context(color_scheme="dark")
     first = browsing.page(context)
-    sign_up(first, unique_email("grace"))
+    email = unique_email("grace")
+    sign_up(first, email)
+    device = browsing.page(browsing.context())  # another browser: its own storage, signs in
+    device.goto("/")
+    device.get_by_label("Email").fill(email)
+    device.get_by_label("Password").fill(PASSWORD)
+    device.get_by_role("button", name="Sign in").click()
+    expect(message_box(device)).to_be_visible()
+
     send(first, "what is 6*7?", agent="slow")
     expect(tool_card(first)).to_have_attribute("aria-label", "Tool call calculator: Running")
     thread_id = current_thread_id(first)
-
-    # A second tab of the same browser profile opens the thread while the tool is running: the
-    # snapshot on subscribe tells it a run is active, and it follows the rest live.
-    second = browsing.page(context)
-    second.goto(f"/#/t/{thread_id}")
-    for page in (first, second):
+    # A second tab of the same browser and the other device open the thread while the tool
+    # runs: the snapshot on subscribe tells them a run is active; they follow the rest live.
+    tab = browsing.page(context)
+    for page in (tab, device):
+        page.goto(f"/#/t/{thread_id}")
+    pages = (first, tab, device)
+    for page in pages:
         expect(tool_card(page)).to_have_attribute("aria-label", "Tool call calculator: Running")
+        expect(page.locator(".thinking-text")).to_have_text("Using calculator…")
         expect(page.get_by_role("button", name="Cancel")).to_be_visible()
-    screenshot(second, "03-second-tab-live")
-    for page in (first, second):
+    screenshot(tab, "03-second-tab-live")
+    for page in pages:
         expect(tool_card(page)).to_have_attribute(
             "aria-label", "Tool call calculator: Done", timeout=30_000
         )
         expect(page.locator(".row-assistant .markdown")).to_have_text(["6*7 = 42."])
         expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+
+
+def test_message_sent_during_a_run_waits_its_turn(browsing: Browsing) -> None:
+    page = browsing.page()
+    sign_up(page, unique_email("hedy"))
+    send(page, "what is 6*6?", agent="slow")
+    expect(tool_card(page)).to_have_attribute("aria-label", "Tool call calculator: Running")
+    send(page, "what is 7*7?")  # enqueued behind the running run (the default strategy)
+    expect(page.locator(".row-assistant .markdown")).to_have_text(["6*6 = 36.", "7*7 = 49."])
+    rows = [".bubble.user", ".tool-card", ".row-assistant .markdown"]
+    order = page.locator(", ".join(rows)).all_inner_texts()
+    expected = ["what is 6*6?", "36", "6*6 = 36.", "what is 7*7?", "49", "7*7 = 49."]
+    assert len(order) == len(expected), order
+    assert all(want in text for want, text in zip(expected, order, strict=True)), order
+    page.reload()
+    expect(page.locator(".row-assistant .markdown")).to_have_text(["6*6 = 36.", "7*7 = 49."])
+    assert page.locator(", ".join(rows)).all_inner_texts() == order
 
 
 def test_reconnects_and_resumes_without_duplicates(
@@ -228,6 +266,11 @@ def test_cancel_a_slow_run_and_see_failed_runs(browsing: Browsing) -> None:
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
     expect(tool_card(page)).not_to_have_attribute("aria-label", "Tool call calculator: Running")
 
+    send(page, "what is 3*3?", agent="crasher")  # a tool error goes back to the model
+    errored = tool_card(page).filter(has_text="3*3")
+    expect(errored).to_have_attribute("aria-label", "Tool call calculator: Error")
+    expect(errored.locator(".tool-result")).to_contain_text("calculator exploded on 3*3")
+
     send(page, "what is 4*4?", agent="one-step")
     failed = page.get_by_role("note").filter(has_text="Run failed")
     expect(failed).to_be_visible()
@@ -253,6 +296,27 @@ def test_hostile_markdown_renders_as_inert_text(browsing: Browsing) -> None:
     assert messages.locator("a[href^='javascript']").count() == 0
     expect(messages.locator(".markdown strong")).to_have_text(["bold"])  # Markdown still works
     assert page.evaluate("window.__pwned") is None
+
+
+def test_history_pages_back_as_you_scroll_up(browsing: Browsing, page_server: PageServer) -> None:
+    page = browsing.page()
+    email = unique_email("ada-history")
+    sign_up(page, email)
+    headers = {"Authorization": f"Bearer {api_token(page_server, email)}"}
+    with httpx.Client(base_url=page_server.base_url, headers=headers, timeout=10) as http:
+        thread_id = http.post("/v1/threads", json={"title": "Long one"}).json()["id"]
+        for number in range(60):
+            http.post(
+                f"/v1/threads/{thread_id}/messages", json={"content": f"note {number:02d}"}
+            ).raise_for_status()
+    page.goto(f"/#/t/{thread_id}")
+    bubbles = page.locator(".bubble.user")
+    expect(bubbles).to_have_count(40)  # the latest page, newest at the bottom
+    expect(bubbles.last).to_have_text("note 59")
+    page.locator(".messages").evaluate("el => { el.scrollTop = 0; }")
+    expect(bubbles).to_have_count(60)
+    expect(bubbles).to_have_text([f"note {number:02d}" for number in range(60)])
+    expect(page.get_by_role("button", name="Load earlier messages")).to_have_count(0)
 
 
 def test_thread_list_actions(browsing: Browsing, page_server: PageServer) -> None:
@@ -325,8 +389,7 @@ def test_archive_and_another_user_sees_none_of_it(browsing: Browsing) -> None:
             )
         ).to_be_visible()
         expect(intruder.locator(".thread-item")).to_have_count(0)
-    intruder.goto(f"/#/t/{thread_id}")
-    intruder.reload()
+    intruder.goto(f"/#/t/{thread_id}")  # the thread's address, as the owner's page shows it
     expect(intruder.get_by_text("does not exist, or it is not yours")).to_be_visible()
     expect(intruder.locator(".messages .row")).to_have_count(0)
     expect(intruder.get_by_role("heading", name=QUESTION)).to_have_count(0)
@@ -353,7 +416,7 @@ def test_composer_keys_and_rate_limit(browsing: Browsing, page_server: PageServe
     token = api_token(page_server, email)
     thread_id = current_thread_id(page)
     with httpx.Client(base_url=page_server.base_url, timeout=10) as http:
-        for _ in range(10):
+        for _ in range(80):
             response = http.post(
                 f"/v1/threads/{thread_id}/messages",
                 headers={"Authorization": f"Bearer {token}"},
@@ -413,12 +476,11 @@ def test_inline_script_is_refused_by_the_policy(browsing: Browsing) -> None:
     page.evaluate("window.__cspViolations = []")  # expected: not a failure of this test
 
 
-def test_accessibility_of_sign_in_and_conversation(browsing: Browsing) -> None:
-    from tests.e2e.page_support import require_axe
-
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_accessibility_of_sign_in_and_conversation(browsing: Browsing, scheme: str) -> None:
     axe: Path = require_axe()
     # axe is injected as a script tag, which the page's own policy would (rightly) refuse.
-    page = browsing.page(browsing.context(bypass_csp=True))
+    page = browsing.page(browsing.context(bypass_csp=True, color_scheme=scheme))
 
     def serious_violations() -> list[str]:
         page.add_script_tag(path=str(axe))

@@ -287,7 +287,9 @@ async def test_a_signed_token_of_a_missing_user_or_with_an_absurd_expiry_is_401_
     assert len(operations) >= 12, operations  # the whole API surface, not a sample
     for code, token in tokens.items():
         for method, path in operations:
-            url = path.format(thread_id=thread_id, run_id=new_id(IdPrefix.RUN))
+            url = path.format(
+                thread_id=thread_id, run_id=new_id(IdPrefix.RUN), agent="demo", chat_id=thread_id
+            )
             response = await client.request(
                 method,
                 url,

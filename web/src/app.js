@@ -139,6 +139,13 @@ function Shell({ session, onSignedOut }) {
     searchTimer.current = setTimeout(() => threads.load({ status: threads.list.status, query, append: false }), 250);
   }
 
+  useEffect(() => {
+    if (!drawer) return undefined;
+    const onKey = (event) => event.key === 'Escape' && setDrawer(false);
+    window.addEventListener('keydown', onKey);
+    return () => window.removeEventListener('keydown', onKey);
+  }, [drawer]);
+
   return html`<div class=${`shell${drawer ? ' drawer-open' : ''}`}>
     <${Sidebar} list=${threads.list} selectedId=${selected} onSelect=${open} onNew=${() => open(null)}
       onSearch=${search} onFilter=${(status) => threads.load({ status, query: threads.list.query, append: false })}

@@ -142,12 +142,23 @@ function applyEvent(state, event) {
       }
       return next;
     }
+    case 'message_moved': {
+      // A message queued behind a run moves after that run's output when its own run starts.
+      const moved = state.messages.find((m) => m.id === data.message_id);
+      if (!moved) return state;
+      return { ...state, messages: [...state.messages.filter((m) => m !== moved), moved] };
+    }
     case 'tool_completed':
       return {
         ...state,
         toolResults: {
           ...state.toolResults,
-          [data.call_id]: { result: data.result, isError: Boolean(data.is_error), durationMs: data.duration_ms },
+          [data.call_id]: {
+            // An error's text is in `error`, a result's in `result`.
+            result: data.is_error ? data.error : data.result,
+            isError: Boolean(data.is_error),
+            durationMs: data.duration_ms,
+          },
         },
       };
     case 'agent_completed':

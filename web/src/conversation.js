@@ -9,6 +9,7 @@ import { Row } from './steps.js';
 import { Dialog, Icon } from './ui.js';
 
 const TERMINAL = new Set(['agent_completed', 'agent_failed', 'run_cancelled']);
+const SUGGESTIONS = ['what is 12*7?', 'what time is it in Asia/Tokyo?', 'divide 355 by 113'];
 
 function ThreadHeader({ thread, onRename, onArchive, onRestore, onDelete, onMenu }) {
   const archived = thread && thread.status === 'archived';
@@ -33,7 +34,7 @@ function RenameDialog({ open, thread, onClose, onSave }) {
   useEffect(() => {
     if (open) setTitle((thread && thread.title) || '');
   }, [open]);
-  return html`<${Dialog} open=${open} title="Rename conversation" onClose=${onClose}>
+  return html`<${Dialog} id="rename" open=${open} title="Rename conversation" onClose=${onClose}>
     <form method="dialog" onSubmit=${(e) => { e.preventDefault(); if (title.trim()) onSave(title.trim()); }}>
       <label for="rename-input">Title</label>
       <input id="rename-input" value=${title} maxlength="200" required autofocus
@@ -47,7 +48,7 @@ function RenameDialog({ open, thread, onClose, onSave }) {
 }
 
 function DeleteDialog({ open, thread, onClose, onConfirm }) {
-  return html`<${Dialog} open=${open} title="Delete this conversation?" onClose=${onClose}>
+  return html`<${Dialog} id="delete" open=${open} title="Delete this conversation?" onClose=${onClose}>
     <p>“${(thread && thread.title) || 'New conversation'}” and all its messages and runs will be
       deleted for good. This cannot be undone. To keep it out of the way instead, archive it.</p>
     <div class="dialog-actions">
@@ -125,6 +126,10 @@ export function Conversation(props) {
     };
   }, [threadId]);
 
+  useEffect(() => {
+    document.title = thread && thread.title ? `${thread.title} · Threadline` : 'Threadline';
+  }, [thread && thread.title]);
+
   const items = timeline(state);
   const stick = useStickToBottom(scroller, [items.length, state.active && state.active.text, state.active && state.active.thinking]);
 
@@ -169,7 +174,11 @@ export function Conversation(props) {
     } catch (error) {
       setProblem(error.message);
     }
-    setDialog(null);
+  }
+
+  async function rename(title) {
+    await change({ title });
+    setDialog((open) => (open === 'rename' ? null : open));
   }
 
   async function remove() {
@@ -204,7 +213,10 @@ export function Conversation(props) {
         </div>`}
         ${empty && html`<div class="empty-conversation">
           <h2>What can I help with?</h2>
-          <p class="muted">Try “what is 12*7?” with the demo agent and watch it use its calculator.</p>
+          <p class="muted">Ask the demo agent some arithmetic or the time, and watch it use its tools.</p>
+          <div class="suggestions">
+            ${SUGGESTIONS.map((text) => html`<button type="button" class="suggestion" onClick=${() => onSend(threadId, text)}>${text}</button>`)}
+          </div>
         </div>`}
         ${items.map((item) => html`<${Row} key=${item.key} item=${item} />`)}
       </div>
@@ -216,7 +228,7 @@ export function Conversation(props) {
       active=${Boolean(state.active)} onCancel=${cancel} autofocus=${threadId}
       onSend=${(content) => onSend(threadId, content)} />
     <${RenameDialog} open=${dialog === 'rename'} thread=${thread} onClose=${() => setDialog(null)}
-      onSave=${(title) => change({ title })} />
+      onSave=${rename} />
     <${DeleteDialog} open=${dialog === 'delete'} thread=${thread} onClose=${() => setDialog(null)} onConfirm=${remove} />
   </section>`;
 }

@@ -11,15 +11,40 @@ const FILTERS = [
   ['', 'All'],
 ];
 
+// Threads by when they were last active, the way people remember them.
+function groups(threads) {
+  const startOfToday = new Date();
+  startOfToday.setHours(0, 0, 0, 0);
+  const day = 24 * 3600 * 1000;
+  const bounds = [
+    ['Today', startOfToday.getTime()],
+    ['Yesterday', startOfToday.getTime() - day],
+    ['Previous 7 days', startOfToday.getTime() - 7 * day],
+    ['Previous 30 days', startOfToday.getTime() - 30 * day],
+    ['Earlier', -Infinity],
+  ];
+  const grouped = [];
+  for (const thread of threads) {
+    const at = Date.parse(thread.last_activity_at);
+    const [label] = bounds.find(([, since]) => at >= since);
+    const last = grouped[grouped.length - 1];
+    if (last && last[0] === label) last[1].push(thread);
+    else grouped.push([label, [thread]]);
+  }
+  return grouped;
+}
+
 export function Sidebar({ list, selectedId, onSelect, onNew, onSearch, onFilter, onMore, email, onSignOut }) {
   const sentinel = useRef(null);
+  // Observing again after every page reports the sentinel at once if it is still in view (a
+  // tall window), so pages keep coming until the list fills the screen or ends.
   useEffect(() => {
     const observer = new IntersectionObserver((entries) => {
       if (entries.some((entry) => entry.isIntersecting)) onMore();
     });
     observer.observe(sentinel.current);
     return () => observer.disconnect();
-  }, [onMore]);
+  }, [onMore, list.items.length]);
 
   return html`<nav class="sidebar" aria-label="Conversations">
     <div class="sidebar-head">
@@ -41,19 +66,22 @@ export function Sidebar({ list, selectedId, onSelect, onNew, onSearch, onFilter,
       </select>
     </div>
     <div class="thread-scroll">
-    <ul class="thread-list" aria-busy=${list.loading ? 'true' : 'false'}>
-      ${list.items.map((thread) => html`<li key=${thread.id}>
-        <button type="button" class="thread-item" data-thread-id=${thread.id}
-          aria-current=${thread.id === selectedId ? 'page' : undefined}
-          onClick=${() => onSelect(thread.id)}>
-          <span class="thread-title">${thread.title || 'New conversation'}</span>
-          <span class="thread-meta">
-            ${thread.status !== 'active' && html`<span class=${`badge badge-${thread.status}`}>${thread.status}</span>`}
-            <time datetime=${thread.last_activity_at}>${ago(thread.last_activity_at)}</time>
-          </span>
-        </button>
-      </li>`)}
-    </ul>
+    ${groups(list.items).map(([label, threads]) => html`<section class="thread-group" key=${label}>
+      <h2 class="group-label">${label}</h2>
+      <ul class="thread-list" aria-busy=${list.loading ? 'true' : 'false'}>
+        ${threads.map((thread) => html`<li key=${thread.id}>
+          <button type="button" class="thread-item" data-thread-id=${thread.id}
+            aria-current=${thread.id === selectedId ? 'page' : undefined}
+            onClick=${() => onSelect(thread.id)}>
+            <span class="thread-title">${thread.title || 'New conversation'}</span>
+            <span class="thread-meta">
+              ${thread.status !== 'active' && html`<span class=${`badge badge-${thread.status}`}>${thread.status}</span>`}
+              <time datetime=${thread.last_activity_at}>${ago(thread.last_activity_at)}</time>
+            </span>
+          </button>
+        </li>`)}
+      </ul>
+    </section>`)}
     ${!list.loading && list.items.length === 0 && html`<p class="empty-list">
       ${list.query ? 'No conversation matches.' : list.status === 'archived' ? 'Nothing archived.' : 'No conversations yet.'}
     </p>`}

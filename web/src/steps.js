@@ -89,12 +89,32 @@ function LiveRun({ active }) {
   </div>`;
 }
 
+function CopyButton({ text }) {
+  const [copied, setCopied] = useState(false);
+  async function copy() {
+    try {
+      await navigator.clipboard.writeText(text);
+      setCopied(true);
+      setTimeout(() => setCopied(false), 1500);
+    } catch {
+      // No clipboard permission (or no secure context): nothing to do.
+    }
+  }
+  return html`<button type="button" class="button ghost small copy" onClick=${copy}
+    aria-label=${copied ? 'Copied' : 'Copy answer'} title="Copy answer">
+    <${Icon} name=${copied ? 'check' : 'copy'} />
+  </button>`;
+}
+
 export function Row({ item }) {
   switch (item.kind) {
     case 'user':
       return html`<div class="row row-user"><div class="bubble user">${item.content}</div></div>`;
     case 'assistant':
-      return html`<div class="row row-assistant"><div class="bubble assistant"><${Markdown} text=${item.content} /></div></div>`;
+      return html`<div class="row row-assistant">
+        <div class="bubble assistant"><${Markdown} text=${item.content} /></div>
+        <${CopyButton} text=${item.content} />
+      </div>`;
     case 'tool':
       return html`<div class="row row-tool"><${ToolCard} item=${item} /></div>`;
     case 'outcome':

@@ -14,6 +14,8 @@ const PATHS = {
   tool: 'M14 6a4 4 0 0 0-5 5l-5 5 3 3 5-5a4 4 0 0 0 5-5l-2 2-2-2 2-2z',
   logout: 'M15 4h4v16h-4M10 8l-4 4 4 4M6 12h10',
   close: 'M6 6l12 12M18 6L6 18',
+  copy: 'M9 9h10v10H9zM5 15V5h10',
+  check: 'M5 12l5 5 9-10',
 };
 
 export function Icon({ name }) {
@@ -52,14 +54,17 @@ export function formatDuration(ms) {
 }
 
 // A native modal <dialog>: focus is trapped inside and Escape closes it.
-export function Dialog({ open, title, onClose, children }) {
+export function Dialog({ id, open, title, onClose, children }) {
   const ref = useRef(null);
   useEffect(() => {
     const dialog = ref.current;
     if (open && !dialog.open) dialog.showModal();
     if (!open && dialog.open) dialog.close();
   }, [open]);
-  return html`<dialog ref=${ref} class="dialog" aria-labelledby="dialog-title" onClose=${onClose}>
-    ${open && html`<h2 id="dialog-title">${title}</h2>${children}`}
+  // `close` also fires after Escape; only a dialog that is meant to be open reports it.
+  const closed = () => open && onClose();
+  return html`<dialog ref=${ref} class="dialog" aria-labelledby=${`${id}-title`} onClose=${closed}>
+    <h2 id=${`${id}-title`}>${title}</h2>
+    ${children}
   </dialog>`;
 }

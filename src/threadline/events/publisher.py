@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from threadline.context import UserContext
+from threadline.events import payloads
 from threadline.events.bus import EventBus
 from threadline.events.types import Event, EventType, JSONObject
 from threadline.store.events import EventStore
@@ -79,6 +80,6 @@ class EventPublisher:
                 thread_id=thread_id,
                 user_id=ctx.user_id,
                 seq=seq,
-                data={"thread_id": thread_id},
+                data=payloads.thread_deleted(thread_id),
             )
         )

@@ -18,6 +18,7 @@ from enum import StrEnum
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from threadline.context import UserContext
+from threadline.events import payloads
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.metrics import Metrics
@@ -51,17 +52,22 @@ class Outcome:
 
     @classmethod
     def completed(cls, result: JSONObject) -> Outcome:
-        data = {k: result.get(k) for k in ("message_id", "text", "usage")}
+        message_id, text, usage = result.get("message_id"), result.get("text"), result.get("usage")
+        data = payloads.agent_completed(
+            message_id=message_id if isinstance(message_id, str) else None,
+            text=text if isinstance(text, str) else "",
+            usage=dict(usage) if isinstance(usage, dict) else {},
+        )
         return cls(RunStatus.COMPLETED, EventType.AGENT_COMPLETED, data, result=result)
 
     @classmethod
     def failed(cls, code: str, message: str, *, status: RunStatus = RunStatus.FAILED) -> Outcome:
-        error: JSONObject = {"code": code, "message": message}
+        error = payloads.agent_failed(code, message)
         return cls(status, EventType.AGENT_FAILED, error, error=error)
 
     @classmethod
     def cancelled(cls, reason: CancelReason) -> Outcome:
-        data: JSONObject = {"reason": reason.value}
+        data = payloads.run_cancelled(reason.value)
         return cls(RunStatus.CANCELLED, EventType.RUN_CANCELLED, data, error=data)
 
 

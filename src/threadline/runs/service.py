@@ -8,53 +8,37 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from threadline.agents.registry import AgentRegistry
 from threadline.context import UserContext
 from threadline.errors import ConflictError, NotFoundError, RateLimitedError
+from threadline.events import payloads
 from threadline.events.bus import EventBus
 from threadline.events.control import CancelRun
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
+from threadline.statuses import MultitaskStrategy as MultitaskStrategy  # re-exported
 from threadline.store.db import read_transaction
 from threadline.store.messages import Message, MessageStore, NewMessage
 from threadline.store.runs import Run, RunStatus, RunStore
 from threadline.store.threads import ThreadStatus, ThreadStore
 
 
-class MultitaskStrategy(StrEnum):
-    REJECT = "reject"
-    ENQUEUE = "enqueue"
-    INTERRUPT = "interrupt"
-
-
 @dataclass(frozen=True, slots=True)
 class RunRequest:
     agent: str
     multitask_strategy: MultitaskStrategy = MultitaskStrategy.ENQUEUE
+    answers: str | None = None
+    """A stored user message the run answers when it posts none (a regenerated answer)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Posted:
     message: Message | None
     run: Run | None
-
-
-def message_event_data(message: Message) -> dict[str, object]:
-    return {
-        "message_id": message.id,
-        "role": message.role.value,
-        "content": message.content,
-        "position": message.position,
-    }
-
-
-def run_event_data(run: Run) -> dict[str, object]:
-    return {"run_id": run.id, "agent": run.agent, "status": run.status.value}
 
 
 class RunService:
@@ -109,9 +93,8 @@ class RunService:
             stored = None
             if message is not None:
                 stored = await self._messages.append(conn, ctx, thread_id, message)
-                await self._publisher.emit(
-                    conn, ctx, thread_id, EventType.MESSAGE_CREATED, message_event_data(stored)
-                )
+                data = payloads.message_created(stored)
+                await self._publisher.emit(conn, ctx, thread_id, EventType.MESSAGE_CREATED, data)
             created = None
             if run is not None:
                 created, to_cancel = await self._queue(conn, ctx, thread_id, run, stored)
@@ -153,11 +136,11 @@ class RunService:
             ctx,
             thread_id,
             agent=request.agent,
-            input={"message_id": message.id if message else None},
+            input={"message_id": message.id if message else request.answers},
             max_attempts=self._max_attempts,
         )
         await self._publisher.emit(
-            conn, ctx, thread_id, EventType.RUN_QUEUED, run_event_data(run), run_id=run.id
+            conn, ctx, thread_id, EventType.RUN_QUEUED, payloads.run_queued(run), run_id=run.id
         )
         return run, to_cancel
 

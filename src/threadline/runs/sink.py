@@ -10,16 +10,19 @@ any later event, so nothing is reordered.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from threadline.agents.tools import ToolResult
 from threadline.context import UserContext
+from threadline.events import payloads
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
+from threadline.ids import IdPrefix, new_id
 from threadline.llm.types import ChatMessage, ToolCall
-from threadline.runs.conversation import assistant_message, calls_to_json, tool_result_message
+from threadline.runs.conversation import assistant_message, tool_result_message
 from threadline.store.messages import Message, MessageStore
 
 
@@ -43,6 +46,9 @@ class RunEventSink:
         self._run_id: str = ctx.run_id
         self._flush_after = delta_flush_seconds
         self._pending_text: list[str] = []
+        # The id of the assistant message being streamed: its deltas carry it, and the
+        # message is stored under it, so a client can tie the two together.
+        self._message_id: str | None = None
         self._last_flush = float("-inf")
         # Tools run concurrently; their events must still be numbered one at a time.
         self._lock = asyncio.Lock()
@@ -57,35 +63,29 @@ class RunEventSink:
             )
 
     async def thinking(self, text: str) -> None:
-        await self.emit(EventType.AGENT_THINKING, {"text": text})
+        await self.emit(EventType.AGENT_THINKING, payloads.agent_thinking(text))
 
     async def text_delta(self, text: str) -> None:
         async with self._lock:
             self._pending_text.append(text)
+            if self._message_id is None:
+                self._message_id = new_id(IdPrefix.MESSAGE)
             if time.monotonic() - self._last_flush >= self._flush_after:
                 await self._flush()
 
     async def assistant_message(self, message: ChatMessage) -> None:
         async with self._lock:
             await self._flush()
+            new = assistant_message(message, run_id=self._run_id)
+            new, self._message_id = dataclasses.replace(new, id=self._message_id), None
             async with self._db.begin() as conn:
-                stored = await self._messages.append(
-                    conn,
-                    self._ctx,
-                    self._thread_id,
-                    assistant_message(message, run_id=self._run_id),
-                )
+                stored = await self._messages.append(conn, self._ctx, self._thread_id, new)
                 await self._publisher.emit(
                     conn,
                     self._ctx,
                     self._thread_id,
                     EventType.MESSAGE_CREATED,
-                    {
-                        "message_id": stored.id,
-                        "role": stored.role.value,
-                        "content": stored.content,
-                        "tool_calls": calls_to_json(message.tool_calls),
-                    },
+                    payloads.message_created(stored),
                     run_id=self._run_id,
                 )
             self.last_assistant = stored
@@ -93,7 +93,7 @@ class RunEventSink:
     async def tool_executing(self, call: ToolCall) -> None:
         await self.emit(
             EventType.TOOL_EXECUTING,
-            {"tool": call.name, "call_id": call.call_id, "arguments": call.arguments},
+            payloads.tool_executing(tool=call.name, call_id=call.call_id, arguments=call.arguments),
         )
 
     async def tool_completed(self, call: ToolCall, result: ToolResult) -> None:
@@ -101,7 +101,7 @@ class RunEventSink:
         async with self._lock:
             await self._flush()
             async with self._db.begin() as conn:
-                await self._messages.append(
+                stored = await self._messages.append(
                     conn,
                     self._ctx,
                     self._thread_id,
@@ -113,19 +113,19 @@ class RunEventSink:
                         run_id=self._run_id,
                     ),
                 )
-                key = "error" if result.is_error else "result"
                 await self._publisher.emit(
                     conn,
                     self._ctx,
                     self._thread_id,
                     EventType.TOOL_COMPLETED,
-                    {
-                        "tool": call.name,
-                        "call_id": call.call_id,
-                        key: result.content,
-                        "is_error": result.is_error,
-                        "duration_ms": round(result.duration_ms, 3),
-                    },
+                    payloads.tool_completed(
+                        tool=call.name,
+                        call_id=call.call_id,
+                        message_id=stored.id,
+                        content=result.content,
+                        is_error=result.is_error,
+                        duration_ms=result.duration_ms,
+                    ),
                     run_id=self._run_id,
                 )
 
@@ -138,6 +138,12 @@ class RunEventSink:
             return
         text, self._pending_text = "".join(self._pending_text), []
         self._last_flush = time.monotonic()
+        message_id = self._message_id or new_id(IdPrefix.MESSAGE)
+        self._message_id = message_id
         await self._publisher.emit_now(
-            self._ctx, self._thread_id, EventType.MESSAGE_DELTA, {"text": text}, run_id=self._run_id
+            self._ctx,
+            self._thread_id,
+            EventType.MESSAGE_DELTA,
+            payloads.message_delta(message_id, text),
+            run_id=self._run_id,
         )

@@ -10,6 +10,8 @@ Model:
 - The reaper finds running runs whose lease expired (their worker died): it requeues them until
   `max_attempts`, then ends them as failed (`worker_lost`) through `RunFinisher`. No run stays
   `running` forever.
+- A run whose executor lost the database connection is handed back (or, if the database is
+  still unreachable, left for its lease to expire): it is retried, not failed.
 - `stop()` stops claiming, lets running runs finish for `grace_seconds`, then cancels the rest,
   which hands them back to the queue for another worker.
 """
@@ -32,6 +34,7 @@ from threadline.events.bus import EventBus, Unsubscribe
 from threadline.events.control import CancelRun, SessionEnded
 from threadline.runs.engine import ExecutionEngine, RunLimitError
 from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
+from threadline.store.failures import is_database_unavailable
 from threadline.store.queue import RunQueue
 from threadline.store.runs import Run
 
@@ -153,8 +156,12 @@ class Worker:
         except asyncio.CancelledError:
             await asyncio.shield(self._release(run))
             raise
-        except Exception:
-            logger.exception("Run %s crashed its executor", run.id)
+        except Exception as exc:
+            if not is_database_unavailable(exc):
+                logger.exception("Run %s crashed its executor", run.id)
+            else:
+                logger.warning("Run %s lost its database connection; handing it back", run.id)
+                await self._release_or_let_expire(run)
         finally:
             self._slots.release()
             self._wake.set()  # a slot (and maybe a thread) is free: look for more work
@@ -169,9 +176,18 @@ class Worker:
             heartbeat.cancel()
             await asyncio.wait({heartbeat})
 
-    async def _release(self, run: Run) -> None:
+    async def _release(self, run: Run, *, count_attempt: bool = False) -> None:
         async with self._db.begin() as conn:
-            await self._queue.release(conn, run)
+            await self._queue.release(conn, run, count_attempt=count_attempt)
+
+    async def _release_or_let_expire(self, run: Run) -> None:
+        try:
+            await self._release(run, count_attempt=True)
+        except Exception as exc:
+            if not is_database_unavailable(exc):
+                raise
+            # Still unreachable: the lease runs out and the reaper requeues the run.
+            logger.warning("Could not hand run %s back; its lease will expire", run.id)
 
     async def _heartbeat(self, run: Run) -> None:
         while True:

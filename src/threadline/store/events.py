@@ -104,3 +104,16 @@ class EventStore:
             )
         ).all()
         return StoredEvents(events=[_event(row) for row in rows], last_seq=int(last_seq))
+
+    async def first_seq_of_run(
+        self, conn: AsyncConnection, ctx: UserContext, thread_id: str, run_id: str
+    ) -> int | None:
+        """The seq of the run's first stored event (its `run_queued`), None if it has none."""
+        first = await conn.scalar(
+            sa.select(sa.func.min(events.c.seq)).where(
+                events.c.thread_id == thread_id,
+                events.c.user_id == ctx.user_id,
+                events.c.run_id == run_id,
+            )
+        )
+        return int(first) if first is not None else None

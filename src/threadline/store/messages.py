@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Literal
 
 import sqlalchemy as sa
@@ -14,19 +13,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from threadline.context import UserContext
 from threadline.errors import ConflictError, InvalidInputError, NotFoundError
 from threadline.ids import IdPrefix, is_valid_id, new_id
-from threadline.store.pagination import Page, check_limit, decode_cursor, encode_cursor
+from threadline.statuses import MessageRole as MessageRole  # re-exported
+from threadline.store.pagination import (
+    Page,
+    check_limit,
+    parse_position_cursor,
+    position_cursor,
+)
 from threadline.store.tables import messages, threads
 from threadline.store.threads import JSONObject, ThreadStatus
 from threadline.store.validation import check_text, json_size
 
 _TITLE_CHARS = 60
-
-
-class MessageRole(StrEnum):
-    USER = "user"
-    ASSISTANT = "assistant"
-    TOOL = "tool"
-    SYSTEM = "system"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +49,8 @@ class NewMessage:
     run_id: str | None = None
     tool_calls: list[JSONObject] | None = None
     tool_call_id: str | None = None
+    id: str | None = None
+    """Given when the id was announced before the message was stored (streamed text)."""
 
 
 def title_from(content: str) -> str:
@@ -109,7 +109,7 @@ class MessageStore:
         now = datetime.now(UTC)
         position = await self._claim_position(conn, ctx, thread_id, new, now)
         message = Message(
-            id=new_id(IdPrefix.MESSAGE),
+            id=new.id or new_id(IdPrefix.MESSAGE),
             thread_id=thread_id,
             position=position,
             role=new.role,
@@ -200,13 +200,11 @@ class MessageStore:
             .limit(limit + 1)
         )
         if cursor is not None:
-            (after,) = decode_cursor(cursor, arity=1)
-            if not isinstance(after, int) or not 0 <= after <= 2**31 - 1:
-                raise InvalidInputError("Malformed cursor", code="invalid_cursor")
+            after = parse_position_cursor(cursor)
             query = query.where(column > after if order == "asc" else column < after)
         rows = (await conn.execute(query)).all()
         items = [_message(row) for row in rows[:limit]]
-        next_cursor = encode_cursor(items[-1].position) if len(rows) > limit else None
+        next_cursor = position_cursor(items[-1].position) if len(rows) > limit else None
         return Page(items=items, next_cursor=next_cursor)
 
     async def place_after_agent_output(

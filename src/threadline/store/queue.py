@@ -12,8 +12,9 @@ heartbeats it. The claim is fair and safe:
   on PostgreSQL `FOR UPDATE SKIP LOCKED` lets workers pick candidates without waiting for each
   other, then a transaction-scoped advisory lock on the candidate's user serializes the claims
   of one user, and the user's running runs are counted again under it (READ COMMITTED: the
-  count sees every claim committed before the lock was granted). SQLite serializes writers
-  (BEGIN IMMEDIATE), which gives the same guarantees.
+  count sees every claim committed before the lock was granted). A claim waits for that lock
+  only while it holds no other: after skipping a full user it only tries the next one's.
+  SQLite serializes writers (BEGIN IMMEDIATE), which gives the same guarantees.
 Every write that ends or requeues a run is conditional on the run being exactly as the caller
 saw it (status, lease owner and attempt), so a worker that lost its lease, or an old attempt of
 a run its own worker claimed again, cannot overwrite the outcome of the one that took over.
@@ -99,8 +100,10 @@ class RunQueue:
             if candidate is None:
                 return None
             run_id, user_id = candidate
+            # Wait for another claim of this user only while holding no other user's lock,
+            # so two claimers can never wait for each other (no deadlock).
             if conn.dialect.name == "postgresql" and not await self._user_has_room(
-                conn, user_id, per_user_limit
+                conn, user_id, per_user_limit, wait=not skipped
             ):
                 skipped.append(user_id)
                 continue
@@ -121,14 +124,17 @@ class RunQueue:
         ).first()
         return None if row is None else (str(row[0]), str(row[1]))
 
-    async def _user_has_room(self, conn: AsyncConnection, user_id: str, limit: int) -> bool:
+    async def _user_has_room(
+        self, conn: AsyncConnection, user_id: str, limit: int, *, wait: bool
+    ) -> bool:
         """Under the user's claim lock (held to the end of this transaction), whether the user
-        still has fewer than `limit` running runs."""
-        await conn.execute(
-            sa.select(
-                sa.func.pg_advisory_xact_lock(_CLAIM_LOCK_NAMESPACE, sa.func.hashtext(user_id))
-            )
-        )
+        still has fewer than `limit` running runs. Without `wait`, a user whose lock another
+        claimer holds counts as full for now."""
+        key = (_CLAIM_LOCK_NAMESPACE, sa.func.hashtext(user_id))
+        if wait:
+            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(*key)))
+        elif not await conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(*key))):
+            return False
         running = await conn.scalar(
             sa.select(sa.func.count())
             .select_from(runs)
@@ -201,8 +207,11 @@ class RunQueue:
         )
         return result_proxy.rowcount == 1
 
-    async def release(self, conn: AsyncConnection, run: Run) -> bool:
-        """Hand a running run back to the queue (graceful shutdown), not counted as an attempt."""
+    async def release(
+        self, conn: AsyncConnection, run: Run, *, count_attempt: bool = False
+    ) -> bool:
+        """Hand a running run back to the queue. A graceful shutdown's hand-back does not count
+        as an attempt; one after a failure (a lost database connection) does."""
         result = await conn.execute(
             runs.update()
             .where(_as_seen(run))
@@ -210,7 +219,7 @@ class RunQueue:
                 status=RunStatus.QUEUED.value,
                 lease_owner=None,
                 lease_expires_at=None,
-                attempt=runs.c.attempt - 1,
+                attempt=runs.c.attempt if count_attempt else runs.c.attempt - 1,
             )
         )
         return result.rowcount == 1

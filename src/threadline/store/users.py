@@ -67,14 +67,15 @@ class UserStore:
             return None
         return UserCredentials(user=_user(row), password_hash=row.password_hash)
 
-    async def get(self, conn: AsyncConnection, ctx: UserContext) -> User:
-        row = (
-            await conn.execute(
-                sa.select(users.c.id, users.c.email, users.c.created_at).where(
-                    users.c.id == ctx.user_id
-                )
-            )
-        ).first()
+    async def get(
+        self, conn: AsyncConnection, ctx: UserContext, *, for_update: bool = False
+    ) -> User:
+        """The user; `for_update` locks the row until the transaction ends (serializes the
+        user's own writes that must not race, such as creating a thread for a client id)."""
+        query = sa.select(users.c.id, users.c.email, users.c.created_at).where(
+            users.c.id == ctx.user_id
+        )
+        row = (await conn.execute(query.with_for_update() if for_update else query)).first()
         if row is None:
             raise NotFoundError("user", ctx.user_id)
         return _user(row)

@@ -1,0 +1,77 @@
+"""The protocol endpoints in-process, on SQLite and on PostgreSQL + Redis: whole responses
+(the run completes on the embedded worker), the thread mapping under concurrency, and the
+durable log behind both protocols. The real-server, real-client tests are in
+tests/e2e/test_protocols.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from ag_ui_validate.pytest_plugin import assert_valid_agui
+
+pytestmark = pytest.mark.integration
+
+
+def data_lines(body: str) -> list[str]:
+    return [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+
+
+async def test_ag_ui_run_is_valid_and_its_events_are_durable(client, make_user):
+    user = await make_user()
+    body = {
+        "threadId": "client-thread-1",
+        "runId": "client-run-1",
+        "messages": [{"id": "u1", "role": "user", "content": "What is 12*7?"}],
+    }
+    response = await client.post("/v1/agui/demo", json=body, headers=user.headers)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line) for line in data_lines(response.text)]
+    assert_valid_agui(events, max_warnings=0)
+    assert events[-1]["type"] == "RUN_FINISHED" and events[-1]["runId"] == "client-run-1"
+
+    # The SSE ids are the thread's seqs; the run's events are in the thread's own log.
+    ids = [int(line[4:]) for line in response.text.splitlines() if line.startswith("id: ")]
+    assert ids == sorted(ids) and len(ids) == len(set(ids))
+    threads = (await client.get("/v1/threads", headers=user.headers)).json()["data"]
+    (thread,) = threads
+    assert thread["metadata"] == {"client_thread_id": "client-thread-1"}
+    runs = (await client.get(f"/v1/threads/{thread['id']}/runs", headers=user.headers)).json()
+    assert [r["status"] for r in runs["data"]] == ["completed"]
+
+
+async def test_first_use_of_a_chat_id_at_once_makes_one_thread(client, make_user):
+    user = await make_user()
+
+    async def send(n: int) -> str:
+        message = {"id": f"m{n}", "role": "user", "parts": [{"type": "text", "text": f"{n}*7?"}]}
+        body = {"id": "same-chat", "messages": [message]}
+        response = await client.post("/v1/ai-sdk/chat", json=body, headers=user.headers)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-vercel-ai-ui-message-stream"] == "v1"
+        return response.text
+
+    bodies = await asyncio.gather(*(send(n) for n in range(1, 5)))
+    for text in bodies:
+        parts = data_lines(text)
+        assert parts[-1] == "[DONE]" and json.loads(parts[-2])["type"] == "finish"
+    threads = (await client.get("/v1/threads", headers=user.headers)).json()["data"]
+    assert len(threads) == 1
+    messages = await client.get(f"/v1/threads/{threads[0]['id']}/messages", headers=user.headers)
+    users = [m for m in messages.json()["data"] if m["role"] == "user"]
+    assert sorted(m["metadata"]["client_message_id"] for m in users) == ["m1", "m2", "m3", "m4"]
+
+
+async def test_a_threadline_thread_id_is_used_as_is(client, make_user):
+    user = await make_user()
+    created = await client.post("/v1/threads", json={"title": "mine"}, headers=user.headers)
+    thread_id = created.json()["id"]
+    message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hello"}]}
+    body = {"id": thread_id, "messages": [message], "agent": "demo"}
+    response = await client.post("/v1/ai-sdk/chat", json=body, headers=user.headers)
+    assert response.status_code == 200
+    assert len((await client.get("/v1/threads", headers=user.headers)).json()["data"]) == 1
+    stream = await client.get(f"/v1/ai-sdk/chat/{thread_id}/stream", headers=user.headers)
+    assert stream.status_code == 204  # the run is over
