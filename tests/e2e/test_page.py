@@ -493,6 +493,7 @@ def test_accessibility_of_sign_in_and_conversation(browsing: Browsing, scheme: s
 
     page.goto("/")
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    screenshot(page, f"00-sign-in-{scheme}")
     assert serious_violations() == []
     page.get_by_role("button", name="Create an account").click()
     assert serious_violations() == []

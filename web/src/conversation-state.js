@@ -206,7 +206,16 @@ export function conversationReducer(state, action) {
 export function timeline(state) {
   const items = [];
   const lastOfRun = {};
+  const labelled = new Set();
+  // Each run's rows start with the name of the agent that ran (when known).
+  const label = (runId) => {
+    if (!runId || labelled.has(runId)) return;
+    labelled.add(runId);
+    const agent = state.runs[runId] && state.runs[runId].agent;
+    if (agent) items.push({ kind: 'agent', key: `agent-${runId}`, agent });
+  };
   for (const m of state.messages) {
+    if (m.role === 'assistant') label(m.runId);
     const before = items.length;
     if (m.role === 'user') {
       items.push({ kind: 'user', key: m.id, content: m.content, createdAt: m.createdAt });
@@ -249,6 +258,7 @@ export function timeline(state) {
     const active = running && !state.active.thinking
       ? { ...state.active, thinking: `Using ${running.call.name}…` }
       : state.active;
+    label(state.active.runId);
     items.push({ kind: 'live', key: `live-${state.active.runId}`, active });
   }
   return items;

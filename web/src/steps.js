@@ -119,6 +119,8 @@ export function Row({ item }) {
       return html`<div class="row row-tool"><${ToolCard} item=${item} /></div>`;
     case 'outcome':
       return html`<div class="row row-outcome"><${Outcome} run=${item.run} /></div>`;
+    case 'agent':
+      return html`<div class="row row-agent"><span class="agent-chip">${item.agent}</span></div>`;
     case 'live':
       return html`<div class="row row-live"><${LiveRun} active=${item.active} /></div>`;
     default:

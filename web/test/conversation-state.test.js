@@ -35,8 +35,9 @@ function kinds(state) {
 
 test('a run becomes a user message, a tool card with its result and the answer', () => {
   const state = apply(initialConversation('thr_1'), DEMO_RUN);
-  assert.deepEqual(kinds(state), ['user', 'tool', 'assistant']);
-  const card = timeline(state)[1];
+  assert.deepEqual(kinds(state), ['user', 'agent', 'tool', 'assistant']);
+  assert.equal(timeline(state)[1].agent, 'demo');
+  const card = timeline(state)[2];
   assert.equal(card.result.result, '84');
   assert.equal(state.active, null);
 });
@@ -67,7 +68,7 @@ test('a history page overlapping live events keeps one copy of each message', ()
     ],
   };
   const merged = conversationReducer(live, { type: 'history', page, older: false });
-  assert.deepEqual(kinds(merged), ['user', 'tool', 'assistant']);
+  assert.deepEqual(kinds(merged), ['user', 'agent', 'tool', 'assistant']);
   assert.equal(merged.messages.length, 4);
 });
 
@@ -79,7 +80,7 @@ test('a cancelled run is shown after its last row, and a failed one without rows
     event(15, 'run_queued', { run_id: 'run_2', agent: 'demo', status: 'queued' }, 'run_2'),
     event(16, 'agent_failed', { code: 'agent_error', message: 'boom' }, 'run_2'),
   ]);
-  assert.deepEqual(kinds(state), ['user', 'tool', 'outcome', 'user', 'outcome']);
+  assert.deepEqual(kinds(state), ['user', 'agent', 'tool', 'outcome', 'user', 'outcome']);
   const outcomes = timeline(state).filter((row) => row.kind === 'outcome').map((row) => row.run.status);
   assert.deepEqual(outcomes, ['cancelled', 'failed']);
   assert.equal(state.active, null);
@@ -92,5 +93,5 @@ test('a message queued behind a run moves below that run when its own run starts
     ...DEMO_RUN.slice(7).map((e, i) => ({ ...e, seq: 14 + i })),
     event(30, 'message_moved', { message_id: 'msg_q', position: 5 }, 'run_2'),
   ]);
-  assert.deepEqual(timeline(state).map((row) => row.content || row.kind), ['what is 12*7?', 'tool', '12*7 = 84.', 'next']);
+  assert.deepEqual(timeline(state).map((row) => row.content || row.kind), ['what is 12*7?', 'agent', 'tool', '12*7 = 84.', 'next']);
 });
