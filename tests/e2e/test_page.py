@@ -394,10 +394,15 @@ def test_archive_and_another_user_sees_none_of_it(browsing: Browsing) -> None:
     expect(intruder.locator(".messages .row")).to_have_count(0)
     expect(intruder.get_by_role("heading", name=QUESTION)).to_have_count(0)
 
-    # The owner signs out and in again: the thread is there, archived, with its history.
+    # The owner signs out: the token is forgotten, and another tab of the same browser signs
+    # out with it.
+    other_tab = browsing.page(page.context)
+    other_tab.goto("/")
+    expect(message_box(other_tab)).to_be_visible()
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     assert page.evaluate("localStorage.getItem('threadline.token')") is None
+    expect(other_tab.get_by_role("heading", name="Sign in")).to_be_visible()
 
 
 def test_composer_keys_and_rate_limit(browsing: Browsing, page_server: PageServer) -> None:

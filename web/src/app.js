@@ -168,6 +168,15 @@ export function App() {
   const [session, setSession] = useState(savedSession());
   const [notice, setNotice] = useState('');
 
+  // Signing in or out in another tab does the same here.
+  useEffect(() => {
+    const onStorage = (event) => {
+      if (event.key === null || event.key === 'threadline.token') setSession(savedSession());
+    };
+    window.addEventListener('storage', onStorage);
+    return () => window.removeEventListener('storage', onStorage);
+  }, []);
+
   function signedIn(next) {
     saveSession(next);
     setNotice('');

@@ -225,7 +225,7 @@ export function Conversation(props) {
       <button type="button" class="button ghost icon-only" aria-label="Dismiss" onClick=${() => setProblem('')}><${Icon} name="close" /></button>
     </p>`}
     <${Composer} agents=${agents} agent=${agent} onAgent=${onAgent} retryUntil=${retryUntil}
-      active=${Boolean(state.active)} onCancel=${cancel} autofocus=${threadId}
+      active=${Boolean(state.active)} onCancel=${cancel} autofocus=${true}
       onSend=${(content) => onSend(threadId, content)} />
     <${RenameDialog} open=${dialog === 'rename'} thread=${thread} onClose=${() => setDialog(null)}
       onSave=${rename} />
