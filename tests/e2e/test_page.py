@@ -455,6 +455,9 @@ def test_phone_width_dark_theme_and_keyboard_focus(browsing: Browsing) -> None:
     phone.get_by_role("button", name="Open the conversation list").click()
     expect(phone.get_by_role("button", name="New chat")).to_be_in_viewport()
     screenshot(phone, "09-phone-dark-drawer")
+    expect(phone.get_by_role("button", name="New chat")).to_be_focused()
+    phone.keyboard.press("Escape")
+    expect(phone.get_by_role("navigation", name="Conversations")).not_to_be_in_viewport()
 
     light = browsing.page(browsing.context(color_scheme="light"))
     light.goto("/")

@@ -139,8 +139,17 @@ function Shell({ session, onSignedOut }) {
     searchTimer.current = setTimeout(() => threads.load({ status: threads.list.status, query, append: false }), 250);
   }
 
+  // Other devices change threads too: look again whenever the page comes back into view.
+  useEffect(() => {
+    const onVisible = () => document.visibilityState === 'visible' && threads.refresh();
+    document.addEventListener('visibilitychange', onVisible);
+    return () => document.removeEventListener('visibilitychange', onVisible);
+  }, [threads.refresh]);
+
   useEffect(() => {
     if (!drawer) return undefined;
+    const first = document.querySelector('.sidebar button');
+    if (first) first.focus();
     const onKey = (event) => event.key === 'Escape' && setDrawer(false);
     window.addEventListener('keydown', onKey);
     return () => window.removeEventListener('keydown', onKey);
