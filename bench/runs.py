@@ -20,6 +20,10 @@ Measured per backend and per number of concurrent users, after a warm-up:
   emitted; same machine, same clock). `ts` is truncated to the millisecond, so a measured value
   is 0-1 ms above the true one (0.5 ms on average);
 - server CPU (user + system, psutil) over the measured phase, per completed run;
+- database transactions and round trips per completed run, counted (`--count-statements`, on
+  by default): the server's counting hook (THREADLINE_DEBUG_COUNT_STATEMENTS, read from
+  /metrics) on both backends, and on PostgreSQL also `pg_stat_database`'s xact_commit and
+  xact_rollback of the benchmark's own database (see bench/_counting.py for how and when);
 - server RSS before and after `--idle-sockets` authenticated, subscribed, idle sockets (each on a
   thread of its own), per socket.
 
@@ -45,9 +49,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
+from _counting import Counts, idle_rate, per_run
 from _support import (
     DEFAULT_POSTGRES_URL,
     DEFAULT_REDIS_URL,
@@ -56,6 +62,7 @@ from _support import (
     BenchError,
     BenchUser,
     Server,
+    _asyncpg_dsn,
     create_thread,
     delete_redis_prefix,
     expect,
@@ -107,6 +114,7 @@ class Options:
     idle_sockets: int
     send: str
     ws_compression: bool
+    count_statements: bool
 
     def runs_for(self, users: int) -> int:
         # Enough runs at one user for a p99, and ~640 runs at 32 users: a few seconds each.
@@ -277,13 +285,15 @@ async def sequential_runs(sock: EventSocket, http: httpx.AsyncClient, count: int
 
 
 async def run_level(server: Server, http: httpx.AsyncClient, sockets: list[EventSocket],
-                    options: Options) -> dict[str, object]:
+                    options: Options, counts: Counts | None) -> dict[str, object]:
     runs = options.runs_for(len(sockets))
     server_proc, client_proc = psutil.Process(server.pid), psutil.Process()
     async with asyncio.timeout(LEVEL_TIMEOUT):
         async with asyncio.TaskGroup() as group:
             for sock in sockets:
                 group.create_task(sequential_runs(sock, http, options.warmup, options.send))
+        if counts is not None:
+            idle, before = await idle_rate(counts)
         server_cpu, client_cpu = _cpu(server_proc), _cpu(client_proc)
         started = time.perf_counter()
         async with asyncio.TaskGroup() as group:
@@ -291,9 +301,16 @@ async def run_level(server: Server, http: httpx.AsyncClient, sockets: list[Event
                      for sock in sockets]
         wall = time.perf_counter() - started
         server_cpu, client_cpu = _cpu(server_proc) - server_cpu, _cpu(client_proc) - client_cpu
+        if counts is not None:
+            await asyncio.sleep(counts.settle_s)  # pg_stat_database lags behind (_counting.py)
+            after = await counts.snapshot()
     samples = [sample for task in tasks for sample in task.result()]
-    return level_result(samples, users=len(sockets), runs=runs, warmup=options.warmup,
-                        wall=wall, server_cpu=server_cpu, client_cpu=client_cpu)
+    result = level_result(samples, users=len(sockets), runs=runs, warmup=options.warmup,
+                          wall=wall, server_cpu=server_cpu, client_cpu=client_cpu)
+    if counts is not None:
+        result["database"] = per_run(before, after, idle, len(samples),
+                                     postgres=counts.postgres)
+    return result
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -385,11 +402,18 @@ async def _bounded(factories: list, limit: int) -> list:  # type: ignore[type-ar
 # --- Per backend ----------------------------------------------------------------------------------
 
 
-async def drive(server: Server, options: Options) -> dict[str, object]:
+async def drive(server: Server, options: Options, *, pg_database: str | None = None
+                ) -> dict[str, object]:
+    """Every level on one server; `pg_database`: the PostgreSQL database it uses, whose
+    pg_stat_database row is read (over `options.postgres_url`'s database) around each level."""
     most = max(options.users)
     limits = httpx.Limits(max_connections=most + 8, max_keepalive_connections=most + 8)
     async with httpx.AsyncClient(base_url=server.base_url, limits=limits, timeout=HTTP_TIMEOUT,
                                  trust_env=False) as http:
+        counts = None
+        if options.count_statements:
+            admin = _asyncpg_dsn(options.postgres_url) if pg_database else None
+            counts = Counts(http, pg_admin_dsn=admin, database=pg_database)
         async with asyncio.timeout(LEVEL_TIMEOUT):
             users = await register_many(http, most, with_thread=True)
             sockets = [EventSocket(await open_socket(server, u.token, u.thread_id,
@@ -400,9 +424,10 @@ async def drive(server: Server, options: Options) -> dict[str, object]:
         levels = []
         try:
             for count in options.users:
-                result = await run_level(server, http, sockets[:count], options)
+                result = await run_level(server, http, sockets[:count], options, counts)
                 levels.append(result)
                 print_level(result)
+                print_database(result)
         finally:
             for sock in sockets:
                 await sock.aclose()
@@ -414,15 +439,16 @@ async def drive(server: Server, options: Options) -> dict[str, object]:
     return {"levels": levels, "idle_sockets": idle}
 
 
-def _server_extra() -> dict[str, str]:
+def _server_extra(options: Options) -> dict[str, str]:
     return {"THREADLINE_MAX_CONCURRENT_RUNS_PER_USER": "1000",
-            "THREADLINE_DEMO_DELAY_SECONDS": "0"}
+            "THREADLINE_DEMO_DELAY_SECONDS": "0",
+            "THREADLINE_DEBUG_COUNT_STATEMENTS": str(options.count_statements).lower()}
 
 
 async def run_sqlite(options: Options) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="threadline-bench-") as tmp:
         workdir = Path(tmp)
-        env = server_env(f"sqlite:///{workdir / 'bench.db'}", workdir, _server_extra())
+        env = server_env(f"sqlite:///{workdir / 'bench.db'}", workdir, _server_extra(options))
         with server_process(env, workdir) as server:
             result = await drive(server, options)
     import sqlite3
@@ -434,7 +460,7 @@ async def run_postgres(options: Options) -> dict[str, object]:
     require_loopback(options.postgres_url, "--postgres-url")
     require_loopback(options.redis_url, "--redis-url")
     prefix = f"threadline-bench-runs-{uuid.uuid4().hex[:10]}"
-    extra = {**_server_extra(), "THREADLINE_REDIS_URL": options.redis_url,
+    extra = {**_server_extra(options), "THREADLINE_REDIS_URL": options.redis_url,
              "THREADLINE_REDIS_PREFIX": prefix}
     with tempfile.TemporaryDirectory(prefix="threadline-bench-") as tmp:
         workdir = Path(tmp)
@@ -443,7 +469,8 @@ async def run_postgres(options: Options) -> dict[str, object]:
             try:
                 await asyncio.to_thread(migrate, env, workdir)
                 with server_process(env, workdir) as server:
-                    result = await drive(server, options)
+                    result = await drive(server, options,
+                                         pg_database=urlsplit(database_url).path.lstrip("/"))
                 services = {"database": await postgres_version(database_url),
                             "redis": await redis_version(options.redis_url)}
             finally:
@@ -468,6 +495,21 @@ def print_level(r: dict[str, object]) -> None:
 HEADER = (f"{'users':>5}{'runs':>6}{'runs/s':>8}{'srv CPU':>9}{'cli CPU':>9}  "
           f"{'post p50/p99':<18}{'1st event':<18}{'started':<18}{'completed':<18}"
           f"{'emit->socket':<18}\n{'':>19}{'ms/run':>9}{'ms/run':>9}  (all times in ms)")
+
+
+def print_database(r: dict[str, object]) -> None:
+    counted = r.get("database")
+    if not isinstance(counted, dict):
+        return
+    each = counted["per_run"]
+    line = (f"      database per run (counting hook): {each['transactions']} transactions "
+            f"({each['commits']} commit, {each['rollbacks']} rollback), {each['statements']} "
+            f"statements, {each['pre_pings']} pre-pings, {each['round_trips']} round trips")
+    pg = counted.get("pg_stat_database")
+    if isinstance(pg, dict):
+        line += (f"; pg_stat_database: {pg['transactions_per_run']} transactions "
+                 f"({pg['commits_per_run']} commit, {pg['rollbacks_per_run']} rollback)")
+    print(line, flush=True)
 
 
 def print_idle(r: dict[str, object]) -> None:
@@ -542,6 +584,9 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--idle-sockets", type=int, default=1000, help="0 skips the phase")
     parser.add_argument("--send", choices=["http", "ws"], default="http",
                         help="post through HTTP POST .../messages or the socket's send_message")
+    parser.add_argument("--count-statements", choices=["on", "off"], default="on",
+                        help="count the server's database transactions and round trips "
+                             "(THREADLINE_DEBUG_COUNT_STATEMENTS; default on)")
     parser.add_argument("--ws-compression", choices=["on", "off"], default="on",
                         help="offer permessage-deflate, as browsers do (default on)")
     args = parser.parse_args(argv)
@@ -554,6 +599,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         out=args.out, postgres_url=args.postgres_url, redis_url=args.redis_url, users=users,
         runs_per_user=args.runs_per_user, warmup=args.warmup, idle_sockets=args.idle_sockets,
         send=args.send, ws_compression=args.ws_compression == "on",
+        count_statements=args.count_statements == "on",
     )
 
 

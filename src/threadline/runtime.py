@@ -45,6 +45,7 @@ from threadline.runs.outcomes import RunFinisher
 from threadline.runs.service import RunService
 from threadline.runs.worker import Worker, WorkerConfig
 from threadline.settings import Settings
+from threadline.store.counting import count_statements
 from threadline.store.db import create_engine
 from threadline.store.events import EventStore
 from threadline.store.messages import MessageStore
@@ -264,6 +265,8 @@ def _assemble(
         max_metadata_bytes=settings.max_metadata_bytes,
     )
     runs, queue, events, metrics = RunStore(), RunQueue(), EventStore(), Metrics()
+    if settings.debug_count_statements:
+        count_statements(engine, metrics.registry)
     publisher = EventPublisher(bus=bus, store=events, engine=engine)
     finisher = RunFinisher(queue=queue, messages=messages, publisher=publisher, metrics=metrics)
     providers = build_provider_set(settings)

@@ -227,6 +227,9 @@ class Settings(BaseSettings):
     the queue for another worker."""
     socket_queue_size: int = Field(default=1000, ge=8)
     """Events a connection may fall behind by before it is closed and told to resume."""
+    debug_count_statements: bool = False
+    """Count database statements, transactions and pool checkouts and show them on /metrics
+    (`threadline_db_*_total`), for benchmarks; costs a little CPU per statement."""
 
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("THREADLINE_OPENAI_API_KEY", "OPENAI_API_KEY")

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from threadline.errors import ThreadlineError
@@ -19,6 +19,8 @@ from threadline.errors import ThreadlineError
 logger = logging.getLogger(__name__)
 
 _READ_ONLY = "threadline_read_only"
+APPLICATION_NAME = "threadline"
+"""`application_name` of the pooled PostgreSQL connections, as `pg_stat_activity` shows it."""
 # How long a SQLite writer waits for the lock before failing with "database is locked".
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -49,19 +51,39 @@ def create_engine(
     non-zero `statement_timeout_seconds` becomes the session's `statement_timeout`."""
     if database_url.startswith("sqlite"):
         return _create_sqlite_engine(database_url, echo=echo)
-    connect_args: dict[str, Any] = {"timeout": connect_timeout_seconds}
+    server_settings = {"application_name": APPLICATION_NAME}
     if statement_timeout_seconds > 0:
-        milliseconds = str(int(statement_timeout_seconds * 1000))
-        connect_args["server_settings"] = {"statement_timeout": milliseconds}
-    return create_async_engine(
+        server_settings["statement_timeout"] = str(int(statement_timeout_seconds * 1000))
+    connect_args: dict[str, Any] = {
+        "timeout": connect_timeout_seconds,
+        "server_settings": server_settings,
+    }
+    engine = create_async_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping: it cost every checkout a transaction of its own (BEGIN; ; ROLLBACK,
+        # three round trips). A dead connection is handled without it:
+        # - one whose socket the driver already saw close (a terminated backend, a restarted
+        #   server) is replaced at checkout for free, by `_discard_closed` below;
+        # - one that dies unnoticed fails its first statement: SQLAlchemy's `is_disconnect`
+        #   invalidates it and every older pooled connection, and the request answers 503
+        #   `database_unavailable` (api/errors.py) or the run is handed back to the queue
+        #   (store/failures.py); the next checkout opens a fresh connection.
+        pool_pre_ping=False,
         pool_recycle=1800,
         echo=echo,
         connect_args=connect_args,
     )
+    event.listen(engine.sync_engine, "checkout", _discard_closed)
+    return engine
+
+
+def _discard_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Refuse a pooled connection whose socket is already closed; the pool then opens a new
+    one. No round trip: asyncpg notices the server closing the socket while it sits idle."""
+    if dbapi_connection.driver_connection.is_closed():
+        raise DisconnectionError("the pooled connection was closed by the server")
 
 
 def describe_location(database_url: str) -> str:
