@@ -66,8 +66,12 @@ def test_schemathesis_default_checks_pass_over_every_operation(
         timeout=30,
     )
     assert registered.status_code == 201, registered.text
+    repo = Path(__file__).parents[2]
     env = {
         **os.environ,
+        # Run from a scratch directory (schemathesis keeps a cache where it runs), importing
+        # the hooks from the checkout.
+        "PYTHONPATH": str(repo),
         "SCHEMATHESIS_HOOKS": "tests.e2e.schemathesis_hooks",
         "THREADLINE_FUZZ_URL": server.base_url,
         "THREADLINE_FUZZ_EMAIL": email,
@@ -99,7 +103,7 @@ def test_schemathesis_default_checks_pass_over_every_operation(
             "--suppress-health-check",
             "too_slow",
         ],
-        cwd=Path(__file__).parents[2],
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
