@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from threadline.api.deps import CurrentUser, GatewayDep, MessageRateLimit, ServicesDep
-from threadline.api.gateway import WireMessage
+from threadline.api.gateway import Gateway, WireMessage
 from threadline.api.protocols import aisdk, chats
 from threadline.api.protocols.stream import (
     Framing,
@@ -28,7 +28,9 @@ from threadline.api.protocols.stream import (
 )
 from threadline.api.schemas import ErrorOut, RunOut
 from threadline.api.streams import Opened
+from threadline.context import UserContext
 from threadline.runs.service import MultitaskStrategy
+from threadline.runtime import Runtime
 
 router = APIRouter(prefix="/v1/ai-sdk/chat", tags=["ai-sdk"])
 DEFAULT_AGENT = "demo"
@@ -141,9 +143,9 @@ async def stop(chat_id: str, user: CurrentUser, services: ServicesDep) -> ChatSt
 
 
 def _response(
-    services: ServicesDep,
-    gateway: GatewayDep,
-    user: CurrentUser,
+    services: Runtime,
+    gateway: Gateway,
+    user: UserContext,
     opened: Opened,
     request: Request,
     run_id: str,
