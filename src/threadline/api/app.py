@@ -10,16 +10,15 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from threadline.agents.context import DepsFactory
-from threadline.api import ws
 from threadline.api.errors import install_error_handlers
-from threadline.api.gateway import Gateway
+from threadline.api.live import sse, ws
+from threadline.api.live.gateway import Gateway
 from threadline.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from threadline.api.routes import agents as agent_routes
 from threadline.api.routes import (
     agui,
     aisdk,
     auth,
-    events,
     health,
     messages,
     page,
@@ -58,7 +57,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    routers = (auth, threads, messages, runs, events, agent_routes, health, ws, page, agui, aisdk)
+    routers = (auth, threads, messages, runs, sse, agent_routes, health, ws, page, agui, aisdk)
     for module in routers:
         app.include_router(module.router)
     # Outermost first in the stack: CORS must answer preflights before the size check runs.

@@ -19,7 +19,8 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from threadline.api.deps import CurrentUser, GatewayDep, MessageRateLimit, ServicesDep
-from threadline.api.gateway import Gateway, WireMessage
+from threadline.api.live.gateway import Gateway, WireMessage
+from threadline.api.live.streams import MAX_SEQ, Opened
 from threadline.api.protocols import chats
 from threadline.api.protocols.agui import AguiTranslator
 from threadline.api.protocols.stream import (
@@ -29,7 +30,6 @@ from threadline.api.protocols.stream import (
     protocol_stream,
 )
 from threadline.api.schemas import ErrorOut
-from threadline.api.streams import MAX_SEQ, Opened
 from threadline.context import UserContext
 from threadline.errors import InvalidInputError
 from threadline.runs.service import MultitaskStrategy

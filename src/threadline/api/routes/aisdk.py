@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from threadline.api.deps import CurrentUser, GatewayDep, MessageRateLimit, ServicesDep
-from threadline.api.gateway import Gateway, WireMessage
+from threadline.api.live.gateway import Gateway, WireMessage
+from threadline.api.live.streams import Opened
 from threadline.api.protocols import aisdk, chats
 from threadline.api.protocols.stream import (
     Framing,
@@ -27,7 +28,6 @@ from threadline.api.protocols.stream import (
     sse_frame,
 )
 from threadline.api.schemas import ErrorOut, RunOut
-from threadline.api.streams import Opened
 from threadline.context import UserContext
 from threadline.runs.service import MultitaskStrategy
 from threadline.runtime import Runtime
