@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from threadline.auth.emails import EMAIL
 from threadline.auth.passwords import Passwords
 from threadline.auth.revocation import RevocationList
 from threadline.auth.tokens import IssuedToken, TokenClaims, TokenCodec
@@ -15,14 +15,13 @@ from threadline.errors import AuthError, InvalidInputError
 from threadline.store.db import ping, read_transaction
 from threadline.store.users import User, UserStore
 
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_CHARS = 256
 
 
 def normalize_email(email: str) -> str:
     normalized = email.strip().lower()
-    if len(normalized) > 320 or "\x00" in normalized or not _EMAIL.match(normalized):
+    if len(normalized) > 320 or "\x00" in normalized or not EMAIL.match(normalized):
         raise InvalidInputError("Not a valid email address", code="invalid_email", field="email")
     return normalized
 
