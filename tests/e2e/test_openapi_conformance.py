@@ -5,9 +5,9 @@ Every operation is run, in every default phase (examples, coverage, fuzzing, sta
 fresh token per request (`schemathesis_hooks.py`), with two exceptions, each by design:
 - the `use_after_free` check: `DELETE /v1/threads/{id}` archives (a soft delete), so the
   thread is still there afterwards, as documented;
-- `GET /v1/threads/{id}/events`: a live stream never ends, so a request/response fuzzer can
-  only time out on it; `tests/integration/test_fuzz.py` fuzzes it within a time window and the
-  e2e SSE tests cover its answers.
+- `GET /v1/threads/{id}/events` and `GET /v1/agui/threads/{id}/events`: a live stream never
+  ends, so a request/response fuzzer can only time out on it; `tests/integration/test_fuzz.py`
+  fuzzes the first within a time window, and the e2e SSE and protocol tests cover their answers.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def test_schemathesis_default_checks_pass_over_every_operation(
             "use_after_free",
             "--exclude-path",
             "/v1/threads/{thread_id}/events",
+            "--exclude-path",
+            "/v1/agui/threads/{thread_id}/events",
             "--generation-deterministic",
             # Generating message bodies that satisfy the text pattern and the length limit
             # together is slow for Hypothesis; this health check is about the generator, not

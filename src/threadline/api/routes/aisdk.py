@@ -91,7 +91,7 @@ async def send_messages(
     """Store the chat's new user messages and stream the agent's answer. With
     `trigger: regenerate-message` nothing is stored and the agent answers again."""
     name = agent or body.agent or DEFAULT_AGENT
-    services.registry.get(name)
+    chats.check_agent(services, name)
     chats.check_client_id(body.id, field="id")
     messages = []
     if body.trigger == "submit-message":
