@@ -12,7 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 from threadline.agents.context import DepsFactory
 from threadline.api.errors import install_error_handlers
 from threadline.api.live import sse, ws
-from threadline.api.live.gateway import Gateway
+from threadline.api.live.gateway import Gateway, settled_reader
 from threadline.api.middleware import (
     BodySizeLimitMiddleware,
     LoneSurrogateMiddleware,
@@ -52,8 +52,14 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_runtime(settings, agents=agents, deps=deps) as runtime:
             app.state.runtime = runtime
-            app.state.gateway = Gateway(runtime.bus, runtime.metrics)
-            yield
+            gateway = Gateway(
+                runtime.bus, runtime.metrics, reader=settled_reader(runtime.engine, runtime.events)
+            )
+            app.state.gateway = gateway
+            try:
+                yield
+            finally:
+                await gateway.aclose()
 
     app = FastAPI(
         title="Threadline",
