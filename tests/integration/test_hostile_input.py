@@ -33,7 +33,7 @@ async def _operations_with_a_body(client) -> list[tuple[str, str]]:
 
 def _url(path: str, thread_id: str) -> str:
     return path.format(
-        thread_id=thread_id, run_id=new_id(IdPrefix.RUN), agent="demo", chat_id="chat-1"
+        thread_id=thread_id, run_id=new_id(IdPrefix.RUN), agent="demo", chat_id=thread_id
     )
 
 
