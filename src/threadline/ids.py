@@ -29,6 +29,7 @@ class IdPrefix(StrEnum):
     MESSAGE = "msg"
     RUN = "run"
     EVENT = "evt"
+    SERVICE_KEY = "key"
 
 
 class _MonotonicULID:

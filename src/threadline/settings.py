@@ -22,7 +22,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from threadline.auth.issuers import TrustedIssuer
 from threadline.errors import ConfigurationError
+from threadline.plans import DEFAULT_PLANS, PlanLimits
 
 CONFIG_FILE_VARIABLE = "THREADLINE_CONFIG_FILE"
 _PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "changethis", "test"})
@@ -216,6 +218,17 @@ class Settings(BaseSettings):
     socket_queue_size: int = Field(default=1000, ge=8)
     """Events a connection may fall behind by before it is closed and told to resume."""
 
+    oidc_issuers: list[TrustedIssuer] = Field(default_factory=list)
+    """Trusted external identity providers (a JSON list); see docs/identity.md. Their users
+    sign in with their own tokens and are created on first use."""
+    password_auth: bool = True
+    """Allow registration and sign-in with email and password. Turn off when every user comes
+    from an OIDC issuer."""
+    plans: dict[str, PlanLimits] = Field(default_factory=lambda: dict(DEFAULT_PLANS))
+    """Plans by name (a JSON object of limits); see `threadline.plans`."""
+    default_plan: str | None = None
+    """Plan of users who have none; unset: the deployment-wide limits above apply to them."""
+
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("THREADLINE_OPENAI_API_KEY", "OPENAI_API_KEY")
     )
@@ -270,6 +283,19 @@ class Settings(BaseSettings):
             raise ConfigurationError(
                 "THREADLINE_SECRET_KEY",
                 "must be set to a random value of at least 32 characters in production",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_plans(self) -> Settings:
+        if self.default_plan is not None and self.default_plan not in self.plans:
+            raise ConfigurationError(
+                "THREADLINE_DEFAULT_PLAN",
+                f"{self.default_plan!r} is not one of the plans ({', '.join(sorted(self.plans))})",
+            )
+        if not self.password_auth and not self.oidc_issuers:
+            raise ConfigurationError(
+                "THREADLINE_PASSWORD_AUTH", "is off but no THREADLINE_OIDC_ISSUERS is configured"
             )
         return self
 

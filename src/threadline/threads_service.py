@@ -12,6 +12,7 @@ from threadline.runs.outcomes import CancelReason
 from threadline.runs.service import RunService
 from threadline.store.events import EventStore
 from threadline.store.threads import JSONObject, Thread, ThreadChanges, ThreadStatus, ThreadStore
+from threadline.usage.quotas import Quotas
 
 
 class ThreadService:
@@ -31,7 +32,9 @@ class ThreadService:
         events: EventStore,
         publisher: EventPublisher,
         runs: RunService,
+        quotas: Quotas | None = None,
     ):
+        self._quotas = quotas
         self._threads = threads
         self._events = events
         self._publisher = publisher
@@ -40,6 +43,8 @@ class ThreadService:
     async def create(
         self, conn: AsyncConnection, ctx: UserContext, *, title: str | None, metadata: JSONObject
     ) -> Thread:
+        if self._quotas is not None:
+            await self._quotas.check_thread(conn, ctx)
         thread = await self._threads.create(conn, ctx, title=title, metadata=metadata)
         await self._publisher.emit(
             conn, ctx, thread.id, EventType.THREAD_CREATED, payloads.thread_changed(thread)

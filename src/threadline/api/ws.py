@@ -316,15 +316,9 @@ class _Session:
     async def _send_message(self, message: dict[str, object]) -> None:
         request = _SendMessage.model_validate(message)
         services = self.services
-        decision = await services.limiter.hit(
-            f"messages:{self.ctx.user_id}",
-            limit=services.settings.messages_per_minute,
-            window_seconds=60,
+        await services.quotas.hit_message(
+            self.ctx, legacy_limit=services.settings.messages_per_minute
         )
-        if not decision.allowed:
-            raise RateLimitedError(
-                "Too many messages", retry_after_seconds=decision.retry_after_seconds
-            )
         run = (
             RunRequest(agent=request.agent, multitask_strategy=request.multitask_strategy)
             if request.agent
