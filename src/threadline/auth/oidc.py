@@ -72,6 +72,11 @@ class JWKSCache:
         self.fetches = 0
         """Key-set fetches so far (tests check the refresh bound with it)."""
 
+    async def load(self) -> None:
+        """Fetch the key set now (a process may warm its cache before taking traffic)."""
+        async with self._lock:
+            await self._refresh()
+
     async def key(self, kid: str | None) -> jwt.PyJWK:
         found = self._lookup(kid)
         if found is not None and not self._stale():
