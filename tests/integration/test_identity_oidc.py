@@ -14,7 +14,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.integration._support import app_client, assert_error, create_thread
+from tests.integration._support import app_client, assert_error
 from tests.oidc_issuer import LoopbackIssuer, loopback_issuer
 from threadline.settings import Settings
 from threadline.store.db import create_engine
@@ -30,9 +30,7 @@ def issuer() -> Iterator[LoopbackIssuer]:
 
 
 @pytest.fixture
-def oidc_settings(
-    settings_factory: Callable[..., Settings], issuer: LoopbackIssuer
-) -> Settings:
+def oidc_settings(settings_factory: Callable[..., Settings], issuer: LoopbackIssuer) -> Settings:
     return settings_factory(oidc_issuers=[issuer.settings()])
 
 
@@ -144,7 +142,9 @@ async def test_external_users_are_isolated_exactly_like_password_users(
         assert created.status_code == 201, created.text
         thread_id = created.json()["id"]
         assert_error(
-            await client.get(f"/v1/threads/{thread_id}", headers=bearer(bob)), 404, "thread_not_found"
+            await client.get(f"/v1/threads/{thread_id}", headers=bearer(bob)),
+            404,
+            "thread_not_found",
         )
         listed = await client.get("/v1/threads", headers=bearer(bob))
         assert listed.json()["data"] == []
