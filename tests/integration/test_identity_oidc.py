@@ -245,3 +245,16 @@ async def test_two_processes_provisioning_one_new_subject_at_once_make_one_user(
     finally:
         await engine.dispose()
     assert (count, identities) == (1, 1)
+
+
+async def test_the_plan_claim_sets_the_users_plan_on_every_sign_in(
+    settings_factory: Callable[..., Settings], issuer: LoopbackIssuer
+) -> None:
+    settings = settings_factory(oidc_issuers=[issuer.settings()])
+    async with app_client(settings) as client:
+        free = await client.get("/v1/me/usage", headers=bearer(issuer.token("fay", plan="free")))
+        assert free.json()["plan"] == "free", free.text
+        pro = await client.get("/v1/me/usage", headers=bearer(issuer.token("fay", plan="pro")))
+        assert pro.json()["plan"] == "pro"
+        unknown = issuer.token("fay", plan="platinum")  # not configured: ignored, plan kept
+        assert (await client.get("/v1/me/usage", headers=bearer(unknown))).json()["plan"] == "pro"

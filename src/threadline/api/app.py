@@ -25,6 +25,7 @@ from threadline.api.routes import (
     page,
     runs,
     threads,
+    usage,
 )
 from threadline.runtime import AgentsArg, open_runtime
 from threadline.settings import Settings
@@ -59,7 +60,7 @@ def create_app(
     )
     install_error_handlers(app)
     routers = (auth, threads, messages, runs, events, agent_routes, health, ws, page, agui, aisdk)
-    for module in routers:
+    for module in (*routers, usage):
         app.include_router(module.router)
     # Outermost first in the stack: CORS must answer preflights before the size check runs.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
