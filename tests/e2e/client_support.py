@@ -3,7 +3,7 @@
 - `CuttableProxy`: a TCP forwarder between the client and a real server that the test can
   cut (every open connection aborted, no close frame, as when a network drops) and take down
   (new connections are aborted at once) and bring back, so the client's reconnect and resume
-  run for real, deterministically.
+  run for real, deterministically. `threaded_proxy` runs one on a thread of its own.
 - `new_user`: a registered, signed-in `AsyncThreadline` of a fresh user.
 - `RestartableServer`: a `threadline serve` that can be stopped and started again on the same
   port and database, for a client that must resume across the restart.
@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import subprocess
 import sys
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from tests.e2e.client_agents import GATES_VARIABLE
 from tests.e2e.sockets_support import (
     ServerProcess,
     _clean_environment,
@@ -30,6 +33,7 @@ from tests.e2e.sockets_support import (
 from threadline.client import AsyncThreadline, Event
 
 PASSWORD = "correct horse battery staple"
+REPO = Path(__file__).resolve().parents[2]
 WAIT = 30.0
 
 
@@ -141,10 +145,16 @@ def assert_no_duplicate_or_reorder(events: list[Event]) -> None:
 
 
 class RestartableServer:
-    """`threadline serve` on a fixed port and SQLite file; `start()` again after `stop()`."""
+    """`threadline serve` on a fixed port and SQLite file; `start()` again after `stop()`.
+
+    It serves the `gated` agent of `tests.e2e.client_agents` besides `demo`: `open_gate()`
+    lets a run of that agent on the thread go on.
+    """
 
     def __init__(self, workdir: Path, **settings: object) -> None:
         self.workdir = workdir
+        self.gates = workdir / "gates"
+        self.gates.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.env = {
             **_clean_environment(),
@@ -152,6 +162,12 @@ class RestartableServer:
             "THREADLINE_SECRET_KEY": secrets.token_urlsafe(48),  # tokens outlive a restart
             "THREADLINE_LOG_LEVEL": "WARNING",
             "THREADLINE_DATABASE_URL": f"sqlite:///{workdir / 'threadline.db'}",
+            "THREADLINE_AGENTS": "tests.e2e.client_agents",
+            # Cheap password hashing: every test registers users; the behaviour is the same.
+            "THREADLINE_PASSWORD_TIME_COST": "1",
+            "THREADLINE_PASSWORD_MEMORY_KIB": "64",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            GATES_VARIABLE: str(self.gates),
             **{f"THREADLINE_{k.upper()}": str(v) for k, v in settings.items()},
         }
         self.process: ServerProcess | None = None
@@ -180,3 +196,57 @@ class RestartableServer:
         if self.process is not None:
             self.process.stop()
             self.process = None
+
+    def open_gate(self, thread_id: str) -> None:
+        (self.gates / thread_id).touch()
+
+
+@contextlib.contextmanager
+def running_server(workdir: Path, **settings: object) -> Iterator[RestartableServer]:
+    server = RestartableServer(workdir, **settings)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class ThreadedProxy:
+    """A `CuttableProxy` on an event loop of its own thread, for sync tests (and for clients
+    in other processes): `cut()`, `down()` and `up()` may be called from any thread."""
+
+    def __init__(self, proxy: CuttableProxy, loop: asyncio.AbstractEventLoop) -> None:
+        self.proxy = proxy
+        self._loop = loop
+
+    @property
+    def url(self) -> str:
+        return self.proxy.url
+
+    def cut(self) -> None:
+        self._loop.call_soon_threadsafe(self.proxy.cut)
+
+    def down(self) -> None:
+        self._loop.call_soon_threadsafe(self.proxy.down)
+
+    def up(self) -> None:
+        self._loop.call_soon_threadsafe(self.proxy.up)
+
+    def refused_one(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.proxy.refused_one(), self._loop).result(WAIT + 5)
+
+
+@contextlib.contextmanager
+def threaded_proxy(target_port: int) -> Iterator[ThreadedProxy]:
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, name="proxy", daemon=True)
+    runner.start()
+    proxy = CuttableProxy(target_port)
+    try:
+        asyncio.run_coroutine_threadsafe(proxy.__aenter__(), loop).result(WAIT)
+        yield ThreadedProxy(proxy, loop)
+    finally:
+        asyncio.run_coroutine_threadsafe(proxy.__aexit__(), loop).result(WAIT)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(WAIT)
+        loop.close()

@@ -14,22 +14,26 @@ import pexpect
 import pyte
 import pytest
 
-from tests.e2e.client_support import PASSWORD, new_email
-from tests.e2e.sockets_support import ServerProcess, free_port, server_factory
+from tests.e2e.client_support import (
+    PASSWORD,
+    RestartableServer,
+    new_email,
+    running_server,
+    threaded_proxy,
+)
+from tests.e2e.sockets_support import free_port
+from threadline.client import Threadline
 
 pytestmark = pytest.mark.e2e
 COLUMNS, LINES = 110, 60
 WAIT = 30.0
 DELAY = 0.04
-LONG_QUESTION = " ".join(f"word{n}" for n in range(60))
 
 
 @pytest.fixture(scope="module")
-def server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    with server_factory("sqlite", request, tmp_path_factory.mktemp("chat")) as start:
-        yield start(demo_delay_seconds=DELAY)
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableServer]:
+    with running_server(tmp_path_factory.mktemp("chat"), demo_delay_seconds=DELAY) as started:
+        yield started
 
 
 class Terminal:
@@ -86,7 +90,7 @@ class Terminal:
             self.child.terminate(force=True)
 
 
-def test_one_exchange_with_the_demo_agent(server: ServerProcess) -> None:
+def test_one_exchange_with_the_demo_agent(server: RestartableServer) -> None:
     email = new_email("chat")
     terminal = Terminal(server.base_url)
     try:
@@ -99,6 +103,8 @@ def test_one_exchange_with_the_demo_agent(server: ServerProcess) -> None:
         terminal.wait_for(r"The password must be \d+ to \d+ characters\.\s+Password")
         terminal.send(PASSWORD)
         terminal.wait_for(r"Created the account")
+        terminal.wait_for(r"Agent \[demo/gated\] \(demo\)")  # this server has two
+        terminal.send("")
         terminal.wait_for(r"Agent: demo \(calculator, clock\)")
         terminal.wait_for(r"you › $|you ›\s*$")
         terminal.send("what is 12*7?")
@@ -111,12 +117,14 @@ def test_one_exchange_with_the_demo_agent(server: ServerProcess) -> None:
         assert screen.index("tool calculator") < screen.index("12*7 = 84."), screen
         terminal.wait_for(r"12\*7 = 84\.[\s\S]*you ›")  # ready for the next message
 
-        # Ctrl-C during a run cancels it; the chat goes on.
-        terminal.send(LONG_QUESTION)
-        terminal.wait_for(r'You said: "word0 word1 word2')  # the answer is streaming
+        # Ctrl-C during a run cancels it; the chat goes on. (The gated agent's calculator
+        # waits until the test lets it go on, which it never does here.)
+        terminal.send("/agent gated")
+        terminal.wait_for(r"Agent: gated \(calculator\)")
+        terminal.send("what is 6*7?")
+        terminal.wait_for(r"expression: 6\*7[\s\S]*running…")  # the tool card, in progress
         terminal.interrupt()
-        terminal.wait_for(r"Run cancelled")
-        terminal.wait_for(r"Run cancelled[\s\S]*you ›")
+        terminal.wait_for(r"Run cancelled \(user\)[\s\S]*you ›")
         terminal.send("/quit")
         terminal.wait_for(r"Bye\.")
         assert terminal.exit_code() == 0
@@ -124,7 +132,7 @@ def test_one_exchange_with_the_demo_agent(server: ServerProcess) -> None:
         terminal.kill()
 
     # Signed in again, the thread and its history are there.
-    again = Terminal(server.base_url, "--email", email, "--password", PASSWORD)
+    again = Terminal(server.base_url, "--email", email, "--password", PASSWORD, "--agent", "demo")
     try:
         again.wait_for(r"Your threads[\s\S]*1\s+what is 12\*7\?")
         again.wait_for(r"Thread number")
@@ -138,7 +146,7 @@ def test_one_exchange_with_the_demo_agent(server: ServerProcess) -> None:
         again.kill()
 
 
-def test_what_stops_the_chat_is_said_plainly(server: ServerProcess) -> None:
+def test_what_stops_the_chat_is_said_plainly(server: RestartableServer) -> None:
     nowhere = Terminal(f"http://127.0.0.1:{free_port()}")
     try:
         nowhere.wait_for(r"Cannot reach Threadline at http://127\.0\.0\.1:\d+")
@@ -152,7 +160,36 @@ def test_what_stops_the_chat_is_said_plainly(server: ServerProcess) -> None:
     try:
         unknown.wait_for(r"Create it\?")
         unknown.send("y")
-        unknown.wait_for(r"No agent 'x' on this server \(it has: demo\)")
+        unknown.wait_for(r"No agent 'x' on this server \(it has: demo, gated\)")
         assert unknown.exit_code() == 1
     finally:
         unknown.kill()
+
+
+def test_a_dropped_connection_shows_and_the_run_goes_on(server: RestartableServer) -> None:
+    email = new_email("chat-drop")
+    with threaded_proxy(server.port) as proxy:
+        terminal = Terminal(proxy.url, "--email", email, "--password", PASSWORD, "--agent", "gated")
+        try:
+            terminal.wait_for(r"Create it\?")
+            terminal.send("y")
+            terminal.wait_for(r"you ›")
+            terminal.send("what is 6*7?")
+            terminal.wait_for(r"expression: 6\*7[\s\S]*running…")
+            proxy.down()  # the connection drops and cannot come back yet
+            terminal.wait_for(r"Connection lost, reconnecting…")
+            proxy.refused_one()
+            proxy.up()
+            thread_id = _only_thread(server, email)
+            server.open_gate(thread_id)
+            terminal.wait_for(r"→ 42[\s\S]*6\*7 = 42\.[\s\S]*you ›")
+            assert "reconnecting" not in terminal.text
+        finally:
+            terminal.kill()
+
+
+def _only_thread(server: RestartableServer, email: str) -> str:
+    with Threadline(server.base_url) as client:
+        client.login(email, PASSWORD)
+        [thread] = client.list_threads().data
+        return thread.id

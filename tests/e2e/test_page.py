@@ -36,13 +36,18 @@ pytestmark = pytest.mark.e2e
 # A loaded two-core machine runs several suites at once: waits are generous, never fixed.
 expect.set_options(timeout=20_000)
 QUESTION, ANSWER = "what is 12*7?", "12*7 = 84."
+# Records every text the streaming answer and the thinking indicator show, as they change.
 STREAM_RECORDER = """
 window.__streamed = [];
-new MutationObserver(() => {
-  const bubble = document.querySelector('.bubble.streaming');
-  const text = bubble ? bubble.textContent.trim() : '';
-  const seen = window.__streamed;
+window.__thinking = [];
+const record = (selector, seen) => {
+  const element = document.querySelector(selector);
+  const text = element ? element.textContent.trim() : '';
   if (text && seen[seen.length - 1] !== text) seen.push(text);
+};
+new MutationObserver(() => {
+  record('.bubble.streaming', window.__streamed);
+  record('.thinking-text', window.__thinking);
 }).observe(document.body, { subtree: true, childList: true, characterData: true });
 """
 
@@ -51,7 +56,7 @@ new MutationObserver(() => {
 def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PageServer]:
     server = PageServer(
         tmp_path_factory.mktemp("page-server"),
-        {"demo_delay_seconds": "0.25", "messages_per_minute": "8"},
+        {"demo_delay_seconds": "0.25", "messages_per_minute": "70"},
     )
     server.start()
     try:
@@ -139,6 +144,8 @@ def test_first_conversation_live_then_after_reload(
     assert any(ANSWER.startswith(text) and text != ANSWER for text in streamed), (
         f"the answer did not stream in (texts seen while streaming: {streamed})"
     )
+    thinking = page.evaluate("window.__thinking")
+    assert "Looking at the question… this is arithmetic." in thinking, thinking
     thread_id = current_thread_id(page)
     expect(page.get_by_role("button", name=QUESTION)).to_be_visible()  # titled, in the list
     screenshot(page, "02-conversation")
@@ -149,6 +156,8 @@ def test_first_conversation_live_then_after_reload(
     expect(page.locator(".row-assistant .markdown")).to_have_text([ANSWER])
     assert current_thread_id(page) == thread_id
 
+    foreign = [url for url in requested if not url.startswith(page_server.base_url)]
+    assert not foreign, f"the page loaded something from elsewhere: {foreign}"
     token = page.evaluate("localStorage.getItem('threadline.token')")
     assert token, "the token is not kept across a reload"
     assert sockets and all(token not in url for url in sockets + requested), (
@@ -179,6 +188,7 @@ def test_second_tab_and_device_watch_the_same_run_live(browsing: Browsing) -> No
     pages = (first, tab, device)
     for page in pages:
         expect(tool_card(page)).to_have_attribute("aria-label", "Tool call calculator: Running")
+        expect(page.locator(".thinking-text")).to_have_text("Using calculator…")
         expect(page.get_by_role("button", name="Cancel")).to_be_visible()
     screenshot(tab, "03-second-tab-live")
     for page in pages:
@@ -288,6 +298,27 @@ def test_hostile_markdown_renders_as_inert_text(browsing: Browsing) -> None:
     assert page.evaluate("window.__pwned") is None
 
 
+def test_history_pages_back_as_you_scroll_up(browsing: Browsing, page_server: PageServer) -> None:
+    page = browsing.page()
+    email = unique_email("ada-history")
+    sign_up(page, email)
+    headers = {"Authorization": f"Bearer {api_token(page_server, email)}"}
+    with httpx.Client(base_url=page_server.base_url, headers=headers, timeout=10) as http:
+        thread_id = http.post("/v1/threads", json={"title": "Long one"}).json()["id"]
+        for number in range(60):
+            http.post(
+                f"/v1/threads/{thread_id}/messages", json={"content": f"note {number:02d}"}
+            ).raise_for_status()
+    page.goto(f"/#/t/{thread_id}")
+    bubbles = page.locator(".bubble.user")
+    expect(bubbles).to_have_count(40)  # the latest page, newest at the bottom
+    expect(bubbles.last).to_have_text("note 59")
+    page.locator(".messages").evaluate("el => { el.scrollTop = 0; }")
+    expect(bubbles).to_have_count(60)
+    expect(bubbles).to_have_text([f"note {number:02d}" for number in range(60)])
+    expect(page.get_by_role("button", name="Load earlier messages")).to_have_count(0)
+
+
 def test_thread_list_actions(browsing: Browsing, page_server: PageServer) -> None:
     page = browsing.page()
     email = unique_email("frances")
@@ -385,7 +416,7 @@ def test_composer_keys_and_rate_limit(browsing: Browsing, page_server: PageServe
     token = api_token(page_server, email)
     thread_id = current_thread_id(page)
     with httpx.Client(base_url=page_server.base_url, timeout=10) as http:
-        for _ in range(10):
+        for _ in range(80):
             response = http.post(
                 f"/v1/threads/{thread_id}/messages",
                 headers={"Authorization": f"Bearer {token}"},

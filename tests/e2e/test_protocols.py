@@ -237,6 +237,47 @@ def test_a_reloaded_http_agent_catches_up_from_its_last_seq(server: ServerProces
     assert again["lastSeq"] > fresh["lastSeq"]
 
 
+def test_an_idle_stream_gets_a_keep_alive_within_15_seconds(server: ServerProcess) -> None:
+    headers = register(server)
+    client_thread = f"idle-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as http:
+        body = agui_input(client_thread, "hello")
+        with http.stream("POST", "/v1/agui/demo", json=body) as response:
+            sse_events(response.iter_lines(), until="RUN_FINISHED")
+        path = f"/v1/agui/threads/{client_thread}/events"
+        with http.stream("GET", path, timeout=httpx.Timeout(60, read=20)) as response:
+            lines = response.iter_lines()
+            sse_events(lines, until="RUN_FINISHED")  # the replay; then the thread is idle
+            caught_up = time.monotonic()
+            comment = next(line for line in lines if line.startswith(":"))
+            waited = time.monotonic() - caught_up
+    assert comment == ": keep-alive" and waited < 16, waited
+
+
+def test_the_multitask_strategy_holds_on_the_protocol_endpoints(server: ServerProcess) -> None:
+    headers = register(server)
+    client_thread = f"busy-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as http:
+        first = agui_input(client_thread, "What is 6*7?", message_id="u-1")
+        with http.stream("POST", "/v1/agui/slow", json=first) as response:
+            lines = response.iter_lines()
+            sse_events(lines, until="RUN_STARTED")
+            second = {
+                **agui_input(client_thread, "And 2*3?", message_id="u-2"),
+                "forwardedProps": {"multitask_strategy": "reject"},
+            }
+            refused = http.post("/v1/agui/slow", json=second)
+            assert refused.status_code == 409
+            assert refused.json()["error"]["code"] == "run_in_progress"
+            rest = sse_events(lines, until="RUN_FINISHED")
+    assert rest[-1]["outcome"] == {"type": "success"}
+    # Nothing of the refused request was written: its message is not in the thread.
+    thread_id = thread_id_of(server, headers, client_thread)
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=30) as http:
+        stored = http.get(f"/v1/threads/{thread_id}/messages").json()["data"]
+    assert [m["content"] for m in stored if m["role"] == "user"] == ["What is 6*7?"]
+
+
 def test_a_dropped_client_loses_nothing(server: ServerProcess) -> None:
     headers = register(server)
     client_thread = f"drop-{uuid.uuid4().hex[:8]}"

@@ -15,15 +15,19 @@ from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import TestUser
-from tests.integration.test_runs_support import Harness, run_settings, running_app, wait_until
+from tests.integration.test_runs_support import (
+    TERMINAL_EVENTS,
+    Harness,
+    run_settings,
+    running_app,
+    wait_until,
+)
 from threadline.store.wakeup import asyncpg_dsn
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.parametrize("backend", ["postgres"], indirect=True),
-]
+pytestmark = pytest.mark.integration
 
 # A long question: the demo model streams its echo in many chunks, each one a database write,
 # so runs are busy with the database while backends are being terminated.
@@ -63,6 +67,7 @@ async def _converse(h: Harness, user: TestUser, rounds: int) -> list[tuple[str, 
     return seen
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_terminated_backends_are_503s_and_runs_are_retried(settings_factory) -> None:
     settings = run_settings(
         settings_factory, demo_delay_seconds=0.01, run_lease_seconds=2, database_pool_size=4
@@ -147,3 +152,41 @@ async def _runs_survive_terminated_backends(h: Harness, user: TestUser, dsn: str
         await killer
     done = [await h.get_run(user, t, r) for t, r in started]
     assert [run["status"] for run in done] == ["completed"] * len(started), done
+
+
+async def test_a_run_whose_end_hit_a_lost_connection_is_retried_with_one_answer(
+    settings_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer is stored, then the connection drops as the run is being ended: the run is
+    handed back and retried, and the retry ends it with the stored answer (one answer, not
+    two), its events saying that attempt 2 did it."""
+    async with running_app(run_settings(settings_factory)) as h:
+        queue = h.services.queue
+        real_finish = queue.finish
+        failures: list[str] = []
+
+        async def finish_losing_the_connection_once(conn: Any, run: Any, **kwargs: Any) -> bool:
+            if not failures:
+                failures.append(run.id)
+                orig = ConnectionResetError("connection reset by peer")
+                raise DBAPIError("UPDATE runs ...", None, orig, connection_invalidated=True)
+            return await real_finish(conn, run, **kwargs)
+
+        monkeypatch.setattr(queue, "finish", finish_losing_the_connection_once)
+        user = await h.user()
+        thread = await h.thread(user)
+        run = await h.start(user, thread, "what is 12*7?", agent="counter")
+        done = await h.wait_run(user, thread, run["id"])
+
+        assert failures == [run["id"]]
+        assert done["status"] == "completed" and done["attempt"] == 2, done
+        assert done["result"]["text"] == "12*7 = 84 (invocation 1)."
+        assert h.controls.invocations[run["id"]] == 1  # the tool was not run again
+        messages = await h.messages(user, thread)
+        answers = [m["content"] for m in messages if m["role"] == "assistant" and m["content"]]
+        assert answers == ["12*7 = 84 (invocation 1)."]
+        events = await h.run_events(user, thread, run["id"])
+        assert [e.data["attempt"] for e in events if e.type.value == "agent_started"] == [1, 2]
+        assert [e.type.value for e in events if e.type.value in TERMINAL_EVENTS] == [
+            "agent_completed"
+        ]

@@ -15,6 +15,7 @@ from contextlib import aclosing
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from tests.conftest import TestUser
 from tests.integration.test_runs_support import Harness, run_settings, running_app
@@ -215,9 +216,12 @@ async def test_live_events_that_overflow_the_replay_buffer_are_read_from_the_sto
     assert [m["seq"] for m in received[1:]] == list(range(1, last_seq + 1))
 
 
-async def test_a_replay_waits_for_a_dropped_live_event_to_be_committed(h: Harness) -> None:
+async def test_a_replay_waits_for_a_dropped_live_event_to_be_committed(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The publisher publishes just before it commits: a live event thrown away from an
     overflowing buffer may not be in the store yet when the replay reaches the end of it."""
+    reads = _count_store_reads(monkeypatch)
     user = await h.user()
     thread = await h.thread(user)
     connection = _small_connection(h, user)
@@ -233,7 +237,9 @@ async def test_a_replay_waits_for_a_dropped_live_event_to_be_committed(h: Harnes
                         conn, h.ctx(user), thread, EventType.THREAD_UPDATED, {"batch": i}
                     )
                 rest = asyncio.create_task(_pages(pages))
-                await asyncio.sleep(0.3)
+                # The replay has looked in the store three times and not found the dropped
+                # events (they are not committed): it must still be waiting, not live.
+                await reads.at_least(reads.count + 3)
                 assert not rest.done(), "went live before the dropped events were committed"
             async with asyncio.timeout(10):
                 received += await rest
@@ -275,9 +281,12 @@ async def test_a_dropped_live_event_that_never_reaches_the_store_drops_the_conne
         h.gateway.detach(opened.subscription)
 
 
+@pytest.mark.parametrize("backend", ["postgres"])
 async def test_subscribing_while_an_event_is_published_but_not_committed(h: Harness) -> None:
     """An event published just before a subscription attaches, whose transaction commits just
-    after: the snapshot waits for that commit, so the replay covers the event."""
+    after: the snapshot waits for that commit (the thread's row lock), so the replay covers the
+    event. PostgreSQL only: on SQLite the publisher's transaction holds the one write lock,
+    which every snapshot takes too, so the interleaving exercised here cannot happen."""
     user = await h.user()
     thread = await h.thread(user)
     async with h.services.engine.connect() as conn:
@@ -286,12 +295,58 @@ async def test_subscribing_while_an_event_is_published_but_not_committed(h: Harn
             conn, h.ctx(user), thread, EventType.THREAD_UPDATED, {"title": "in flight"}
         )
         watching = asyncio.create_task(_watch_from_start(h, user, thread))
-        await asyncio.sleep(0.3)
+        # Commit only once the subscriber's snapshot is blocked on the uncommitted transaction
+        # (a snapshot that did not wait would never show up as waiting on a lock).
+        await _a_session_waits_on_a_lock(h)
+        assert not watching.done()
         await transaction.commit()
     await _emit(h, user, thread, 1)
     async with asyncio.timeout(10):
         received = await watching
     assert [m["seq"] for m in received[1:]] == [1, event.seq, event.seq + 1]
+
+
+async def _a_session_waits_on_a_lock(h: Harness) -> None:
+    query = sa.text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    async with asyncio.timeout(10):
+        while True:
+            async with h.services.engine.connect() as probe:
+                if await probe.scalar(query):
+                    return
+            await asyncio.sleep(0.01)  # a poll of the condition, not a guess at timing
+
+
+class _StoreReads:
+    """Counts the replay's reads of the stored events (`streams._read_page`)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = asyncio.Condition()
+
+    async def record(self) -> None:
+        async with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+
+    async def at_least(self, count: int) -> None:
+        async with asyncio.timeout(10), self._changed:
+            await self._changed.wait_for(lambda: self.count >= count)
+
+
+def _count_store_reads(monkeypatch: pytest.MonkeyPatch) -> _StoreReads:
+    reads = _StoreReads()
+    read_page = streams._read_page
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        page = await read_page(*args, **kwargs)
+        await reads.record()
+        return page
+
+    monkeypatch.setattr(streams, "_read_page", counted)
+    return reads
 
 
 async def _watch_from_start(h: Harness, user: TestUser, thread: str) -> list[dict[str, Any]]:

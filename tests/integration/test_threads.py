@@ -103,7 +103,7 @@ async def test_create_with_invalid_data_is_422_and_leaves_nothing(
         content=b"{not json",
         headers={**user.headers, "content-type": "application/json"},
     )
-    assert_error(not_json, 422, "validation_error")
+    assert_error(not_json, 400, "invalid_json")
     assert await list_threads(client, user) == []
     assert await count_rows(settings.database_url, "threads", user_id=user.id) == 0
 
@@ -684,14 +684,18 @@ async def test_delete_while_others_read_never_errors(client, make_user):
         await post_message(client, user, thread["id"], f"m{i}")
     url = f"/v1/threads/{thread['id']}"
     deleted = asyncio.Event()
+    readers = 8
+    reading = asyncio.Semaphore(0)  # released once by each reader after its first read
     statuses: list[tuple[str, int, str]] = []
 
     async def reader(path: str) -> None:
         # Keep reading until a read after the delete has been seen.
-        for _ in range(200):
+        for attempt in range(200):
             was_deleted = deleted.is_set()
             response = await client.get(path, headers=user.headers)
             statuses.append((path, response.status_code, response.text[:200]))
+            if attempt == 0:
+                reading.release()
             if response.status_code == 404:
                 assert error_code(response) == "thread_not_found"
             if was_deleted:
@@ -699,13 +703,16 @@ async def test_delete_while_others_read_never_errors(client, make_user):
             await asyncio.sleep(0)
 
     async def deleter() -> None:
-        await asyncio.sleep(0.05)
+        # Delete once every reader is under way, so the delete lands among their reads.
+        async with asyncio.timeout(30):
+            for _ in range(readers):
+                await reading.acquire()
         response = await client.delete(url, params={"permanent": "true"}, headers=user.headers)
         assert response.status_code == 204, response.text
         deleted.set()
 
     async with asyncio.TaskGroup() as tg:
-        for i in range(8):
+        for i in range(readers):
             tg.create_task(reader(url if i % 2 else f"{url}/messages"))
         tg.create_task(deleter())
 

@@ -13,7 +13,12 @@ from threadline.agents.context import DepsFactory
 from threadline.api import ws
 from threadline.api.errors import install_error_handlers
 from threadline.api.gateway import Gateway
-from threadline.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from threadline.api.middleware import (
+    BodySizeLimitMiddleware,
+    LoneSurrogateMiddleware,
+    RequestIdMiddleware,
+)
+from threadline.api.openapi import OptionsMiddleware, install_docs
 from threadline.api.routes import agents as agent_routes
 from threadline.api.routes import (
     agui,
@@ -57,13 +62,19 @@ def create_app(
         version="0.1.0",
         summary="Multi-user AI agent chat: threads, messages, runs and live events.",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets by install_docs
+        redoc_url=None,  # ReDoc would load from a CDN
     )
     install_error_handlers(app)
     routers = (auth, threads, messages, runs, events, agent_routes, health, ws, page, agui, aisdk)
     for module in (*routers, usage):
         app.include_router(module.router)
-    # Outermost first in the stack: CORS must answer preflights before the size check runs.
+    install_docs(app)
+    # Outermost first in the stack: CORS must answer preflights before OPTIONS and the size
+    # check run; the size check bounds what the surrogate check reads.
+    app.add_middleware(LoneSurrogateMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(OptionsMiddleware, routes=app.router.routes)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from threadline.agents.errors import UnknownAgentError
+from threadline.api.openapi import allowed_methods
 from threadline.errors import (
     AuthError,
     ConflictError,
@@ -77,22 +79,77 @@ async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(status_for(exc), exc.code, exc.message, headers=headers)
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+# Parameters whose malformed values have had their own codes since before FastAPI checked their
+# patterns.
+_CODE_BY_PARAMETER = {
+    ("query", "cursor"): "invalid_cursor",
+    ("header", "last-event-id"): "invalid_cursor",
+    ("header", "if-match"): "invalid_if_match",
+}
+# FastAPI's words for a body it could not decode at all (bytes that are not UTF-8 JSON).
+_UNPARSABLE_BODY = "There was an error parsing the body"
+
+
+def _body_problem(request: Request, errors: list[dict[str, Any]]) -> JSONResponse | None:
+    """A clear answer when the body as a whole is the problem: not JSON, not sent as JSON,
+    missing, or not an object. None when the problem is in its fields."""
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        if error.get("type") == "json_invalid":
+            where = f" (at character {loc[1]})" if len(loc) > 1 else ""
+            detail = (error.get("ctx") or {}).get("error", "")
+            return error_response(
+                400, "invalid_json", f"The request body is not valid JSON{where}: {detail}"
+            )
+        if loc != ("body",):
+            continue
+        content_type = request.headers.get("content-type", "")
+        if error.get("type") == "missing":
+            return error_response(422, "body_required", "This request needs a JSON object body")
+        if "json" not in content_type.lower():
+            return error_response(
+                415,
+                "unsupported_media_type",
+                "Send the body as JSON, with the header Content-Type: application/json",
+            )
+        return error_response(422, "validation_error", "The request body must be a JSON object")
+    return None
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, RequestValidationError):  # pragma: no cover
         raise exc
+    errors = list(exc.errors())
+    body_problem = _body_problem(request, errors)
+    if body_problem is not None:
+        return body_problem
+    code = next(
+        (
+            _CODE_BY_PARAMETER[loc]
+            for e in errors
+            if (loc := tuple(e.get("loc", ()))) in _CODE_BY_PARAMETER
+        ),
+        "validation_error",
+    )
     problems = []
     for error in exc.errors()[:5]:
         where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
         problems.append(f"{where}: {error.get('msg', 'invalid')}" if where else error["msg"])
-    return error_response(422, "validation_error", "; ".join(problems) or "Invalid request")
+    return error_response(422, code, "; ".join(problems) or "Invalid request")
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, StarletteHTTPException):  # pragma: no cover
         raise exc
+    if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
+        return error_response(400, "invalid_json", "The request body is not valid UTF-8 JSON")
     code = _CODE_BY_STATUS.get(exc.status_code, f"http_{exc.status_code}")
-    headers = dict(exc.headers) if exc.headers else None
-    return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+    headers = dict(exc.headers) if exc.headers else {}
+    if exc.status_code == 405:
+        # Starlette names only the methods of the first route on the path.
+        methods = allowed_methods(request.app.router.routes, request.url.path)
+        headers["Allow"] = ", ".join(methods) or headers.get("Allow", "")
+    return error_response(exc.status_code, code, str(exc.detail), headers=headers or None)
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:

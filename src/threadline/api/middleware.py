@@ -1,10 +1,11 @@
-"""Plain ASGI middleware: request ids and request-size limits."""
+"""Plain ASGI middleware: request ids, request-size limits, lone surrogates refused."""
 
 from __future__ import annotations
 
 import json
 import re
 import uuid
+from urllib.parse import parse_qsl
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -107,3 +108,121 @@ class BodySizeLimitMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+# A JSON `\uXXXX` escape of a UTF-16 surrogate: the only way one reaches a parsed string
+# (raw surrogate bytes are invalid UTF-8 and fail decoding first). Checked before parsing, so a
+# request without one pays a byte scan only.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_lone_surrogate(value: object) -> bool:
+    """Whether any string in a parsed JSON value, object keys included, holds a lone UTF-16
+    surrogate (a valid pair was already joined into one character by the parser)."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_lone_surrogate(item) for item in value)
+    return False
+
+
+def _json_has_lone_surrogate(raw: bytes) -> bool:
+    if _SURROGATE_ESCAPE.search(raw) is None:
+        return False
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False  # not JSON: the route refuses it as such
+    return has_lone_surrogate(parsed)
+
+
+class LoneSurrogateMiddleware:
+    """Answers 400 `invalid_unicode` to a JSON body, or a JSON query value (`metadata=`), that
+    holds a lone UTF-16 surrogate anywhere, keys included: such a string cannot be stored or
+    sent on as UTF-8, and would otherwise fail deep inside (a 500)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._query_has_lone_surrogate(scope.get("query_string", b"")):
+            await _reject_unicode(send, "a query parameter")
+            return
+        content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
+        if b"json" not in content_type:
+            await self.app(scope, receive, send)
+            return
+        try:
+            body, messages = await _read_body(receive)
+        except HTTPException as exc:  # BodySizeLimitMiddleware: the body streamed past its limit
+            await _send_error(send, exc.status_code, "payload_too_large", str(exc.detail))
+            return
+        if _json_has_lone_surrogate(body):
+            await _reject_unicode(send, "the request body")
+            return
+        await self.app(scope, _replay(messages, receive), send)
+
+    @staticmethod
+    def _query_has_lone_surrogate(query_string: bytes) -> bool:
+        if b"%5C" not in query_string.upper() and b"\\" not in query_string:
+            return False
+        return any(
+            _json_has_lone_surrogate(value.encode("utf-8", "surrogatepass"))
+            for _, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+        )
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, list[Message]]:
+    messages: list[Message] = []
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks), messages
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replaying_receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replaying_receive
+
+
+async def _reject_unicode(send: Send, where: str) -> None:
+    await _send_error(
+        send,
+        400,
+        "invalid_unicode",
+        f"{where.capitalize()} holds a lone UTF-16 surrogate (such as \\ud800), "
+        "which is not valid Unicode",
+    )
+
+
+async def _send_error(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
+from threadline.auth.emails import EMAIL_PATTERN
 from threadline.statuses import MessageRole, MultitaskStrategy, RunStatus, ThreadStatus
 
 if TYPE_CHECKING:
@@ -18,7 +19,16 @@ if TYPE_CHECKING:
     from threadline.store.users import User
 
 T = TypeVar("T")
-Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+# The OpenAPI document states what the server accepts, so that whatever it calls valid is
+# accepted: some text besides whitespace and no NUL, which no store takes. Stated in the schema
+# only (`json_schema_extra`): the stores check it with their own error codes.
+TEXT_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"
+_SOME_TEXT = Field(json_schema_extra={"pattern": TEXT_PATTERN})
+Title = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    _SOME_TEXT,
+]
 Metadata = dict[str, JsonValue]
 
 
@@ -38,6 +48,21 @@ class ErrorOut(Schema):
 class Credentials(Schema):
     email: Annotated[str, StringConstraints(max_length=320)]
     password: Annotated[str, StringConstraints(max_length=1024)]
+
+
+class Registration(Schema):
+    """A new account: what `auth.service.normalize_email` and `check_password` accept."""
+
+    email: Annotated[
+        str,
+        StringConstraints(max_length=320),
+        Field(json_schema_extra={"pattern": EMAIL_PATTERN}),
+    ]
+    password: Annotated[
+        str,
+        StringConstraints(max_length=1024),
+        Field(json_schema_extra={"minLength": 8, "maxLength": 256}),
+    ]
 
 
 class UserOut(Schema):
@@ -105,7 +130,7 @@ class RunCreate(Schema):
 
 
 class MessageCreate(Schema):
-    content: Annotated[str, StringConstraints(max_length=1_000_000)]
+    content: Annotated[str, StringConstraints(max_length=1_000_000), _SOME_TEXT]
     metadata: Metadata = Field(default_factory=dict)
     run: RunCreate | None = Field(default=None, description="Start an agent run on the thread")
 

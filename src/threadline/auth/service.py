@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from threadline.auth.emails import EMAIL
 from threadline.auth.passwords import Passwords
 from threadline.auth.revocation import RevocationList
 from threadline.auth.tokens import IssuedToken, TokenClaims, TokenCodec
@@ -22,15 +22,13 @@ if TYPE_CHECKING:
     from threadline.auth.service_keys import ServiceKeyAuth
 
 _SERVICE_KEY_START = "key_"  # auth/service_keys.py: a key is `key_<ulid>.<secret>`
-
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_CHARS = 256
 
 
 def normalize_email(email: str) -> str:
     normalized = email.strip().lower()
-    if len(normalized) > 320 or "\x00" in normalized or not _EMAIL.match(normalized):
+    if len(normalized) > 320 or "\x00" in normalized or not EMAIL.match(normalized):
         raise InvalidInputError("Not a valid email address", code="invalid_email", field="email")
     return normalized
 

@@ -10,6 +10,7 @@ press raises `KeyboardInterrupt`, which ends the chat. At a prompt, Ctrl-C ends 
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import termios
@@ -30,7 +31,10 @@ from rich.text import Text
 from threadline.chat._view import RunView, history, safe
 from threadline.client import APIConnectionError, APIError, Threadline, ThreadOut, UserOut
 
-_HELP = "Type a message. /new starts a thread, /threads picks another, /quit leaves."
+_HELP = (
+    "Type a message. /new starts a thread, /threads picks another, /agent [NAME] changes "
+    "the agent, /quit leaves."
+)
 _HISTORY_SHOWN = 30
 _THREADS_SHOWN = 10
 _SIGN_IN_ATTEMPTS = 3
@@ -133,7 +137,9 @@ def _register(console: Console, client: Threadline, email: str, password: str) -
     return True
 
 
-def _pick_agent(console: Console, client: Threadline, wanted: str | None) -> str:
+def _pick_agent(
+    console: Console, client: Threadline, wanted: str | None, *, current: str | None = None
+) -> str:
     agents = client.agents()
     names = [a.name for a in agents]
     if wanted is not None and wanted not in names:
@@ -143,15 +149,15 @@ def _pick_agent(console: Console, client: Threadline, wanted: str | None) -> str
     if not names:
         console.print("[red]This server has no agents.[/red]")
         raise _Stop
-    name = wanted or (names[0] if len(names) == 1 else _choose_agent(console, names))
+    name = wanted or (names[0] if len(names) == 1 else _choose_agent(console, names, current))
     chosen = next(a for a in agents if a.name == name)
     tools = ", ".join(t.name for t in chosen.tools) or "no tools"
     console.print(f"Agent: [bold magenta]{name}[/bold magenta] ({tools})")
     return name
 
 
-def _choose_agent(console: Console, names: list[str]) -> str:
-    default = "demo" if "demo" in names else names[0]
+def _choose_agent(console: Console, names: list[str], current: str | None) -> str:
+    default = current if current in names else "demo" if "demo" in names else names[0]
     return Prompt.ask("Agent", choices=names, default=default, console=console)
 
 
@@ -195,7 +201,20 @@ def _converse(console: Console, client: Threadline, thread: ThreadOut, agent: st
             if text in ("/new", "/threads"):
                 thread = client.create_thread() if text == "/new" else _pick_thread(console, client)
                 break
+            if text == "/agent" or text.startswith("/agent "):
+                agent = _switch_agent(console, client, text.removeprefix("/agent").strip(), agent)
+                continue
+            if re.fullmatch(r"/[a-z]+", text):
+                console.print(Text(f"Unknown command {text}. {_HELP}", style="dim"))
+                continue
             _turn(console, client, thread.id, text, agent)
+
+
+def _switch_agent(console: Console, client: Threadline, wanted: str, current: str) -> str:
+    try:
+        return _pick_agent(console, client, wanted or None, current=current)
+    except _Stop:
+        return current  # it said why; the conversation goes on with the same agent
 
 
 def _show_thread(console: Console, client: Threadline, thread: ThreadOut, agent: str) -> None:

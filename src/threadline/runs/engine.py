@@ -38,7 +38,7 @@ from threadline.events import payloads
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.llm.providers import ProviderSet
-from threadline.llm.types import ChatMessage
+from threadline.llm.types import ChatMessage, Usage
 from threadline.logs import bound
 from threadline.metrics import Metrics
 from threadline.runs.conversation import to_chat_history
@@ -46,7 +46,7 @@ from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
 from threadline.runs.sink import RunEventSink
 from threadline.store.db import read_transaction
 from threadline.store.failures import is_database_unavailable
-from threadline.store.messages import MessageRole, MessageStore
+from threadline.store.messages import Message, MessageRole, MessageStore
 from threadline.store.queue import RunQueue
 from threadline.store.runs import Run, RunStatus
 from threadline.usage.meter import UsageMeter
@@ -216,7 +216,14 @@ class ExecutionEngine:
         provider, model = self.providers.resolve(agent.model)
         provider = meter.wrap(provider)
         input_position = await self._place_input_message(run, ctx)
-        history = await self._history(run, ctx, agent, input_position=input_position)
+        stored = await self._stored(run, ctx, agent, input_position=input_position)
+        answered = _stored_answer(stored, run)
+        if answered is not None:
+            # An earlier attempt stored its final answer, then lost its worker or database
+            # before the run was ended: end it with that answer rather than answer twice.
+            sink.last_assistant = answered
+            return AgentOutcome(final_text=answered.content, usage=Usage(), steps=0)
+        history = _history(stored, run, agent)
         context: RunContext[object] = RunContext(
             user=ctx,
             thread_id=run.thread_id,
@@ -258,25 +265,18 @@ class ExecutionEngine:
                 )
         return position
 
-    async def _history(
+    async def _stored(
         self, run: Run, ctx: UserContext, agent: Agent, *, input_position: int | None
-    ) -> list[ChatMessage]:
+    ) -> list[Message]:
         """The thread's recent messages up to the one this run answers (later questions belong
-        to later runs), plus this run's own output, repaired. A trailing tool call of *this*
-        run that has no result yet is kept pending: a retried run resumes where it stopped."""
+        to later runs), plus this run's own output."""
         async with read_transaction(self._db) as conn:
             stored = await self._messages.recent(
                 conn, ctx, run.thread_id, window=agent.history_window * 2 + 8
             )
         if input_position is not None:
             stored = [m for m in stored if m.position <= input_position or m.run_id == run.id]
-        last_calls = next(
-            (m for m in reversed(stored) if m.role is MessageRole.ASSISTANT and m.tool_calls),
-            None,
-        )
-        resuming = last_calls is not None and last_calls.run_id == run.id
-        history = repair_history(to_chat_history(stored), keep_pending_tail=resuming)
-        return window_history(history, agent.history_window)
+        return stored
 
     async def _finish(self, run: Run, outcome: Outcome) -> bool:
         async with self._db.begin() as conn:
@@ -290,3 +290,25 @@ class ExecutionEngine:
         else:
             logger.info("Run %s was already %s; outcome dropped", run.id, status.value)
         return False
+
+
+def _history(stored: list[Message], run: Run, agent: Agent) -> list[ChatMessage]:
+    """The model's view of `stored`, repaired. A trailing tool call of *this* run that has no
+    result yet is kept pending: a retried run resumes where it stopped."""
+    last_calls = next(
+        (m for m in reversed(stored) if m.role is MessageRole.ASSISTANT and m.tool_calls),
+        None,
+    )
+    resuming = last_calls is not None and last_calls.run_id == run.id
+    history = repair_history(to_chat_history(stored), keep_pending_tail=resuming)
+    return window_history(history, agent.history_window)
+
+
+def _stored_answer(stored: list[Message], run: Run) -> Message | None:
+    """This run's final answer, if an earlier attempt already stored it: its last message is
+    an assistant message that asks for no tool."""
+    own = [m for m in stored if m.run_id == run.id]
+    last = own[-1] if own else None
+    if last is not None and last.role is MessageRole.ASSISTANT and not last.tool_calls:
+        return last
+    return None

@@ -177,13 +177,13 @@ class Worker:
             heartbeat.cancel()
             await asyncio.wait({heartbeat})
 
-    async def _release(self, run: Run) -> None:
+    async def _release(self, run: Run, *, count_attempt: bool = False) -> None:
         async with self._db.begin() as conn:
-            await self._queue.release(conn, run)
+            await self._queue.release(conn, run, count_attempt=count_attempt)
 
     async def _release_or_let_expire(self, run: Run) -> None:
         try:
-            await self._release(run)
+            await self._release(run, count_attempt=True)
         except Exception as exc:
             if not is_database_unavailable(exc):
                 raise

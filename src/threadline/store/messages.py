@@ -14,7 +14,12 @@ from threadline.context import UserContext
 from threadline.errors import ConflictError, InvalidInputError, NotFoundError
 from threadline.ids import IdPrefix, is_valid_id, new_id
 from threadline.statuses import MessageRole as MessageRole  # re-exported
-from threadline.store.pagination import Page, check_limit, decode_cursor, encode_cursor
+from threadline.store.pagination import (
+    Page,
+    check_limit,
+    parse_position_cursor,
+    position_cursor,
+)
 from threadline.store.tables import messages, threads
 from threadline.store.threads import JSONObject, ThreadStatus
 from threadline.store.validation import check_text, json_size
@@ -195,13 +200,11 @@ class MessageStore:
             .limit(limit + 1)
         )
         if cursor is not None:
-            (after,) = decode_cursor(cursor, arity=1)
-            if not isinstance(after, int) or not 0 <= after <= 2**31 - 1:
-                raise InvalidInputError("Malformed cursor", code="invalid_cursor")
+            after = parse_position_cursor(cursor)
             query = query.where(column > after if order == "asc" else column < after)
         rows = (await conn.execute(query)).all()
         items = [_message(row) for row in rows[:limit]]
-        next_cursor = encode_cursor(items[-1].position) if len(rows) > limit else None
+        next_cursor = position_cursor(items[-1].position) if len(rows) > limit else None
         return Page(items=items, next_cursor=next_cursor)
 
     async def place_after_agent_output(

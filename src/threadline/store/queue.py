@@ -207,8 +207,11 @@ class RunQueue:
         )
         return result_proxy.rowcount == 1
 
-    async def release(self, conn: AsyncConnection, run: Run) -> bool:
-        """Hand a running run back to the queue (graceful shutdown), not counted as an attempt."""
+    async def release(
+        self, conn: AsyncConnection, run: Run, *, count_attempt: bool = False
+    ) -> bool:
+        """Hand a running run back to the queue. A graceful shutdown's hand-back does not count
+        as an attempt; one after a failure (a lost database connection) does."""
         result = await conn.execute(
             runs.update()
             .where(_as_seen(run))
@@ -216,7 +219,7 @@ class RunQueue:
                 status=RunStatus.QUEUED.value,
                 lease_owner=None,
                 lease_expires_at=None,
-                attempt=runs.c.attempt - 1,
+                attempt=runs.c.attempt if count_attempt else runs.c.attempt - 1,
             )
         )
         return result.rowcount == 1

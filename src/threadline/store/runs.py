@@ -16,7 +16,7 @@ from threadline.context import UserContext
 from threadline.errors import NotFoundError
 from threadline.ids import IdPrefix, is_valid_id, new_id
 from threadline.statuses import RunStatus as RunStatus  # re-exported
-from threadline.store.pagination import Page, check_limit, decode_cursor, encode_cursor
+from threadline.store.pagination import Page, check_limit, parse_id_cursor
 from threadline.store.tables import runs, threads
 
 JSONObject = dict[str, object]
@@ -156,11 +156,11 @@ class RunStore:
             .limit(check_limit(limit) + 1)
         )
         if cursor is not None:
-            (before,) = decode_cursor(cursor, arity=1)
-            query = query.where(runs.c.id < str(before))
+            before = parse_id_cursor(cursor, IdPrefix.RUN)
+            query = query.where(runs.c.id < before)
         rows = (await conn.execute(query)).all()
         items = [run_from_row(row) for row in rows[:limit]]
-        return Page(items, encode_cursor(items[-1].id) if len(rows) > limit else None)
+        return Page(items, items[-1].id if len(rows) > limit else None)
 
     async def active_for_thread(
         self, conn: AsyncConnection, ctx: UserContext, thread_id: str

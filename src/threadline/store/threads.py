@@ -15,7 +15,12 @@ from threadline.context import UserContext
 from threadline.errors import ConflictError, InvalidInputError, NotFoundError
 from threadline.ids import IdPrefix, is_valid_id, new_id
 from threadline.statuses import ThreadStatus as ThreadStatus  # re-exported
-from threadline.store.pagination import Page, check_limit, decode_cursor, encode_cursor
+from threadline.store.pagination import (
+    Page,
+    check_limit,
+    parse_time_id_cursor,
+    time_id_cursor,
+)
 from threadline.store.tables import events, messages, runs, threads
 from threadline.store.validation import INT64_MAX, check_text, json_size
 
@@ -183,8 +188,7 @@ class ThreadStore:
             .limit(check_limit(limit) + 1)
         )
         if cursor is not None:
-            activity, last_id = decode_cursor(cursor, arity=2)
-            after = _cursor_time(activity)
+            after, last_id = parse_time_id_cursor(cursor, IdPrefix.THREAD)
             query = query.where(
                 sa.or_(
                     threads.c.last_activity_at < after,
@@ -196,7 +200,7 @@ class ThreadStore:
         next_cursor = None
         if len(rows) > limit:
             last = items[-1]
-            next_cursor = encode_cursor(last.last_activity_at.isoformat(), last.id)
+            next_cursor = time_id_cursor(last.last_activity_at, last.id)
         return Page(items=items, next_cursor=next_cursor)
 
     def _filter_conditions(
@@ -297,16 +301,6 @@ class ThreadStore:
             raise NotFoundError("thread", thread_id)
 
 
-def _cursor_time(value: object) -> datetime:
-    try:
-        moment = datetime.fromisoformat(str(value))
-    except ValueError as exc:
-        raise InvalidInputError("Malformed cursor", code="invalid_cursor") from exc
-    if moment.tzinfo is None:
-        raise InvalidInputError("Malformed cursor", code="invalid_cursor")
-    return moment
-
-
 def _version_conflict(current_version: int | None) -> ConflictError:
     detail = f" (it is now at version {current_version})" if current_version else ""
     return ConflictError(
@@ -317,7 +311,7 @@ def _version_conflict(current_version: int | None) -> ConflictError:
 
 def _metadata_conditions(dialect: str, wanted: JSONObject) -> list[sa.ColumnElement[bool]]:
     for key, value in wanted.items():
-        if not _FILTER_KEY.match(key):
+        if not _FILTER_KEY.fullmatch(key):
             raise InvalidInputError(
                 f"metadata filter key {key!r} must match [A-Za-z0-9_-]{{1,64}}",
                 code="invalid_metadata_filter",

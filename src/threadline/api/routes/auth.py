@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from threadline.api.deps import CurrentClaims, CurrentUser, ServicesDep
-from threadline.api.schemas import Credentials, ErrorOut, TokenOut, UserOut
+from threadline.api.schemas import Credentials, ErrorOut, Registration, TokenOut, UserOut
 
 router = APIRouter(prefix="/v1/auth", tags=["auth"])
 _AUTH_ERRORS: dict[int | str, dict[str, object]] = {401: {"model": ErrorOut}}
@@ -14,7 +14,7 @@ _AUTH_ERRORS: dict[int | str, dict[str, object]] = {401: {"model": ErrorOut}}
     status_code=status.HTTP_201_CREATED,
     responses={409: {"model": ErrorOut}, 422: {"model": ErrorOut}},
 )
-async def register(body: Credentials, services: ServicesDep) -> UserOut:
+async def register(body: Registration, services: ServicesDep) -> UserOut:
     user = await services.auth.register(email=body.email, password=body.password)
     return UserOut.of(user)
 

@@ -38,11 +38,11 @@ from threadline.api.gateway import OVERFLOW, Connection, Gateway, WireMessage
 from threadline.api.schemas import ErrorOut
 from threadline.api.streams import MAX_SEQ, Opened, open_subscription, replay
 from threadline.context import UserContext
-from threadline.errors import InvalidInputError
 from threadline.events.types import EventType
 from threadline.runtime import Runtime
 
 router = APIRouter(tags=["events"])
+LAST_EVENT_ID_PATTERN = r"^ *[0-9]* *$"
 _PING_SECONDS = 15.0
 # How long sse-starlette waits for the generator to return by itself on shutdown before it
 # cancels it; the generator returns within one event-loop turn, this is only a bound.
@@ -67,18 +67,15 @@ def _resume(reason: str) -> ServerSentEvent:
 def _resume_point(
     after_seq: int | None, after: int | None, last_event_id: str | None
 ) -> int | None:
-    if after_seq is not None and after is not None and after_seq != after:
-        raise InvalidInputError(
-            "Give after_seq or its alias after, not both", code="invalid_cursor"
-        )
+    """`after_seq`, else its alias `after`, else `Last-Event-ID` (a reconnecting EventSource
+    sends it by itself, so the query wins when a page gave both)."""
     chosen = after_seq if after_seq is not None else after
     if chosen is not None:
         return chosen
     if last_event_id is None or not last_event_id.strip():
         return None
-    if not last_event_id.strip().isdigit() or int(last_event_id.strip()) > MAX_SEQ:
-        raise InvalidInputError("Last-Event-ID must be a sequence number", code="invalid_cursor")
-    return int(last_event_id.strip())
+    # Past the last possible seq: nothing to replay, as for the highest one.
+    return min(int(last_event_id.strip()), MAX_SEQ)
 
 
 @router.get(
@@ -106,7 +103,14 @@ async def thread_events(
         int | None,
         Query(ge=0, le=MAX_SEQ, deprecated=True, description="Alias of `after_seq`."),
     ] = None,
-    last_event_id: Annotated[str | None, Header(max_length=32)] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            max_length=32,
+            pattern=LAST_EVENT_ID_PATTERN,
+            description="Resume after this sequence number (what EventSource sends).",
+        ),
+    ] = None,
 ) -> EventSourceResponse:
     connection = Connection(
         user_id=user.user_id,

@@ -15,7 +15,7 @@ from threadline.api.schemas import (
 )
 from threadline.runs.service import RunRequest
 from threadline.store.messages import MessageRole, NewMessage
-from threadline.store.pagination import MAX_PAGE_SIZE
+from threadline.store.pagination import MAX_PAGE_SIZE, POSITION_CURSOR
 
 router = APIRouter(prefix="/v1/threads/{thread_id}/messages", tags=["messages"])
 _ERRORS: dict[int | str, dict[str, object]] = {
@@ -66,7 +66,7 @@ async def list_messages(
     conn: DbConn,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[str | None, Query(max_length=16, pattern=POSITION_CURSOR)] = None,
     order: Literal["asc", "desc"] = "asc",
 ) -> ListOut[MessageOut]:
     page = await services.messages.page(

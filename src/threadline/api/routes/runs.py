@@ -7,8 +7,9 @@ from fastapi import APIRouter, Query, status
 from threadline.api.deps import CurrentUser, DbConn, OwnedThread, ServicesDep
 from threadline.api.schemas import ErrorOut, ListOut, RunCreate, RunOut
 from threadline.errors import NotFoundError
+from threadline.ids import IdPrefix
 from threadline.runs.service import RunRequest
-from threadline.store.pagination import MAX_PAGE_SIZE
+from threadline.store.pagination import MAX_PAGE_SIZE, id_cursor_pattern
 
 router = APIRouter(prefix="/v1/threads/{thread_id}/runs", tags=["runs"])
 _ERRORS: dict[int | str, dict[str, object]] = {
@@ -39,7 +40,9 @@ async def list_runs(
     conn: DbConn,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=64, pattern=id_cursor_pattern(IdPrefix.RUN))
+    ] = None,
 ) -> ListOut[RunOut]:
     page = await services.runs.page(conn, user, thread.id, limit=limit, cursor=cursor)
     return ListOut(data=[RunOut.of(r) for r in page.items], next_cursor=page.next_cursor)

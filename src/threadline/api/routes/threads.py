@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
@@ -8,7 +9,8 @@ from fastapi import APIRouter, Header, Query, Response, status
 from threadline.api.deps import CurrentUser, DbConn, OwnedThread, ServicesDep
 from threadline.api.schemas import ErrorOut, ListOut, ThreadCreate, ThreadOut, ThreadUpdate
 from threadline.errors import InvalidInputError
-from threadline.store.pagination import MAX_PAGE_SIZE
+from threadline.ids import IdPrefix
+from threadline.store.pagination import MAX_PAGE_SIZE, time_id_cursor_pattern
 from threadline.store.threads import UNSET, JSONObject, ThreadChanges, ThreadFilter, ThreadStatus
 
 router = APIRouter(prefix="/v1/threads", tags=["threads"])
@@ -23,11 +25,15 @@ def _etag(version: int) -> str:
     return f'"{version}"'
 
 
+# What the OpenAPI document promises for If-Match: `*`, or a version as ETag gives it.
+IF_MATCH_PATTERN = r'^ *(\*|(W/)?"?[0-9]{1,9}"?) *$'
+
+
 def _parse_if_match(value: str | None) -> int | None:
     if value is None or value.strip() == "*":
         return None
     raw = value.strip().removeprefix("W/").strip('"')
-    if not raw.isdigit():
+    if re.fullmatch("[0-9]{1,9}", raw) is None:
         raise InvalidInputError(
             'If-Match must be a thread version as returned in ETag, e.g. "3"',
             code="invalid_if_match",
@@ -76,7 +82,10 @@ async def list_threads(
     ] = None,
     q: Annotated[str | None, Query(min_length=1, max_length=200, description="Text search")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=64, pattern=time_id_cursor_pattern(IdPrefix.THREAD)),
+    ] = None,
 ) -> ListOut[ThreadOut]:
     filters = ThreadFilter(status=status_filter, metadata=_parse_metadata_filter(metadata), query=q)
     page = await services.threads.page(conn, user, filters=filters, limit=limit, cursor=cursor)
@@ -97,7 +106,7 @@ async def update_thread(
     conn: DbConn,
     services: ServicesDep,
     response: Response,
-    if_match: Annotated[str | None, Header(max_length=64)] = None,
+    if_match: Annotated[str | None, Header(max_length=64, pattern=IF_MATCH_PATTERN)] = None,
 ) -> ThreadOut:
     given = body.model_fields_set
     changes = ThreadChanges(
@@ -112,16 +121,37 @@ async def update_thread(
     return ThreadOut.of(thread)
 
 
-@router.delete("/{thread_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
+@router.delete(
+    "/{thread_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=_ERRORS,
+    summary="Archive a thread, or delete it for good with ?permanent=true",
+)
 async def delete_thread(
     thread_id: str,
     user: CurrentUser,
     conn: DbConn,
     services: ServicesDep,
-    permanent: bool = False,
+    permanent: Annotated[
+        bool,
+        Query(
+            description="`false` (the default): archive, a soft delete. `true`: remove the "
+            "thread with its messages, runs and events, for good."
+        ),
+    ] = False,
 ) -> Response:
-    """Archive the thread (restorable with `PATCH {"status": "active"}`), or with
-    `?permanent=true` remove it and everything it owns."""
+    """Two deletes, both answered 204:
+
+    - **Archive** (the default, a soft delete): the thread stays, with `status: "archived"`
+      and all its history; `GET` still finds it, `?status=archived` lists it, and
+      `PATCH {"status": "active"}` restores it. Subscribers get `thread_updated`.
+    - **Permanent** (`?permanent=true`): the thread, its messages, runs and events are
+      removed; every later request for it is a 404. Subscribers get `thread_deleted`, and
+      an SSE stream of the thread ends after it.
+
+    Either way the thread's queued and running runs are cancelled, each with a `run_cancelled`
+    event (reason `thread_archived` or `thread_deleted`).
+    """
     if permanent:
         await services.thread_service.delete(conn, user, thread_id)
     else:

@@ -1,0 +1,188 @@
+"""What the OpenAPI document says beyond what FastAPI infers, so that it describes what the
+server does (generated clients and schemathesis' conformance checks rely on it), plus the
+interactive docs served offline and the `Allow` header of every path.
+
+- Every error body is `ErrorOut` (`{"error": {"code", "message"}}`), 422 included (FastAPI
+  documents its own `HTTPValidationError`, which this server never sends).
+- An authenticated operation documents 401; one that takes a body documents 400 (invalid JSON
+  or Unicode), 413 (too large) and 415 (not JSON); one with query parameters documents 400
+  (a lone surrogate in a JSON value).
+- A query parameter whose value is JSON (`metadata`) is described as `content:
+  application/json` with an object schema, OpenAPI's way of saying "a JSON-serialized object".
+- `OPTIONS` on any path answers 204 with `Allow` (CORS preflights aside, which the CORS
+  middleware answers first), and a 405 names every method of the path in `Allow`.
+- `/docs` is Swagger UI from the `swagger-ui-bundle-v2` package's files, served by this
+  server: it works offline and loads nothing from another host. (The `swagger-ui-bundle`
+  package still ships Swagger UI 4, which cannot render OpenAPI 3.1, FastAPI's version.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import BaseRoute, Match
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+from swagger_ui_bundle import swagger_ui_path
+
+# Query parameters whose value is JSON, with the schema of what the server accepts.
+_INT64 = 2**63 - 1
+JSON_QUERY_PARAMETERS: dict[str, dict[str, Any]] = {
+    "metadata": {
+        "type": "object",
+        "propertyNames": {"pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "additionalProperties": {
+            "type": ["string", "number", "boolean"],
+            "pattern": "^[^\\u0000]*$",
+            "minimum": -_INT64,
+            "maximum": _INT64,
+        },
+    }
+}
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorOut"}
+_ERROR_RESPONSES = {
+    "400": "The body is not valid JSON, or a string in it or in a JSON query value holds a "
+    "lone UTF-16 surrogate (`invalid_json`, `invalid_unicode`)",
+    "401": "No token, or one that is invalid, expired, revoked or of an account that no "
+    "longer exists (`not_authenticated`, `token_invalid`, `token_expired`, `token_revoked`, "
+    "`token_user_not_found`)",
+    "413": "The body is larger than THREADLINE_MAX_REQUEST_BYTES (`payload_too_large`)",
+    "415": "A body sent without `Content-Type: application/json` (`unsupported_media_type`)",
+    "422": "A parameter or a field of the body is invalid (`validation_error` or a more "
+    "specific code)",
+}
+_DOCS_ASSETS = "/docs/assets"
+
+
+def build_openapi(app: FastAPI) -> dict[str, Any]:
+    """The document, built once and cached on the app (FastAPI's convention)."""
+    if app.openapi_schema is None:
+        spec = get_openapi(
+            title=app.title,
+            version=app.version,
+            summary=app.summary,
+            description=app.description,
+            routes=app.routes,
+        )
+        for item in spec.get("paths", {}).values():
+            for operation in item.values():
+                _complete(operation)
+        schemas = spec.get("components", {}).get("schemas", {})
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        _this_deployment(app, schemas)
+        app.openapi_schema = spec
+    return app.openapi_schema
+
+
+def _this_deployment(app: FastAPI, schemas: dict[str, Any]) -> None:
+    """What depends on the running server's configuration: the agents a run may name and the
+    longest message. (Known once the lifespan has started, as it has when a client asks.)"""
+    runtime = getattr(app.state, "runtime", None)
+    if runtime is None:
+        return
+    agent = schemas.get("RunCreate", {}).get("properties", {}).get("agent")
+    if agent is not None:
+        agent["enum"] = sorted(info.name for info in runtime.registry.describe())
+    content = schemas.get("MessageCreate", {}).get("properties", {}).get("content")
+    if content is not None:
+        content["maxLength"] = runtime.settings.max_message_chars
+
+
+def _complete(operation: dict[str, Any]) -> None:
+    responses: dict[str, Any] = operation.setdefault("responses", {})
+    parameters = operation.get("parameters", [])
+    for parameter in parameters:
+        name = parameter.get("name")
+        if parameter.get("in") == "query" and name in JSON_QUERY_PARAMETERS:
+            description = parameter.pop("schema", {}).get("description")
+            schema = JSON_QUERY_PARAMETERS[name]
+            parameter["content"] = {"application/json": {"schema": schema}}
+            parameter.setdefault("description", description or "A JSON object")
+        elif "schema" in parameter:
+            # `str | None = None` is "may be left out", not "may be null": a query string or
+            # a header cannot carry a JSON null.
+            parameter["schema"] = _without_null(parameter["schema"])
+    wanted = []
+    if operation.get("security"):
+        wanted.append("401")
+    if "requestBody" in operation:
+        wanted += ["400", "413", "415", "422"]
+    if any(p.get("in") == "query" for p in parameters):
+        wanted += ["400", "422"]
+    if parameters:
+        wanted.append("422")
+    for status in wanted:
+        responses.setdefault(status, {"description": _ERROR_RESPONSES[status]})
+    for status, response in responses.items():
+        if status.startswith(("4", "5")):
+            response["content"] = {"application/json": {"schema": _ERROR_REF}}
+            if status in _ERROR_RESPONSES:
+                response["description"] = _ERROR_RESPONSES[status]
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    options = schema.get("anyOf")
+    if not options:
+        return schema
+    kept = [option for option in options if option.get("type") != "null"]
+    if len(kept) != 1:
+        return schema
+    rest = {key: value for key, value in schema.items() if key != "anyOf"}
+    return {**kept[0], **rest}
+
+
+def allowed_methods(routes: list[BaseRoute], path: str) -> list[str]:
+    """Every method some route answers at `path`, plus OPTIONS; [] for an unknown path.
+    Asked through the routes' own matching (included routers nest their routes)."""
+    methods = set()
+    for method in _METHODS:
+        scope = {"type": "http", "path": path, "method": method, "root_path": ""}
+        if any(route.matches(scope)[0] is Match.FULL for route in routes):
+            methods.add(method)
+    if not methods:
+        return []
+    return sorted(methods | {"OPTIONS"})
+
+
+class OptionsMiddleware:
+    """`OPTIONS` outside CORS: 204 with the path's `Allow` header (404 for an unknown path)."""
+
+    def __init__(self, app: ASGIApp, *, routes: list[BaseRoute]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        methods = allowed_methods(self.routes, scope["path"])
+        if not methods:
+            await self.app(scope, receive, send)
+            return
+        await Response(status_code=204, headers={"Allow": ", ".join(methods)})(scope, receive, send)
+
+
+def install_docs(app: FastAPI) -> None:
+    """`/docs` from local assets; `/openapi.json` through `build_openapi`."""
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
+    app.mount(_DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    async def docs(_request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} API",
+            swagger_js_url=f"{_DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{_DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{_DOCS_ASSETS}/favicon-32x32.png",
+        )
+
+    app.add_route("/docs", docs, include_in_schema=False)

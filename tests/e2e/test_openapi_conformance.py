@@ -1,0 +1,92 @@
+"""`schemathesis run`, with its default checks, against a real `threadline serve` (issue 6,
+item 16): the OpenAPI document describes what the server does, so that generated clients work.
+
+Every operation is run, in every default phase (examples, coverage, fuzzing, stateful), with a
+fresh token per request (`schemathesis_hooks.py`), with two exceptions, each by design:
+- the `use_after_free` check: `DELETE /v1/threads/{id}` archives (a soft delete), so the
+  thread is still there afterwards, as documented;
+- `GET /v1/threads/{id}/events`: a live stream never ends, so a request/response fuzzer can
+  only time out on it; `tests/integration/test_fuzz.py` fuzzes it within a time window and the
+  e2e SSE tests cover its answers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import StartServer, clean_environment
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLES = 10
+RUN_TIMEOUT = 600.0
+PASSWORD = "conformance password"
+
+
+def test_schemathesis_default_checks_pass_over_every_operation(
+    tmp_path: Path, serve_process: StartServer
+):
+    server = serve_process(
+        tmp_path,
+        clean_environment(
+            THREADLINE_DATA_DIR=str(tmp_path / "data"),
+            # The fuzzer posts thousands of messages and signs in for every request.
+            THREADLINE_MESSAGES_PER_MINUTE="1000000",
+            THREADLINE_PASSWORD_TIME_COST="1",
+            THREADLINE_PASSWORD_MEMORY_KIB="1024",
+        ),
+    )
+    email = f"conformance-{uuid.uuid4().hex[:8]}@example.com"
+    registered = httpx.post(
+        f"{server.base_url}/v1/auth/register",
+        json={"email": email, "password": PASSWORD},
+        timeout=30,
+    )
+    assert registered.status_code == 201, registered.text
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "tests.e2e.schemathesis_hooks",
+        "THREADLINE_FUZZ_URL": server.base_url,
+        "THREADLINE_FUZZ_EMAIL": email,
+        "THREADLINE_FUZZ_PASSWORD": PASSWORD,
+    }
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "schemathesis"),
+            "run",
+            f"{server.base_url}/openapi.json",
+            "--max-examples",
+            str(EXAMPLES),
+            "--workers",
+            "1",
+            "--request-timeout",
+            "10",
+            "--exclude-checks",
+            "use_after_free",
+            "--exclude-path",
+            "/v1/threads/{thread_id}/events",
+            "--generation-deterministic",
+            # Generating message bodies that satisfy the text pattern and the length limit
+            # together is slow for Hypothesis; this health check is about the generator, not
+            # about the server.
+            "--suppress-health-check",
+            "too_slow",
+        ],
+        cwd=Path(__file__).parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    report = result.stdout[-8000:] + result.stderr[-2000:]
+    assert result.returncode == 0, report
+    assert "No issues found" in result.stdout, report
+    assert "Traceback" not in server.output(), server.output()[-3000:]
