@@ -1,4 +1,5 @@
-"""`threadline admin ...`: users, service keys and usage, straight against the database.
+"""`threadline admin ...`: users, service keys, webhooks and usage, straight against the
+database.
 
 Every command prints a table for people, or with `--json` one JSON document for scripts.
 Failures a user can fix end in one line on stderr and exit status 2, like the other commands.
@@ -25,6 +26,7 @@ from threadline.store.accounts import Account, AccountStore
 from threadline.store.db import create_engine
 from threadline.store.migrate import ensure_schema_current, upgrade_to_head
 from threadline.usage.store import UsageStore
+from threadline.webhooks.store import SUBSCRIBABLE, WebhookEvent, WebhookStore
 
 T = TypeVar("T")
 Row = dict[str, object]
@@ -280,3 +282,107 @@ def usage(
         ]
 
     _print(_run(action), as_json=as_json, title="Usage")
+
+
+webhooks_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Webhooks.")
+admin.add_typer(webhooks_app, name="webhooks")
+
+
+@webhooks_app.command("add")
+def webhooks_add(
+    url: Annotated[str, typer.Argument(help="Where to POST the events.")],
+    event: Annotated[
+        list[str] | None,
+        typer.Option(help=f"An event type (repeatable): {', '.join(SUBSCRIBABLE)}."),
+    ] = None,
+    secret: Annotated[
+        str | None, typer.Option(help="A Standard Webhooks secret (whsec_...); else generated.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Add an endpoint (every run and thread event unless --event is given)."""
+
+    async def action(conn: AsyncConnection, _: Settings) -> Row:
+        types = list(event or [e for e in SUBSCRIBABLE if e != "approval.requested"])
+        endpoint = await WebhookStore().add(conn, url=url, event_types=types, secret=secret)
+        return {
+            "id": endpoint.id,
+            "url": endpoint.url,
+            "events": endpoint.event_types,
+            "secret": endpoint.secret,
+        }
+
+    row = _run(action)
+    if as_json:
+        click.echo(json.dumps(row, indent=2))
+        return
+    click.echo(f"Added webhook {row['id']} for {row['url']}.")
+    click.echo(f"Signing secret (verify deliveries with it): {row['secret']}")
+
+
+@webhooks_app.command("list")
+def webhooks_list(as_json: JsonOption = False) -> None:
+    """List endpoints (without their secrets)."""
+
+    async def action(conn: AsyncConnection, _: Settings) -> list[Row]:
+        return [
+            {
+                "id": e.id,
+                "url": e.url,
+                "events": ",".join(e.event_types),
+                "created_at": e.created_at.isoformat(),
+            }
+            for e in await WebhookStore().endpoints(conn)
+        ]
+
+    _print(_run(action), as_json=as_json, title="Webhooks")
+
+
+@webhooks_app.command("remove")
+def webhooks_remove(endpoint_id: Annotated[str, typer.Argument(help="whk_...")]) -> None:
+    """Remove an endpoint and its pending deliveries."""
+
+    async def action(conn: AsyncConnection, _: Settings) -> None:
+        await WebhookStore().remove(conn, endpoint_id)
+
+    _run(action)
+    click.echo(f"Removed {endpoint_id}.")
+
+
+@webhooks_app.command("test")
+def webhooks_test(endpoint_id: Annotated[str, typer.Argument(help="whk_...")]) -> None:
+    """Queue a `webhook.test` event for the endpoint (a running server delivers it)."""
+
+    async def action(conn: AsyncConnection, _: Settings) -> list[str]:
+        data: dict[str, object] = {"message": "Test delivery from threadline admin"}
+        return await WebhookStore().enqueue(conn, WebhookEvent.TEST, data, endpoint_id=endpoint_id)
+
+    (delivery_id,) = _run(action)
+    click.echo(f"Queued test delivery {delivery_id}.")
+
+
+@webhooks_app.command("deliveries")
+def webhooks_deliveries(
+    endpoint_id: Annotated[str | None, typer.Argument(help="Only this endpoint.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Recent deliveries: status (pending, delivered, dead), attempts, last error."""
+
+    async def action(conn: AsyncConnection, _: Settings) -> list[Row]:
+        found = await WebhookStore().deliveries(conn, endpoint_id=endpoint_id, limit=limit)
+        return [
+            {
+                "id": d.id,
+                "endpoint": d.endpoint_id,
+                "type": d.event_type,
+                "status": d.status.value,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+                "created_at": d.created_at.isoformat(),
+                "delivered_at": d.delivered_at.isoformat() if d.delivered_at else None,
+            }
+            for d in found
+        ]
+
+    _print(_run(action), as_json=as_json, title="Deliveries")

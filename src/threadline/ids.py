@@ -30,6 +30,8 @@ class IdPrefix(StrEnum):
     RUN = "run"
     EVENT = "evt"
     SERVICE_KEY = "key"
+    WEBHOOK = "whk"
+    WEBHOOK_DELIVERY = "dlv"
 
 
 class _MonotonicULID:

@@ -60,6 +60,8 @@ from threadline.store.wakeup import PostgresRunWaker
 from threadline.threads_service import ThreadService
 from threadline.usage.quotas import Quotas
 from threadline.usage.store import UsageStore
+from threadline.webhooks.deliverer import DelivererConfig, WebhookDeliverer
+from threadline.webhooks.store import WebhookStore
 
 logger = logging.getLogger(__name__)
 _REDIS_TIMEOUT_SECONDS = 5.0
@@ -96,6 +98,8 @@ class Runtime:
     quotas: Quotas
     service_keys: ServiceKeyStore
     external: ExternalIdentity | None
+    webhooks: WebhookStore
+    deliverer: WebhookDeliverer | None
 
 
 @asynccontextmanager
@@ -133,15 +137,20 @@ async def open_runtime(
         stack.push_async_callback(runtime.providers.aclose)
         if runtime.external is not None:
             stack.push_async_callback(runtime.external.aclose)
-        if runtime.worker is None:
+        if runtime.worker is None and runtime.deliverer is None:
             yield runtime
             return
         async with asyncio.TaskGroup() as group:
-            group.create_task(runtime.worker.run())
+            for task in (runtime.worker, runtime.deliverer):
+                if task is not None:
+                    group.create_task(task.run())
             try:
                 yield runtime
             finally:
-                await runtime.worker.stop()
+                if runtime.deliverer is not None:
+                    await runtime.deliverer.stop()
+                if runtime.worker is not None:
+                    await runtime.worker.stop()
 
 
 def _build_bus(settings: Settings, redis: Redis | None) -> EventBus:
@@ -258,13 +267,19 @@ def _assemble(
     )
     runs, queue, events, metrics = RunStore(), RunQueue(), EventStore(), Metrics()
     accounts, usage, service_keys = AccountStore(), UsageStore(), ServiceKeyStore()
+    webhooks = WebhookStore()
     plans = build_plans(settings)
     quotas = Quotas(
         engine=engine, plans=plans, accounts=accounts, usage=usage, runs=runs, limiter=limiter
     )
     publisher = EventPublisher(bus=bus, store=events, engine=engine)
     finisher = RunFinisher(
-        queue=queue, messages=messages, publisher=publisher, metrics=metrics, usage=usage
+        queue=queue,
+        messages=messages,
+        publisher=publisher,
+        metrics=metrics,
+        usage=usage,
+        webhooks=webhooks,
     )
     providers = build_provider_set(settings)
     execution = ExecutionEngine(
@@ -358,7 +373,12 @@ def _assemble(
         registry=registry,
         providers=providers,
         thread_service=ThreadService(
-            threads=threads, events=events, publisher=publisher, runs=run_service, quotas=quotas
+            threads=threads,
+            events=events,
+            publisher=publisher,
+            runs=run_service,
+            quotas=quotas,
+            webhooks=webhooks,
         ),
         run_service=run_service,
         execution=execution,
@@ -368,7 +388,23 @@ def _assemble(
         quotas=quotas,
         service_keys=service_keys,
         external=external,
+        webhooks=webhooks,
+        deliverer=_deliverer(settings, engine, webhooks),
     )
+
+
+def _deliverer(
+    settings: Settings, engine: AsyncEngine, webhooks: WebhookStore
+) -> WebhookDeliverer | None:
+    if not settings.webhook_delivery:
+        return None
+    config = DelivererConfig(
+        poll_seconds=settings.webhook_poll_seconds,
+        timeout_seconds=settings.webhook_timeout_seconds,
+        max_attempts=settings.webhook_max_attempts,
+        retry_base_seconds=settings.webhook_retry_base_seconds,
+    )
+    return WebhookDeliverer(engine=engine, store=webhooks, config=config)
 
 
 def build_plans(settings: Settings) -> PlanBook:

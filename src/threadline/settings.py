@@ -229,6 +229,18 @@ class Settings(BaseSettings):
     default_plan: str | None = None
     """Plan of users who have none; unset: the deployment-wide limits above apply to them."""
 
+    webhook_delivery: bool = True
+    """Deliver webhooks from this process (any number of processes may: each delivery is
+    claimed by one)."""
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+    """How often the deliverer looks for due deliveries."""
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    """Deadline of one delivery POST."""
+    webhook_max_attempts: int = Field(default=8, ge=1, le=100)
+    """Attempts of a delivery before it is dead."""
+    webhook_retry_base_seconds: float = Field(default=2.0, gt=0)
+    """First retry delay; each next one doubles (capped at an hour)."""
+
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("THREADLINE_OPENAI_API_KEY", "OPENAI_API_KEY")
     )

@@ -13,6 +13,8 @@ from threadline.runs.service import RunService
 from threadline.store.events import EventStore
 from threadline.store.threads import JSONObject, Thread, ThreadChanges, ThreadStatus, ThreadStore
 from threadline.usage.quotas import Quotas
+from threadline.webhooks import payloads as webhook_payloads
+from threadline.webhooks.store import WebhookEvent, WebhookStore
 
 
 class ThreadService:
@@ -33,8 +35,10 @@ class ThreadService:
         publisher: EventPublisher,
         runs: RunService,
         quotas: Quotas | None = None,
+        webhooks: WebhookStore | None = None,
     ):
         self._quotas = quotas
+        self._webhooks = webhooks
         self._threads = threads
         self._events = events
         self._publisher = publisher
@@ -86,4 +90,7 @@ class ThreadService:
         seq = await self._events.next_seq(conn, ctx, thread_id)
         await self._threads.delete(conn, ctx, thread_id)
         await self._publisher.publish_deleted(ctx, thread_id, seq)
+        if self._webhooks is not None:
+            data = webhook_payloads.thread_deleted(thread_id=thread_id, user_id=ctx.user_id)
+            await self._webhooks.enqueue(conn, WebhookEvent.THREAD_DELETED, data)
         await self._runs.stop_executing(running, reason=reason)

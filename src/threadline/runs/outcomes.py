@@ -28,6 +28,8 @@ from threadline.store.messages import MessageStore
 from threadline.store.queue import RunQueue
 from threadline.store.runs import Run, RunStatus
 from threadline.usage.store import UsageStore
+from threadline.webhooks import payloads as webhook_payloads
+from threadline.webhooks.store import WebhookStore
 
 JSONObject = dict[str, object]
 
@@ -84,8 +86,10 @@ class RunFinisher:
         publisher: EventPublisher,
         metrics: Metrics,
         usage: UsageStore | None = None,
+        webhooks: WebhookStore | None = None,
     ) -> None:
         self._usage = usage
+        self._webhooks = webhooks
         self._queue = queue
         self._messages = messages
         self._publisher = publisher
@@ -105,8 +109,12 @@ class RunFinisher:
         await self._publisher.emit(
             conn, ctx, run.thread_id, outcome.event, outcome.data, run_id=run.id
         )
+        usage = outcome.usage or Usage()
         if self._usage is not None and (run.started_at is not None or outcome.usage):
-            usage = outcome.usage or Usage()
             await self._usage.record(conn, run, status=outcome.status, usage=usage)
+        webhook_event = webhook_payloads.run_event(outcome.status)
+        if self._webhooks is not None and webhook_event is not None:
+            data = webhook_payloads.run_finished(run, outcome, usage=usage)
+            await self._webhooks.enqueue(conn, webhook_event, data)  # the outbox: same commit
         self._metrics.runs_finished.labels(outcome.status.value).inc()
         return True

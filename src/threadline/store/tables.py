@@ -200,3 +200,61 @@ run_usage = sa.Table(
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Index("ix_run_usage_user_day", "user_id", "day"),
 )
+
+# Webhook endpoints (`threadline admin webhooks add`). The secret signs deliveries, so it is kept
+# as given (Standard Webhooks `whsec_…`); protect the database like the signing key.
+webhook_endpoints = sa.Table(
+    "webhook_endpoints",
+    metadata_obj,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("secret", sa.String(255), nullable=False),
+    sa.Column("event_types", JSONType, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+)
+
+# The outbox: one row per event and endpoint, inserted in the transaction that records the
+# event, delivered at least once by whichever process claims it (a lease, like runs).
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata_obj,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column(
+        "endpoint_id",
+        ID,
+        sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("event_type", sa.String(64), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    # pending, delivered or dead (every attempt failed)
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", UTCDateTime(), nullable=False),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("delivered_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    sa.Index("ix_webhook_deliveries_endpoint", "endpoint_id", "created_at"),
+)
+
+# The delivery log: every attempt, its HTTP status or error, and how long it took.
+webhook_attempts = sa.Table(
+    "webhook_attempts",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "delivery_id",
+        ID,
+        sa.ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_webhook_attempts_delivery", "delivery_id"),
+)
