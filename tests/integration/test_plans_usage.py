@@ -172,3 +172,16 @@ async def test_a_run_crossing_its_token_budget_stops_at_the_next_step_with_a_val
         assert messages[2]["content"] == "84", "the tool really ran and its call is answered"
         usage = (await client.get("/v1/me/usage", headers=user.headers)).json()["data"][0]
         assert usage["runs"] == 1 and usage["total_tokens"] > 1, "the spent step is counted"
+
+
+async def test_max_threads_never_overshoots_under_concurrent_requests(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    async with app_client(plan_settings(settings_factory)) as client:
+        user = await register_user(client)
+        responses = await asyncio.gather(
+            *(client.post("/v1/threads", json={}, headers=user.headers) for _ in range(6))
+        )
+        assert sorted(r.status_code for r in responses) == [201, 201] + [429] * 4
+        listed = await client.get("/v1/threads", headers=user.headers)
+        assert len(listed.json()["data"]) == 2

@@ -69,8 +69,6 @@ class JWKSCache:
         self._keys: dict[str | None, jwt.PyJWK] = {}
         self._fetched_at: float | None = None
         self._lock = asyncio.Lock()
-        self.fetches = 0
-        """Key-set fetches so far (tests check the refresh bound with it)."""
 
     async def load(self) -> None:
         """Fetch the key set now (a process may warm its cache before taking traffic)."""
@@ -120,7 +118,6 @@ class JWKSCache:
                 self._fetched_at = self._clock()
                 return
             raise IdentityProviderUnavailableError(self._issuer.issuer, str(exc)) from exc
-        self.fetches += 1
         self._keys = {key.key_id: key for key in key_set.keys}
         self._fetched_at = self._clock()
 
