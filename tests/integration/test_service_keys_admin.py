@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from tests.conftest import register_user
 from tests.integration._support import app_client, assert_error, create_thread
 from tests.integration.test_runs_support import wait_until
+from tests.oidc_issuer import loopback_issuer
 from threadline.cli import app as cli_app
 from threadline.settings import Settings
 from threadline.store.db import create_engine
@@ -176,3 +178,26 @@ async def _until_usage(settings: Settings, user_id: str) -> None:
     await wait_until(
         lambda: admin_json(settings, "usage", "--user", user_id), what="the run's usage"
     )
+
+
+async def test_a_tenant_key_acts_only_for_users_of_its_issuer(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    with loopback_issuer() as issuer:
+        settings = settings_factory(oidc_issuers=[issuer.settings()])
+        key = (
+            await admin_json(settings, "keys", "create", "--name", "t", "--tenant", issuer.issuer)
+        )["key"]
+        async with app_client(settings) as client:
+            token = issuer.token("tenant-user")
+            external = await client.get("/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
+            external_id = external.json()["id"]
+            assert (
+                await client.get("/v1/threads", headers=as_user(key, external_id))
+            ).status_code == 200
+            outsider = await register_user(client)
+            assert_error(
+                await client.get("/v1/threads", headers=as_user(key, outsider.id)),
+                401,
+                "act_as_user_not_found",
+            )
