@@ -22,8 +22,8 @@ class PlanLimits(BaseModel):
     messages_per_minute: int = Field(ge=1)
     """Messages the user may post per minute (HTTP and WebSocket together)."""
     concurrent_runs: int = Field(ge=1)
-    """Runs of the user executing at once (enforced by the queue with the deployment's
-    `max_concurrent_runs_per_user` as the ceiling)."""
+    """Runs of the user executing at once; more wait in the queue (the deployment's
+    `max_concurrent_runs_per_user` is the ceiling)."""
     active_runs: int = Field(ge=1)
     """Queued plus running runs; beyond it a new run is refused."""
     tokens_per_day: int | None = Field(default=None, ge=1)

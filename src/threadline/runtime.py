@@ -265,10 +265,14 @@ def _assemble(
         max_message_chars=settings.max_message_chars,
         max_metadata_bytes=settings.max_metadata_bytes,
     )
-    runs, queue, events, metrics = RunStore(), RunQueue(), EventStore(), Metrics()
+    plans = build_plans(settings)
+    runs, events, metrics = RunStore(), EventStore(), Metrics()
+    queue = RunQueue(
+        plan_limits={name: p.concurrent_runs for name, p in settings.plans.items()},
+        default_limit=plans.resolve(None).limits.concurrent_runs,
+    )
     accounts, usage, service_keys = AccountStore(), UsageStore(), ServiceKeyStore()
     webhooks = WebhookStore()
-    plans = build_plans(settings)
     quotas = Quotas(
         engine=engine, plans=plans, accounts=accounts, usage=usage, runs=runs, limiter=limiter
     )

@@ -16,6 +16,9 @@ from tests.conftest import TestUser, register_user
 from tests.integration._support import all_messages, app_client, assert_error, create_thread
 from tests.integration.test_runs_support import wait_until
 from threadline.settings import Settings
+from threadline.store.accounts import AccountStore
+from threadline.store.db import create_engine
+from threadline.store.queue import RunQueue
 
 pytestmark = pytest.mark.integration
 
@@ -185,3 +188,41 @@ async def test_max_threads_never_overshoots_under_concurrent_requests(
         assert sorted(r.status_code for r in responses) == [201, 201] + [429] * 4
         listed = await client.get("/v1/threads", headers=user.headers)
         assert len(listed.json()["data"]) == 2
+
+
+async def test_concurrent_runs_follow_the_users_plan_in_the_queue(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """The claim lets a user on a one-run plan have one running run; a user on no plan keeps
+    the deployment's limit."""
+    settings = settings_factory(
+        plans={"tiny": {**TINY, "active_runs": 10, "max_threads": None}},
+        embedded_worker=False,
+        max_concurrent_runs_per_user=4,
+    )
+    async with app_client(settings) as client:
+        tiny, other = await register_user(client), await register_user(client)
+        engine = create_engine(settings.database_url)
+        try:
+            async with engine.begin() as conn:
+                await AccountStore().set_plan(conn, tiny.id, "tiny")
+            for user in (tiny, tiny, other, other):
+                thread = await create_thread(client, user)
+                posted = await client.post(
+                    f"/v1/threads/{thread['id']}/messages",
+                    json={"content": "hi", "run": {"agent": "demo"}},
+                    headers=user.headers,
+                )
+                assert posted.status_code == 201, posted.text
+            queue = RunQueue(plan_limits={"tiny": 1}, default_limit=None)
+            claimed = []
+            for _ in range(4):
+                async with engine.begin() as conn:
+                    run = await queue.claim_next(
+                        conn, worker_id="w", lease_seconds=30, per_user_limit=4
+                    )
+                if run is not None:
+                    claimed.append(run.user_id)
+        finally:
+            await engine.dispose()
+    assert sorted(claimed) == sorted([tiny.id, other.id, other.id])
