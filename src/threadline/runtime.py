@@ -269,7 +269,10 @@ def _assemble(
     runs, events, metrics = RunStore(), EventStore(), Metrics()
     queue = RunQueue(
         plan_limits={name: p.concurrent_runs for name, p in settings.plans.items()},
-        default_limit=plans.resolve(None).limits.concurrent_runs,
+        # Users on no plan and no default plan: the claim's own (deployment-wide) limit.
+        default_limit=(
+            settings.plans[settings.default_plan].concurrent_runs if settings.default_plan else None
+        ),
     )
     accounts, usage, service_keys = AccountStore(), UsageStore(), ServiceKeyStore()
     webhooks = WebhookStore()
