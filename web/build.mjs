@@ -3,7 +3,8 @@
 import { build } from 'esbuild';
 
 // OUTDIR lets the test that checks the committed bundle build a copy elsewhere.
-const outdir = process.env.OUTDIR || new URL('../src/threadline/web/assets/', import.meta.url).pathname;
+const outdir =
+  process.env.OUTDIR || new URL('../src/threadline/web/assets/', import.meta.url).pathname;
 
 await build({
   entryPoints: { app: 'src/main.js', style: 'src/app.css' },

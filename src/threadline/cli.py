@@ -270,9 +270,7 @@ def chat(
     """Chat with an agent in the terminal, its steps shown live (Ctrl-C cancels a run)."""
     from threadline.chat import run_chat
 
-    code = run_chat(
-        url, email=email, password=password, token=token, agent=agent, thread_id=thread
-    )
+    code = run_chat(url, email=email, password=password, token=token, agent=agent, thread_id=thread)
     raise typer.Exit(code)
 
 

@@ -37,6 +37,7 @@ from threadline.auth.tokens import TokenCodec
 from threadline.errors import ConfigurationError
 from threadline.events.bus import EventBus, MemoryBus
 from threadline.events.publisher import EventPublisher
+from threadline.events.redis_bus import RedisBus, RedisBusConfig
 from threadline.llm.demo import DemoProvider
 from threadline.llm.providers import ANTHROPIC, DEMO, OPENAI, ProviderSet, build_providers
 from threadline.metrics import Metrics
@@ -156,8 +157,23 @@ async def open_runtime(
 def _build_bus(settings: Settings, redis: Redis | None) -> EventBus:
     """The one place that chooses the event bus. Every process of a deployment must choose the
     same one: with several processes that is Redis, so a run executed by one worker reaches
-    sockets held by any API process."""
-    return MemoryBus()
+    sockets held by any API process. The Redis bus (whenever `THREADLINE_REDIS_URL` is set)
+    keeps its own connections: a bounded pool and one per reader, see `events/redis_bus.py`."""
+    if settings.redis_url is None:
+        return MemoryBus()
+    bus = RedisBus(
+        settings.redis_url,
+        config=RedisBusConfig(
+            prefix=settings.redis_prefix,
+            max_len=settings.redis_stream_max_len,
+            ttl_seconds=settings.redis_stream_ttl_seconds,
+            readers=settings.redis_readers,
+            keys_per_read=settings.redis_keys_per_read,
+            timeout_seconds=settings.redis_timeout_seconds,
+        ),
+    )
+    bus.start()
+    return bus
 
 
 def resolve_secret(settings: Settings) -> str:
@@ -250,12 +266,16 @@ def _assemble(
     with_worker: bool,
 ) -> Runtime:
     revocations: RevocationList = (
-        RedisRevocationList(redis, prefix=settings.redis_prefix)
+        RedisRevocationList(
+            redis, prefix=settings.redis_prefix, timeout_seconds=settings.redis_timeout_seconds
+        )
         if redis is not None
         else DatabaseRevocationList(engine)
     )
     limiter: RateLimiter = (
-        RedisRateLimiter(redis, prefix=settings.redis_prefix)
+        RedisRateLimiter(
+            redis, prefix=settings.redis_prefix, timeout_seconds=settings.redis_timeout_seconds
+        )
         if redis is not None
         else MemoryRateLimiter()
     )

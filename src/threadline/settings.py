@@ -159,9 +159,21 @@ class Settings(BaseSettings):
     database_statement_timeout_seconds: float = Field(default=60.0, ge=0)
     """PostgreSQL cancels any one statement that runs longer than this; 0 turns it off."""
     redis_url: str | None = None
-    """When set, token revocations and rate-limit counters live in Redis (shared by processes)."""
+    """When set, live events, control messages (cancel, logout), token revocations and
+    rate-limit counters go through Redis, shared by every process."""
     redis_prefix: str = "threadline"
     """Prefix of every Redis key, so several deployments (or test runs) can share one Redis."""
+    redis_stream_max_len: int = Field(default=1000, ge=10)
+    """Live events kept per thread in its Redis stream (about); a reader further behind catches
+    up from the database."""
+    redis_stream_ttl_seconds: int = Field(default=3600, ge=10)
+    """A thread's Redis stream expires this long after its last event."""
+    redis_readers: int = Field(default=2, ge=1, le=64)
+    """Connections per API process that read live events (each serves a share of the threads)."""
+    redis_keys_per_read: int = Field(default=256, ge=1, le=10_000)
+    """Thread streams one XREAD call reads; a reader with more takes turns."""
+    redis_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    """Deadline of a Redis call (publishing, revocations, rate limits)."""
 
     secret_key: SecretStr | None = None
     """Signs tokens. In development, a random key is kept in `data_dir` when unset."""

@@ -394,10 +394,15 @@ def test_archive_and_another_user_sees_none_of_it(browsing: Browsing) -> None:
     expect(intruder.locator(".messages .row")).to_have_count(0)
     expect(intruder.get_by_role("heading", name=QUESTION)).to_have_count(0)
 
-    # The owner signs out and in again: the thread is there, archived, with its history.
+    # The owner signs out: the token is forgotten, and another tab of the same browser signs
+    # out with it.
+    other_tab = browsing.page(page.context)
+    other_tab.goto("/")
+    expect(message_box(other_tab)).to_be_visible()
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     assert page.evaluate("localStorage.getItem('threadline.token')") is None
+    expect(other_tab.get_by_role("heading", name="Sign in")).to_be_visible()
 
 
 def test_composer_keys_and_rate_limit(browsing: Browsing, page_server: PageServer) -> None:
@@ -450,6 +455,9 @@ def test_phone_width_dark_theme_and_keyboard_focus(browsing: Browsing) -> None:
     phone.get_by_role("button", name="Open the conversation list").click()
     expect(phone.get_by_role("button", name="New chat")).to_be_in_viewport()
     screenshot(phone, "09-phone-dark-drawer")
+    expect(phone.get_by_role("button", name="New chat")).to_be_focused()
+    phone.keyboard.press("Escape")
+    expect(phone.get_by_role("navigation", name="Conversations")).not_to_be_in_viewport()
 
     light = browsing.page(browsing.context(color_scheme="light"))
     light.goto("/")
@@ -493,6 +501,7 @@ def test_accessibility_of_sign_in_and_conversation(browsing: Browsing, scheme: s
 
     page.goto("/")
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    screenshot(page, f"00-sign-in-{scheme}")
     assert serious_violations() == []
     page.get_by_role("button", name="Create an account").click()
     assert serious_violations() == []

@@ -15,28 +15,47 @@ function threadFromHash() {
 }
 
 function useThreadList(api) {
-  const [list, setList] = useState({ items: [], cursor: null, loading: true, status: 'active', query: '', error: '' });
+  const [list, setList] = useState({
+    items: [],
+    cursor: null,
+    loading: true,
+    status: 'active',
+    query: '',
+    error: '',
+  });
   const current = useRef(list);
   current.current = list;
   const generation = useRef(0);
 
-  const load = useCallback(async ({ status, query, append }) => {
-    const mine = append ? generation.current : ++generation.current;
-    setList((l) => ({ ...l, status, query, loading: true, error: '' }));
-    try {
-      const page = await api.threads({ status: status || undefined, q: query.trim() || undefined,
-        cursor: append ? current.current.cursor : undefined });
-      if (mine !== generation.current) return;
-      setList((l) => {
-        const items = append ? [...l.items, ...page.data.filter((t) => !l.items.some((i) => i.id === t.id))] : page.data;
-        return { ...l, items, cursor: page.next_cursor, loading: false };
-      });
-    } catch (error) {
-      if (mine === generation.current) setList((l) => ({ ...l, loading: false, error: error.message }));
-    }
-  }, [api]);
+  const load = useCallback(
+    async ({ status, query, append }) => {
+      const mine = append ? generation.current : ++generation.current;
+      setList((l) => ({ ...l, status, query, loading: true, error: '' }));
+      try {
+        const page = await api.threads({
+          status: status || undefined,
+          q: query.trim() || undefined,
+          cursor: append ? current.current.cursor : undefined,
+        });
+        if (mine !== generation.current) return;
+        setList((l) => {
+          const items = append
+            ? [...l.items, ...page.data.filter((t) => !l.items.some((i) => i.id === t.id))]
+            : page.data;
+          return { ...l, items, cursor: page.next_cursor, loading: false };
+        });
+      } catch (error) {
+        if (mine === generation.current)
+          setList((l) => ({ ...l, loading: false, error: error.message }));
+      }
+    },
+    [api],
+  );
 
-  const refresh = useCallback(() => load({ status: current.current.status, query: current.current.query, append: false }), [load]);
+  const refresh = useCallback(
+    () => load({ status: current.current.status, query: current.current.query, append: false }),
+    [load],
+  );
   const more = useCallback(() => {
     const l = current.current;
     if (l.cursor && !l.loading) load({ status: l.status, query: l.query, append: true });
@@ -45,12 +64,19 @@ function useThreadList(api) {
 }
 
 function Shell({ session, onSignedOut }) {
-  const api = useMemo(() => new Api(session.token, () => onSignedOut('Your session ended. Please sign in again.')), [session.token]);
+  const api = useMemo(
+    () => new Api(session.token, () => onSignedOut('Your session ended. Please sign in again.')),
+    [session.token],
+  );
   const [liveStatus, setLiveStatus] = useState('connecting');
-  const live = useMemo(() => new LiveSocket(session.token, {
-    onStatus: setLiveStatus,
-    onUnauthorized: () => onSignedOut('Your session ended. Please sign in again.'),
-  }), [session.token]);
+  const live = useMemo(
+    () =>
+      new LiveSocket(session.token, {
+        onStatus: setLiveStatus,
+        onUnauthorized: () => onSignedOut('Your session ended. Please sign in again.'),
+      }),
+    [session.token],
+  );
   useEffect(() => () => live.close(), [live]);
 
   const [agents, setAgents] = useState([]);
@@ -65,12 +91,15 @@ function Shell({ session, onSignedOut }) {
 
   useEffect(() => {
     threads.load({ status: 'active', query: '', append: false });
-    api.agents().then((page) => {
-      setAgents(page.data);
-      if (!page.data.some((a) => a.name === agent) && page.data.length) {
-        setAgent(page.data.some((a) => a.name === 'demo') ? 'demo' : page.data[0].name);
-      }
-    }, () => {});
+    api.agents().then(
+      (page) => {
+        setAgents(page.data);
+        if (!page.data.some((a) => a.name === agent) && page.data.length) {
+          setAgent(page.data.some((a) => a.name === 'demo') ? 'demo' : page.data[0].name);
+        }
+      },
+      () => {},
+    );
     const onHash = () => setSelected(threadFromHash());
     window.addEventListener('hashchange', onHash);
     return () => window.removeEventListener('hashchange', onHash);
@@ -113,13 +142,19 @@ function Shell({ session, onSignedOut }) {
   function gone(threadId, why) {
     threads.setList((l) => ({ ...l, items: l.items.filter((t) => t.id !== threadId) }));
     open(null);
-    setNotice(why === 'deleted' ? 'The conversation was deleted.' : 'This conversation does not exist, or it is not yours.');
+    setNotice(
+      why === 'deleted'
+        ? 'The conversation was deleted.'
+        : 'This conversation does not exist, or it is not yours.',
+    );
   }
 
   function changed(thread) {
     threads.setList((l) => {
       const keep = !l.status || l.status === thread.status;
-      const items = l.items.map((t) => (t.id === thread.id ? thread : t)).filter((t) => keep || t.id !== thread.id);
+      const items = l.items
+        .map((t) => (t.id === thread.id ? thread : t))
+        .filter((t) => keep || t.id !== thread.id);
       return { ...l, items };
     });
   }
@@ -136,30 +171,65 @@ function Shell({ session, onSignedOut }) {
   function search(query) {
     clearTimeout(searchTimer.current);
     threads.setList((l) => ({ ...l, query }));
-    searchTimer.current = setTimeout(() => threads.load({ status: threads.list.status, query, append: false }), 250);
+    searchTimer.current = setTimeout(
+      () => threads.load({ status: threads.list.status, query, append: false }),
+      250,
+    );
   }
+
+  // Other devices change threads too: look again whenever the page comes back into view.
+  useEffect(() => {
+    const onVisible = () => document.visibilityState === 'visible' && threads.refresh();
+    document.addEventListener('visibilitychange', onVisible);
+    return () => document.removeEventListener('visibilitychange', onVisible);
+  }, [threads.refresh]);
 
   useEffect(() => {
     if (!drawer) return undefined;
+    const first = document.querySelector('.sidebar button');
+    if (first) first.focus();
     const onKey = (event) => event.key === 'Escape' && setDrawer(false);
     window.addEventListener('keydown', onKey);
     return () => window.removeEventListener('keydown', onKey);
   }, [drawer]);
 
   return html`<div class=${`shell${drawer ? ' drawer-open' : ''}`}>
-    <${Sidebar} list=${threads.list} selectedId=${selected} onSelect=${open} onNew=${() => open(null)}
-      onSearch=${search} onFilter=${(status) => threads.load({ status, query: threads.list.query, append: false })}
-      onMore=${threads.more} email=${session.email} onSignOut=${signOut} />
+    <${Sidebar}
+      list=${threads.list}
+      selectedId=${selected}
+      onSelect=${open}
+      onNew=${() => open(null)}
+      onSearch=${search}
+      onFilter=${(status) => threads.load({ status, query: threads.list.query, append: false })}
+      onMore=${threads.more}
+      email=${session.email}
+      onSignOut=${signOut}
+    />
     <div class="scrim" onClick=${() => setDrawer(false)} aria-hidden="true"></div>
     <main class="main">
-      ${liveStatus === 'reconnecting' && html`<div class="banner" role="status">
-        <span class="spinner" aria-hidden="true"></span> Connection lost. Reconnecting…
-      </div>`}
+      ${
+        liveStatus === 'reconnecting' &&
+        html`<div class="banner" role="status">
+          <span class="spinner" aria-hidden="true"></span> Connection lost. Reconnecting…
+        </div>`
+      }
       ${notice && html`<div class="banner banner-info" role="status">${notice}</div>`}
-      <${Conversation} key=${selected || 'new'} threadId=${selected} fresh=${selected && selected === fresh}
-        api=${api} live=${live} agents=${agents} agent=${agent} onAgent=${chooseAgent}
-        retryUntil=${retryUntil} onSend=${send} onThreadChanged=${changed} onGone=${gone}
-        onActivity=${threads.refresh} onMenu=${() => setDrawer(true)} />
+      <${Conversation}
+        key=${selected || 'new'}
+        threadId=${selected}
+        fresh=${selected && selected === fresh}
+        api=${api}
+        live=${live}
+        agents=${agents}
+        agent=${agent}
+        onAgent=${chooseAgent}
+        retryUntil=${retryUntil}
+        onSend=${send}
+        onThreadChanged=${changed}
+        onGone=${gone}
+        onActivity=${threads.refresh}
+        onMenu=${() => setDrawer(true)}
+      />
     </main>
   </div>`;
 }
@@ -167,6 +237,15 @@ function Shell({ session, onSignedOut }) {
 export function App() {
   const [session, setSession] = useState(savedSession());
   const [notice, setNotice] = useState('');
+
+  // Signing in or out in another tab does the same here.
+  useEffect(() => {
+    const onStorage = (event) => {
+      if (event.key === null || event.key === 'threadline.token') setSession(savedSession());
+    };
+    window.addEventListener('storage', onStorage);
+    return () => window.removeEventListener('storage', onStorage);
+  }, []);
 
   function signedIn(next) {
     saveSession(next);

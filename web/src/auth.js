@@ -9,7 +9,9 @@ function explain(error, mode) {
   if (error.code === 'wrong_password') return 'That password is not right.';
   if (error.status === 409) return 'An account with this email already exists. Sign in instead?';
   if (error.status === 429) return `Too many attempts. Try again in ${error.retryAfter || 60} s.`;
-  return error.message || (mode === 'register' ? 'Could not create the account.' : 'Could not sign in.');
+  return (
+    error.message || (mode === 'register' ? 'Could not create the account.' : 'Could not sign in.')
+  );
 }
 
 export function AuthScreen({ onSignedIn, notice }) {
@@ -40,21 +42,38 @@ export function AuthScreen({ onSignedIn, notice }) {
 
   return html`<main class="auth">
     <div class="auth-card">
-      <div class="brand brand-large"><span class="brand-mark" aria-hidden="true"></span>Threadline</div>
+      <div class="brand brand-large">
+        <span class="brand-mark" aria-hidden="true"></span>Threadline
+      </div>
       <h1>${registering ? 'Create your account' : 'Sign in'}</h1>
-      <p class="muted">${registering
-        ? 'Threads, agents and every step they take, live.'
-        : 'Welcome back. Your conversations are where you left them.'}</p>
+      <p class="muted">
+        ${
+          registering
+            ? 'Threads, agents and every step they take, live.'
+            : 'Welcome back. Your conversations are where you left them.'
+        }
+      </p>
       ${notice && !error && html`<p class="notice" role="status">${notice}</p>`}
       <form onSubmit=${submit} class="auth-form">
         <label for="auth-email">Email</label>
-        <input id="auth-email" type="email" autocomplete="email" required value=${email}
-          onInput=${(e) => setEmail(e.currentTarget.value)} />
+        <input
+          id="auth-email"
+          type="email"
+          autocomplete="email"
+          required
+          value=${email}
+          onInput=${(e) => setEmail(e.currentTarget.value)}
+        />
         <label for="auth-password">Password</label>
-        <input id="auth-password" type="password" required
+        <input
+          id="auth-password"
+          type="password"
+          required
           autocomplete=${registering ? 'new-password' : 'current-password'}
           minlength=${registering ? 8 : undefined}
-          value=${password} onInput=${(e) => setPassword(e.currentTarget.value)} />
+          value=${password}
+          onInput=${(e) => setPassword(e.currentTarget.value)}
+        />
         ${error && html`<p class="form-error" role="alert">${error}</p>`}
         <button type="submit" class="button primary wide" disabled=${busy}>
           ${busy ? 'One moment…' : registering ? 'Create account' : 'Sign in'}

@@ -4,7 +4,16 @@ import { html, useEffect, useRef, useState } from './h.js';
 
 import { Icon } from './ui.js';
 
-export function Composer({ agents, agent, onAgent, onSend, onCancel, active, retryUntil, autofocus }) {
+export function Composer({
+  agents,
+  agent,
+  onAgent,
+  onSend,
+  onCancel,
+  active,
+  retryUntil,
+  autofocus,
+}) {
   const [text, setText] = useState('');
   const [now, setNow] = useState(Date.now());
   const [sending, setSending] = useState(false);
@@ -48,26 +57,47 @@ export function Composer({ agents, agent, onAgent, onSend, onCancel, active, ret
   }
 
   const seconds = limited ? Math.ceil((retryUntil - now) / 1000) : 0;
-  const reason = limited ? `You are sending messages too fast. You can send again in ${seconds} s.` : '';
+  const reason = limited
+    ? `You are sending messages too fast. You can send again in ${seconds} s.`
+    : '';
   return html`<form class="composer" onSubmit=${submit} aria-label="Send a message">
     ${limited && html`<p class="composer-reason" id="composer-reason" role="status">${reason}</p>`}
     <div class="composer-box">
       <label for="composer-input" class="visually-hidden">Message</label>
-      <textarea id="composer-input" ref=${box} rows="1" value=${text} disabled=${limited}
+      <textarea
+        id="composer-input"
+        ref=${box}
+        rows="1"
+        value=${text}
+        disabled=${limited}
         placeholder=${limited ? 'Rate limited…' : 'Message the agent (Enter to send, Shift+Enter for a new line)'}
         aria-describedby=${limited ? 'composer-reason' : undefined}
-        onInput=${(e) => setText(e.currentTarget.value)} onKeyDown=${onKeyDown}></textarea>
+        onInput=${(e) => setText(e.currentTarget.value)}
+        onKeyDown=${onKeyDown}
+      ></textarea>
       <div class="composer-actions">
         <label for="composer-agent" class="agent-label">Agent</label>
-        <select id="composer-agent" value=${agent} onChange=${(e) => onAgent(e.currentTarget.value)}>
+        <select
+          id="composer-agent"
+          value=${agent}
+          onChange=${(e) => onAgent(e.currentTarget.value)}
+        >
           ${agents.map((a) => html`<option value=${a.name} title=${a.description}>${a.name}</option>`)}
         </select>
         <span class="spacer"></span>
-        ${active && html`<button type="button" class="button danger" onClick=${onCancel}>
-          <${Icon} name="stop" /> Cancel
-        </button>`}
-        <button type="submit" class="button primary" disabled=${limited || sending || !text.trim()}
-          aria-label="Send" title=${reason || 'Send (Enter)'}>
+        ${
+          active &&
+          html`<button type="button" class="button danger" onClick=${onCancel}>
+            <${Icon} name="stop" /> Cancel
+          </button>`
+        }
+        <button
+          type="submit"
+          class="button primary"
+          disabled=${limited || sending || !text.trim()}
+          aria-label="Send"
+          title=${reason || 'Send (Enter)'}
+        >
           <${Icon} name="send" /> <span class="send-text">Send</span>
         </button>
       </div>

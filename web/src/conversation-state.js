@@ -95,9 +95,16 @@ function applyEvent(state, event) {
       };
     }
     case 'run_queued': {
-      const next = setRun(state, runId, { status: 'queued', agent: data.agent, createdAt: event.ts });
+      const next = setRun(state, runId, {
+        status: 'queued',
+        agent: data.agent,
+        createdAt: event.ts,
+      });
       if (state.active) return { ...next, queued: state.queued + 1 };
-      return { ...next, active: { runId, agent: data.agent, status: 'queued', thinking: '', text: '' } };
+      return {
+        ...next,
+        active: { runId, agent: data.agent, status: 'queued', thinking: '', text: '' },
+      };
     }
     case 'agent_started': {
       const next = setRun(state, runId, { status: 'running', agent: data.agent });
@@ -109,9 +116,13 @@ function applyEvent(state, event) {
       };
     }
     case 'agent_thinking':
-      return active ? { ...state, active: { ...active, status: 'running', thinking: data.text } } : state;
+      return active
+        ? { ...state, active: { ...active, status: 'running', thinking: data.text } }
+        : state;
     case 'message_delta':
-      return active ? { ...state, active: { ...active, status: 'running', text: active.text + data.text } } : state;
+      return active
+        ? { ...state, active: { ...active, status: 'running', text: active.text + data.text } }
+        : state;
     case 'message_created': {
       const next = addMessage(state, {
         id: data.message_id,
@@ -162,14 +173,23 @@ function applyEvent(state, event) {
         },
       };
     case 'agent_completed':
-      return { ...setRun(state, runId, { status: 'completed' }), active: active ? null : state.active };
+      return {
+        ...setRun(state, runId, { status: 'completed' }),
+        active: active ? null : state.active,
+      };
     case 'agent_failed':
       return {
-        ...setRun(state, runId, { status: data.code === 'run_timed_out' ? 'timed_out' : 'failed', error: data }),
+        ...setRun(state, runId, {
+          status: data.code === 'run_timed_out' ? 'timed_out' : 'failed',
+          error: data,
+        }),
         active: active ? null : state.active,
       };
     case 'run_cancelled':
-      return { ...setRun(state, runId, { status: 'cancelled', error: data }), active: active ? null : state.active };
+      return {
+        ...setRun(state, runId, { status: 'cancelled', error: data }),
+        active: active ? null : state.active,
+      };
     default:
       return state;
   }
@@ -186,7 +206,10 @@ export function conversationReducer(state, action) {
           ...(runs[run.id] || {}),
           id: run.id,
           agent: run.agent,
-          status: runs[run.id] && TERMINAL_FAILURES.has(runs[run.id].status) ? runs[run.id].status : run.status,
+          status:
+            runs[run.id] && TERMINAL_FAILURES.has(runs[run.id].status)
+              ? runs[run.id].status
+              : run.status,
           error: run.error,
           createdAt: run.created_at,
         };
@@ -206,12 +229,22 @@ export function conversationReducer(state, action) {
 export function timeline(state) {
   const items = [];
   const lastOfRun = {};
+  const labelled = new Set();
+  // Each run's rows start with the name of the agent that ran (when known).
+  const label = (runId) => {
+    if (!runId || labelled.has(runId)) return;
+    labelled.add(runId);
+    const agent = state.runs[runId] && state.runs[runId].agent;
+    if (agent) items.push({ kind: 'agent', key: `agent-${runId}`, agent });
+  };
   for (const m of state.messages) {
+    if (m.role === 'assistant') label(m.runId);
     const before = items.length;
     if (m.role === 'user') {
       items.push({ kind: 'user', key: m.id, content: m.content, createdAt: m.createdAt });
     } else if (m.role === 'assistant') {
-      if (m.content) items.push({ kind: 'assistant', key: m.id, content: m.content, runId: m.runId });
+      if (m.content)
+        items.push({ kind: 'assistant', key: m.id, content: m.content, runId: m.runId });
       for (const call of m.toolCalls) {
         items.push({
           kind: 'tool',
@@ -237,7 +270,9 @@ export function timeline(state) {
     const { run } = item;
     let index = lastOfRun[run.id];
     if (index === undefined) {
-      index = items.findIndex((row) => row.createdAt && run.createdAt && row.createdAt > run.createdAt);
+      index = items.findIndex(
+        (row) => row.createdAt && run.createdAt && row.createdAt > run.createdAt,
+      );
       if (index === -1) index = items.length;
     }
     return { index, item };
@@ -246,9 +281,11 @@ export function timeline(state) {
   for (const { index, item } of placed) items.splice(index, 0, item);
   if (state.active) {
     const running = items.find((row) => row.kind === 'tool' && row.live && !row.result);
-    const active = running && !state.active.thinking
-      ? { ...state.active, thinking: `Using ${running.call.name}…` }
-      : state.active;
+    const active =
+      running && !state.active.thinking
+        ? { ...state.active, thinking: `Using ${running.call.name}…` }
+        : state.active;
+    label(state.active.runId);
     items.push({ kind: 'live', key: `live-${state.active.runId}`, active });
   }
   return items;

@@ -1,6 +1,14 @@
 // One open thread: its header and actions, history (paging back as you scroll up), the live
 // run, and the composer.
-import { html, useCallback, useEffect, useLayoutEffect, useReducer, useRef, useState } from './h.js';
+import {
+  html,
+  useCallback,
+  useEffect,
+  useLayoutEffect,
+  useReducer,
+  useRef,
+  useState,
+} from './h.js';
 
 import { ApiError } from './api.js';
 import { Composer } from './composer.js';
@@ -14,18 +22,38 @@ const SUGGESTIONS = ['what is 12*7?', 'what time is it in Asia/Tokyo?', 'divide 
 function ThreadHeader({ thread, onRename, onArchive, onRestore, onDelete, onMenu }) {
   const archived = thread && thread.status === 'archived';
   return html`<header class="conversation-head">
-    <button type="button" class="button ghost icon-only menu-toggle" aria-label="Open the conversation list" onClick=${onMenu}>
+    <button
+      type="button"
+      class="button ghost icon-only menu-toggle"
+      aria-label="Open the conversation list"
+      onClick=${onMenu}
+    >
       <${Icon} name="menu" />
     </button>
-    <h1 class="conversation-title">${thread ? thread.title || 'New conversation' : 'New conversation'}</h1>
+    <h1 class="conversation-title">
+      ${thread ? thread.title || 'New conversation' : 'New conversation'}
+    </h1>
     ${archived && html`<span class="badge badge-archived">archived</span>`}
-    ${thread && html`<div class="head-actions">
-      <button type="button" class="button ghost" onClick=${onRename}><${Icon} name="edit" /><span class="label">Rename</span></button>
-      ${archived
-        ? html`<button type="button" class="button ghost" onClick=${onRestore}><${Icon} name="restore" /><span class="label">Restore</span></button>`
-        : html`<button type="button" class="button ghost" onClick=${onArchive}><${Icon} name="archive" /><span class="label">Archive</span></button>`}
-      <button type="button" class="button ghost danger-text" onClick=${onDelete}><${Icon} name="trash" /><span class="label">Delete</span></button>
-    </div>`}
+    ${
+      thread &&
+      html`<div class="head-actions">
+        <button type="button" class="button ghost" onClick=${onRename}>
+          <${Icon} name="edit" /><span class="label">Rename</span>
+        </button>
+        ${
+          archived
+            ? html`<button type="button" class="button ghost" onClick=${onRestore}>
+                <${Icon} name="restore" /><span class="label">Restore</span>
+              </button>`
+            : html`<button type="button" class="button ghost" onClick=${onArchive}>
+                <${Icon} name="archive" /><span class="label">Archive</span>
+              </button>`
+        }
+        <button type="button" class="button ghost danger-text" onClick=${onDelete}>
+          <${Icon} name="trash" /><span class="label">Delete</span>
+        </button>
+      </div>`
+    }
   </header>`;
 }
 
@@ -35,10 +63,22 @@ function RenameDialog({ open, thread, onClose, onSave }) {
     if (open) setTitle((thread && thread.title) || '');
   }, [open]);
   return html`<${Dialog} id="rename" open=${open} title="Rename conversation" onClose=${onClose}>
-    <form method="dialog" onSubmit=${(e) => { e.preventDefault(); if (title.trim()) onSave(title.trim()); }}>
+    <form
+      method="dialog"
+      onSubmit=${(e) => {
+        e.preventDefault();
+        if (title.trim()) onSave(title.trim());
+      }}
+    >
       <label for="rename-input">Title</label>
-      <input id="rename-input" value=${title} maxlength="200" required autofocus
-        onInput=${(e) => setTitle(e.currentTarget.value)} />
+      <input
+        id="rename-input"
+        value=${title}
+        maxlength="200"
+        required
+        autofocus
+        onInput=${(e) => setTitle(e.currentTarget.value)}
+      />
       <div class="dialog-actions">
         <button type="button" class="button ghost" onClick=${onClose}>Cancel</button>
         <button type="submit" class="button primary">Save</button>
@@ -48,9 +88,16 @@ function RenameDialog({ open, thread, onClose, onSave }) {
 }
 
 function DeleteDialog({ open, thread, onClose, onConfirm }) {
-  return html`<${Dialog} id="delete" open=${open} title="Delete this conversation?" onClose=${onClose}>
-    <p>“${(thread && thread.title) || 'New conversation'}” and all its messages and runs will be
-      deleted for good. This cannot be undone. To keep it out of the way instead, archive it.</p>
+  return html`<${Dialog}
+    id="delete"
+    open=${open}
+    title="Delete this conversation?"
+    onClose=${onClose}
+  >
+    <p>
+      “${(thread && thread.title) || 'New conversation'}” and all its messages and runs will be
+      deleted for good. This cannot be undone. To keep it out of the way instead, archive it.
+    </p>
     <div class="dialog-actions">
       <button type="button" class="button ghost" onClick=${onClose} autofocus>Keep it</button>
       <button type="button" class="button danger" onClick=${onConfirm}>Delete forever</button>
@@ -76,7 +123,21 @@ function useStickToBottom(scroller, deps) {
 }
 
 export function Conversation(props) {
-  const { threadId, fresh, api, live, agents, agent, onAgent, retryUntil, onSend, onThreadChanged, onGone, onActivity, onMenu } = props;
+  const {
+    threadId,
+    fresh,
+    api,
+    live,
+    agents,
+    agent,
+    onAgent,
+    retryUntil,
+    onSend,
+    onThreadChanged,
+    onGone,
+    onActivity,
+    onMenu,
+  } = props;
   const [state, dispatch] = useReducer(conversationReducer, threadId, initialConversation);
   const [thread, setThread] = useState(null);
   const [problem, setProblem] = useState('');
@@ -103,23 +164,37 @@ export function Conversation(props) {
     let cancelled = false;
     api.thread(threadId).then(
       (found) => !cancelled && setThread(found),
-      (error) => !cancelled && error instanceof ApiError && error.status === 404 && onGone(threadId, 'missing'),
+      (error) =>
+        !cancelled &&
+        error instanceof ApiError &&
+        error.status === 404 &&
+        onGone(threadId, 'missing'),
     );
     loadLatest();
     let first = true;
-    const stop = live.watch(threadId, (event) => {
-      dispatch({ type: 'event', event });
-      if (event.type === 'snapshot' && first) {
-        first = false;
-        loadLatest(); // covers anything written between the first read and the subscription
-      }
-      if (event.type === 'thread_updated' || (event.type === 'message_created' && event.data.role === 'user')) {
-        api.thread(threadId).then((found) => !cancelled && setThread(found), () => {});
-        onActivity();
-      }
-      if (TERMINAL.has(event.type)) onActivity();
-      if (event.type === 'thread_deleted') onGone(threadId, 'deleted');
-    }, { afterSeq: fresh ? 0 : null });
+    const stop = live.watch(
+      threadId,
+      (event) => {
+        dispatch({ type: 'event', event });
+        if (event.type === 'snapshot' && first) {
+          first = false;
+          loadLatest(); // covers anything written between the first read and the subscription
+        }
+        if (
+          event.type === 'thread_updated' ||
+          (event.type === 'message_created' && event.data.role === 'user')
+        ) {
+          api.thread(threadId).then(
+            (found) => !cancelled && setThread(found),
+            () => {},
+          );
+          onActivity();
+        }
+        if (TERMINAL.has(event.type)) onActivity();
+        if (event.type === 'thread_deleted') onGone(threadId, 'deleted');
+      },
+      { afterSeq: fresh ? 0 : null },
+    );
     return () => {
       cancelled = true;
       stop();
@@ -131,7 +206,11 @@ export function Conversation(props) {
   }, [thread && thread.title]);
 
   const items = timeline(state);
-  const stick = useStickToBottom(scroller, [items.length, state.active && state.active.text, state.active && state.active.thinking]);
+  const stick = useStickToBottom(scroller, [
+    items.length,
+    state.active && state.active.text,
+    state.active && state.active.thinking,
+  ]);
 
   // Paging back: when the top of the history scrolls into view, load the page before it and
   // keep what the reader was looking at in place.
@@ -159,9 +238,12 @@ export function Conversation(props) {
 
   useEffect(() => {
     if (!topSentinel.current) return undefined;
-    const observer = new IntersectionObserver((entries) => {
-      if (entries.some((entry) => entry.isIntersecting)) loadOlder();
-    }, { root: scroller.current });
+    const observer = new IntersectionObserver(
+      (entries) => {
+        if (entries.some((entry) => entry.isIntersecting)) loadOlder();
+      },
+      { root: scroller.current },
+    );
     observer.observe(topSentinel.current);
     return () => observer.disconnect();
   }, [loadOlder]);
@@ -203,32 +285,74 @@ export function Conversation(props) {
 
   const empty = state.loaded || !threadId ? items.length === 0 : false;
   return html`<section class="conversation" aria-label="Conversation">
-    <${ThreadHeader} thread=${thread} onMenu=${onMenu}
-      onRename=${() => setDialog('rename')} onArchive=${() => change({ status: 'archived' })}
-      onRestore=${() => change({ status: 'active' })} onDelete=${() => setDialog('delete')} />
+    <${ThreadHeader}
+      thread=${thread}
+      onMenu=${onMenu}
+      onRename=${() => setDialog('rename')}
+      onArchive=${() => change({ status: 'archived' })}
+      onRestore=${() => change({ status: 'active' })}
+      onDelete=${() => setDialog('delete')}
+    />
     <div class="messages" ref=${scroller} role="log" aria-label="Messages" aria-live="off">
       <div class="messages-inner">
-        ${state.olderCursor && html`<div ref=${topSentinel} class="older">
-          <button type="button" class="button ghost small" onClick=${loadOlder}>Load earlier messages</button>
-        </div>`}
-        ${empty && html`<div class="empty-conversation">
-          <h2>What can I help with?</h2>
-          <p class="muted">Ask the demo agent some arithmetic or the time, and watch it use its tools.</p>
-          <div class="suggestions">
-            ${SUGGESTIONS.map((text) => html`<button type="button" class="suggestion" onClick=${() => onSend(threadId, text)}>${text}</button>`)}
-          </div>
-        </div>`}
+        ${
+          state.olderCursor &&
+          html`<div ref=${topSentinel} class="older">
+            <button type="button" class="button ghost small" onClick=${loadOlder}>
+              Load earlier messages
+            </button>
+          </div>`
+        }
+        ${
+          empty &&
+          html`<div class="empty-conversation">
+            <h2>What can I help with?</h2>
+            <p class="muted">
+              Ask the demo agent some arithmetic or the time, and watch it use its tools.
+            </p>
+            <div class="suggestions">
+              ${SUGGESTIONS.map((text) => html`<button type="button" class="suggestion" onClick=${() => onSend(threadId, text)}>${text}</button>`)}
+            </div>
+          </div>`
+        }
         ${items.map((item) => html`<${Row} key=${item.key} item=${item} />`)}
       </div>
     </div>
-    ${problem && html`<p class="problem" role="alert">${problem}
-      <button type="button" class="button ghost icon-only" aria-label="Dismiss" onClick=${() => setProblem('')}><${Icon} name="close" /></button>
-    </p>`}
-    <${Composer} agents=${agents} agent=${agent} onAgent=${onAgent} retryUntil=${retryUntil}
-      active=${Boolean(state.active)} onCancel=${cancel} autofocus=${threadId}
-      onSend=${(content) => onSend(threadId, content)} />
-    <${RenameDialog} open=${dialog === 'rename'} thread=${thread} onClose=${() => setDialog(null)}
-      onSave=${rename} />
-    <${DeleteDialog} open=${dialog === 'delete'} thread=${thread} onClose=${() => setDialog(null)} onConfirm=${remove} />
+    ${
+      problem &&
+      html`<p class="problem" role="alert">
+        ${problem}
+        <button
+          type="button"
+          class="button ghost icon-only"
+          aria-label="Dismiss"
+          onClick=${() => setProblem('')}
+        >
+          <${Icon} name="close" />
+        </button>
+      </p>`
+    }
+    <${Composer}
+      agents=${agents}
+      agent=${agent}
+      onAgent=${onAgent}
+      retryUntil=${retryUntil}
+      active=${Boolean(state.active)}
+      onCancel=${cancel}
+      autofocus=${true}
+      onSend=${(content) => onSend(threadId, content)}
+    />
+    <${RenameDialog}
+      open=${dialog === 'rename'}
+      thread=${thread}
+      onClose=${() => setDialog(null)}
+      onSave=${rename}
+    />
+    <${DeleteDialog}
+      open=${dialog === 'delete'}
+      thread=${thread}
+      onClose=${() => setDialog(null)}
+      onConfirm=${remove}
+    />
   </section>`;
 }

@@ -6,7 +6,8 @@
 // with `after_seq`, so the server replays exactly what was missed; anything at or below the
 // remembered seq is dropped here too, so a listener never sees an event twice.
 
-const CLOSE_UNAUTHENTICATED = 4001;
+// The server closes with these when the token is refused or the session was signed out.
+const SESSION_ENDED = new Set([4001, 4003]);
 const PING_EVERY_MS = 15000;
 const PONG_TIMEOUT_MS = 10000;
 const MAX_BACKOFF_MS = 8000;
@@ -88,7 +89,7 @@ export class LiveSocket {
     if (socket !== this.socket) return;
     this.socket = null;
     if (this.closed) return;
-    if (event.code === CLOSE_UNAUTHENTICATED) {
+    if (SESSION_ENDED.has(event.code)) {
       this.setStatus('unauthorized');
       this.onUnauthorized();
       return;

@@ -34,7 +34,17 @@ function groups(threads) {
   return grouped;
 }
 
-export function Sidebar({ list, selectedId, onSelect, onNew, onSearch, onFilter, onMore, email, onSignOut }) {
+export function Sidebar({
+  list,
+  selectedId,
+  onSelect,
+  onNew,
+  onSearch,
+  onFilter,
+  onMore,
+  email,
+  onSignOut,
+}) {
   const sentinel = useRef(null);
   // Observing again after every page reports the sentinel at once if it is still in view (a
   // tall window), so pages keep coming until the list fills the screen or ends.
@@ -57,36 +67,63 @@ export function Sidebar({ list, selectedId, onSelect, onNew, onSearch, onFilter,
       <div class="search">
         <${Icon} name="search" />
         <label for="thread-search" class="visually-hidden">Search conversations</label>
-        <input id="thread-search" type="search" placeholder="Search" value=${list.query}
-          onInput=${(e) => onSearch(e.currentTarget.value)} />
+        <input
+          id="thread-search"
+          type="search"
+          placeholder="Search"
+          value=${list.query}
+          onInput=${(e) => onSearch(e.currentTarget.value)}
+        />
       </div>
       <label for="thread-filter" class="visually-hidden">Show conversations</label>
-      <select id="thread-filter" value=${list.status} onChange=${(e) => onFilter(e.currentTarget.value)}>
+      <select
+        id="thread-filter"
+        value=${list.status}
+        onChange=${(e) => onFilter(e.currentTarget.value)}
+      >
         ${FILTERS.map(([value, label]) => html`<option value=${value}>${label}</option>`)}
       </select>
     </div>
     <div class="thread-scroll">
-    ${groups(list.items).map(([label, threads]) => html`<section class="thread-group" key=${label}>
-      <h2 class="group-label">${label}</h2>
-      <ul class="thread-list" aria-busy=${list.loading ? 'true' : 'false'}>
-        ${threads.map((thread) => html`<li key=${thread.id}>
-          <button type="button" class="thread-item" data-thread-id=${thread.id}
-            aria-current=${thread.id === selectedId ? 'page' : undefined}
-            onClick=${() => onSelect(thread.id)}>
-            <span class="thread-title">${thread.title || 'New conversation'}</span>
-            <span class="thread-meta">
-              ${thread.status !== 'active' && html`<span class=${`badge badge-${thread.status}`}>${thread.status}</span>`}
-              <time datetime=${thread.last_activity_at}>${ago(thread.last_activity_at)}</time>
-            </span>
-          </button>
-        </li>`)}
-      </ul>
-    </section>`)}
-    ${!list.loading && list.items.length === 0 && html`<p class="empty-list">
-      ${list.query ? 'No conversation matches.' : list.status === 'archived' ? 'Nothing archived.' : 'No conversations yet.'}
-    </p>`}
-    ${list.error && html`<p class="form-error" role="alert">${list.error}</p>`}
-    <div ref=${sentinel} class="sentinel" aria-hidden="true">${list.loading ? 'Loading…' : ''}</div>
+      ${groups(list.items).map(
+        ([label, threads]) =>
+          html`<section class="thread-group" key=${label}>
+            <h2 class="group-label">${label}</h2>
+            <ul class="thread-list" aria-busy=${list.loading ? 'true' : 'false'}>
+              ${threads.map(
+                (thread) =>
+                  html`<li key=${thread.id}>
+                    <button
+                      type="button"
+                      class="thread-item"
+                      data-thread-id=${thread.id}
+                      aria-current=${thread.id === selectedId ? 'page' : undefined}
+                      onClick=${() => onSelect(thread.id)}
+                    >
+                      <span class="thread-title">${thread.title || 'New conversation'}</span>
+                      <span class="thread-meta">
+                        ${thread.status !== 'active' && html`<span class=${`badge badge-${thread.status}`}>${thread.status}</span>`}
+                        <time datetime=${thread.last_activity_at}
+                          >${ago(thread.last_activity_at)}</time
+                        >
+                      </span>
+                    </button>
+                  </li>`,
+              )}
+            </ul>
+          </section>`,
+      )}
+      ${
+        !list.loading &&
+        list.items.length === 0 &&
+        html`<p class="empty-list">
+          ${list.query ? 'No conversation matches.' : list.status === 'archived' ? 'Nothing archived.' : 'No conversations yet.'}
+        </p>`
+      }
+      ${list.error && html`<p class="form-error" role="alert">${list.error}</p>`}
+      <div ref=${sentinel} class="sentinel" aria-hidden="true">
+        ${list.loading ? 'Loading…' : ''}
+      </div>
     </div>
     <div class="sidebar-foot">
       <span class="who" title=${email}>${email}</span>

@@ -30,18 +30,22 @@ function Elapsed({ since }) {
   return html`<span class="elapsed">${formatDuration(Math.max(0, now - Date.parse(since)))}</span>`;
 }
 
+const TOOL_STATES = { done: 'Done', error: 'Error', running: 'Running', unfinished: 'No result' };
+
 function ToolCard({ item }) {
   const { call, result } = item;
   const state = result ? (result.isError ? 'error' : 'done') : item.live ? 'running' : 'unfinished';
-  const label = { done: 'Done', error: 'Error', running: 'Running', unfinished: 'No result' }[state];
-  return html`<article class=${`tool-card tool-${state}`} data-call-id=${call.id}
-      aria-label=${`Tool call ${call.name}: ${label}`}>
+  const label = TOOL_STATES[state];
+  return html`<article
+    class=${`tool-card tool-${state}`}
+    data-call-id=${call.id}
+    aria-label=${`Tool call ${call.name}: ${label}`}
+  >
     <header class="tool-head">
       <span class="tool-icon"><${Icon} name="tool" /></span>
       <span class="tool-name">${call.name}</span>
       <span class="tool-status" role=${state === 'running' ? 'status' : undefined}>
-        ${state === 'running' && html`<span class="spinner" aria-hidden="true"></span>`}
-        ${label}
+        ${state === 'running' && html`<span class="spinner" aria-hidden="true"></span>`} ${label}
       </span>
       <span class="tool-duration">
         ${result ? formatDuration(result.durationMs) : state === 'running' ? html`<${Elapsed} since=${item.startedAt} />` : ''}
@@ -52,10 +56,13 @@ function ToolCard({ item }) {
         <div class="tool-label">Arguments</div>
         <pre class="tool-args"><code>${pretty(call.arguments)}</code></pre>
       </div>
-      ${result && html`<div class="tool-section">
-        <div class="tool-label">${result.isError ? 'Error' : 'Result'}</div>
-        <pre class="tool-result"><code>${pretty(result.result)}</code></pre>
-      </div>`}
+      ${
+        result &&
+        html`<div class="tool-section">
+          <div class="tool-label">${result.isError ? 'Error' : 'Result'}</div>
+          <pre class="tool-result"><code>${pretty(result.result)}</code></pre>
+        </div>`
+      }
     </div>
   </article>`;
 }
@@ -77,9 +84,13 @@ function Outcome({ run }) {
 function LiveRun({ active }) {
   const waiting = active.status === 'queued';
   return html`<div class="live-run" data-run-id=${active.runId}>
-    ${active.text
-      ? html`<div class="bubble assistant streaming" aria-live="polite"><${Markdown} text=${active.text} /></div>`
-      : null}
+    ${
+      active.text
+        ? html`<div class="bubble assistant streaming" aria-live="polite">
+            <${Markdown} text=${active.text} />
+          </div>`
+        : null
+    }
     <div class="thinking" role="status" aria-live="polite">
       <span class="dots" aria-hidden="true"><span></span><span></span><span></span></span>
       <span class="thinking-text">
@@ -100,8 +111,13 @@ function CopyButton({ text }) {
       // No clipboard permission (or no secure context): nothing to do.
     }
   }
-  return html`<button type="button" class="button ghost small copy" onClick=${copy}
-    aria-label=${copied ? 'Copied' : 'Copy answer'} title="Copy answer">
+  return html`<button
+    type="button"
+    class="button ghost small copy"
+    onClick=${copy}
+    aria-label=${copied ? 'Copied' : 'Copy answer'}
+    title="Copy answer"
+  >
     <${Icon} name=${copied ? 'check' : 'copy'} />
   </button>`;
 }
@@ -119,6 +135,8 @@ export function Row({ item }) {
       return html`<div class="row row-tool"><${ToolCard} item=${item} /></div>`;
     case 'outcome':
       return html`<div class="row row-outcome"><${Outcome} run=${item.run} /></div>`;
+    case 'agent':
+      return html`<div class="row row-agent"><span class="agent-chip">${item.agent}</span></div>`;
     case 'live':
       return html`<div class="row row-live"><${LiveRun} active=${item.active} /></div>`;
     default:

@@ -39,7 +39,9 @@ export function ago(iso) {
   let amount = (Date.parse(iso) - Date.now()) / 1000;
   for (const [size, unit] of UNITS) {
     if (Math.abs(amount) < size) {
-      return unit === 'second' && Math.abs(amount) < 45 ? 'just now' : relative.format(Math.round(amount), unit);
+      return unit === 'second' && Math.abs(amount) < 45
+        ? 'just now'
+        : relative.format(Math.round(amount), unit);
     }
     amount /= size;
   }

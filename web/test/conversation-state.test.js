@@ -8,20 +8,52 @@ const RUN = 'run_1';
 const CALL = 'call_1';
 
 function event(seq, type, data, runId = RUN) {
-  return { type, seq, thread_id: 'thr_1', run_id: runId, ts: `2026-01-01T00:00:${String(seq).padStart(2, '0')}Z`, data };
+  return {
+    type,
+    seq,
+    thread_id: 'thr_1',
+    run_id: runId,
+    ts: `2026-01-01T00:00:${String(seq).padStart(2, '0')}Z`,
+    data,
+  };
 }
 
 const DEMO_RUN = [
-  event(2, 'message_created', { message_id: 'msg_u', role: 'user', content: 'what is 12*7?', position: 1 }, null),
+  event(
+    2,
+    'message_created',
+    { message_id: 'msg_u', role: 'user', content: 'what is 12*7?', position: 1 },
+    null,
+  ),
   event(3, 'run_queued', { run_id: RUN, agent: 'demo', status: 'queued' }),
   event(4, 'agent_started', { agent: 'demo', attempt: 1 }),
   event(5, 'agent_thinking', { text: 'Looking at the question…' }),
-  event(6, 'message_created', { message_id: 'msg_a', role: 'assistant', content: '', tool_calls: [{ id: CALL, name: 'calculator', arguments: { expression: '12*7' } }] }),
-  event(7, 'tool_executing', { tool: 'calculator', call_id: CALL, arguments: { expression: '12*7' } }),
-  event(8, 'tool_completed', { tool: 'calculator', call_id: CALL, result: '84', is_error: false, duration_ms: 0.3 }),
+  event(6, 'message_created', {
+    message_id: 'msg_a',
+    role: 'assistant',
+    content: '',
+    tool_calls: [{ id: CALL, name: 'calculator', arguments: { expression: '12*7' } }],
+  }),
+  event(7, 'tool_executing', {
+    tool: 'calculator',
+    call_id: CALL,
+    arguments: { expression: '12*7' },
+  }),
+  event(8, 'tool_completed', {
+    tool: 'calculator',
+    call_id: CALL,
+    result: '84',
+    is_error: false,
+    duration_ms: 0.3,
+  }),
   event(9, 'message_delta', { text: '12*7 ' }),
   event(10, 'message_delta', { text: '= 84.' }),
-  event(11, 'message_created', { message_id: 'msg_b', role: 'assistant', content: '12*7 = 84.', tool_calls: [] }),
+  event(11, 'message_created', {
+    message_id: 'msg_b',
+    role: 'assistant',
+    content: '12*7 = 84.',
+    tool_calls: [],
+  }),
   event(12, 'agent_completed', { message_id: 'msg_b', text: '12*7 = 84.' }),
 ];
 
@@ -35,8 +67,9 @@ function kinds(state) {
 
 test('a run becomes a user message, a tool card with its result and the answer', () => {
   const state = apply(initialConversation('thr_1'), DEMO_RUN);
-  assert.deepEqual(kinds(state), ['user', 'tool', 'assistant']);
-  const card = timeline(state)[1];
+  assert.deepEqual(kinds(state), ['user', 'agent', 'tool', 'assistant']);
+  assert.equal(timeline(state)[1].agent, 'demo');
+  const card = timeline(state)[2];
   assert.equal(card.result.result, '84');
   assert.equal(state.active, null);
 });
@@ -60,14 +93,35 @@ test('a history page overlapping live events keeps one copy of each message', ()
   const page = {
     next_cursor: null,
     data: [
-      { id: 'msg_b', role: 'assistant', content: '12*7 = 84.', run_id: RUN, created_at: '2026-01-01T00:00:11Z' },
-      { id: 'msg_t', role: 'tool', content: '84', tool_call_id: CALL, run_id: RUN, metadata: { is_error: false, duration_ms: 0.3 }, created_at: '2026-01-01T00:00:08Z' },
-      { id: 'msg_a', role: 'assistant', content: '', run_id: RUN, tool_calls: [{ id: CALL, name: 'calculator', arguments: { expression: '12*7' } }], created_at: '2026-01-01T00:00:06Z' },
+      {
+        id: 'msg_b',
+        role: 'assistant',
+        content: '12*7 = 84.',
+        run_id: RUN,
+        created_at: '2026-01-01T00:00:11Z',
+      },
+      {
+        id: 'msg_t',
+        role: 'tool',
+        content: '84',
+        tool_call_id: CALL,
+        run_id: RUN,
+        metadata: { is_error: false, duration_ms: 0.3 },
+        created_at: '2026-01-01T00:00:08Z',
+      },
+      {
+        id: 'msg_a',
+        role: 'assistant',
+        content: '',
+        run_id: RUN,
+        tool_calls: [{ id: CALL, name: 'calculator', arguments: { expression: '12*7' } }],
+        created_at: '2026-01-01T00:00:06Z',
+      },
       { id: 'msg_u', role: 'user', content: 'what is 12*7?', created_at: '2026-01-01T00:00:02Z' },
     ],
   };
   const merged = conversationReducer(live, { type: 'history', page, older: false });
-  assert.deepEqual(kinds(merged), ['user', 'tool', 'assistant']);
+  assert.deepEqual(kinds(merged), ['user', 'agent', 'tool', 'assistant']);
   assert.equal(merged.messages.length, 4);
 });
 
@@ -79,8 +133,10 @@ test('a cancelled run is shown after its last row, and a failed one without rows
     event(15, 'run_queued', { run_id: 'run_2', agent: 'demo', status: 'queued' }, 'run_2'),
     event(16, 'agent_failed', { code: 'agent_error', message: 'boom' }, 'run_2'),
   ]);
-  assert.deepEqual(kinds(state), ['user', 'tool', 'outcome', 'user', 'outcome']);
-  const outcomes = timeline(state).filter((row) => row.kind === 'outcome').map((row) => row.run.status);
+  assert.deepEqual(kinds(state), ['user', 'agent', 'tool', 'outcome', 'user', 'outcome']);
+  const outcomes = timeline(state)
+    .filter((row) => row.kind === 'outcome')
+    .map((row) => row.run.status);
   assert.deepEqual(outcomes, ['cancelled', 'failed']);
   assert.equal(state.active, null);
 });
@@ -88,9 +144,17 @@ test('a cancelled run is shown after its last row, and a failed one without rows
 test('a message queued behind a run moves below that run when its own run starts', () => {
   let state = apply(initialConversation('thr_1'), DEMO_RUN.slice(0, 7));
   state = apply(state, [
-    event(13, 'message_created', { message_id: 'msg_q', role: 'user', content: 'next', position: 3 }, null),
+    event(
+      13,
+      'message_created',
+      { message_id: 'msg_q', role: 'user', content: 'next', position: 3 },
+      null,
+    ),
     ...DEMO_RUN.slice(7).map((e, i) => ({ ...e, seq: 14 + i })),
     event(30, 'message_moved', { message_id: 'msg_q', position: 5 }, 'run_2'),
   ]);
-  assert.deepEqual(timeline(state).map((row) => row.content || row.kind), ['what is 12*7?', 'tool', '12*7 = 84.', 'next']);
+  assert.deepEqual(
+    timeline(state).map((row) => row.content || row.kind),
+    ['what is 12*7?', 'agent', 'tool', '12*7 = 84.', 'next'],
+  );
 });

@@ -12,7 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 from threadline.agents.context import DepsFactory
 from threadline.api import ws
 from threadline.api.errors import install_error_handlers
-from threadline.api.gateway import Gateway
+from threadline.api.gateway import Gateway, settled_reader
 from threadline.api.middleware import (
     BodySizeLimitMiddleware,
     LoneSurrogateMiddleware,
@@ -54,8 +54,14 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_runtime(settings, agents=agents, deps=deps) as runtime:
             app.state.runtime = runtime
-            app.state.gateway = Gateway(runtime.bus, runtime.metrics)
-            yield
+            gateway = Gateway(
+                runtime.bus, runtime.metrics, reader=settled_reader(runtime.engine, runtime.events)
+            )
+            app.state.gateway = gateway
+            try:
+                yield
+            finally:
+                await gateway.aclose()
 
     app = FastAPI(
         title="Threadline",

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from threadline.agents.errors import UnknownAgentError
 from threadline.api.openapi import allowed_methods
+from threadline.auth.revocation import RevocationUnavailableError
 from threadline.errors import (
     AuthError,
     ConflictError,
@@ -38,6 +39,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[ThreadlineError], int], ...] = (
     (PayloadTooLargeError, 413),
     (RateLimitedError, 429),
     (AuthError, 401),
+    (RevocationUnavailableError, 503),
     (DatabaseUnavailableError, 503),
 )
 _CODE_BY_STATUS = {
@@ -76,6 +78,9 @@ async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(exc.retry_after_seconds)
     if isinstance(exc, AuthError):
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, RevocationUnavailableError):
+        headers["Retry-After"] = str(exc.retry_after_seconds)
+        logger.warning("Token check unavailable: %s", exc.cause)
     return error_response(status_for(exc), exc.code, exc.message, headers=headers)
 
 

@@ -75,23 +75,75 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         schemas = spec.get("components", {}).get("schemas", {})
         schemas.pop("HTTPValidationError", None)
         schemas.pop("ValidationError", None)
-        _this_deployment(app, schemas)
+        _metadata_without_nul(schemas)
+        _this_deployment(app, spec)
         app.openapi_schema = spec
     return app.openapi_schema
 
 
-def _this_deployment(app: FastAPI, schemas: dict[str, Any]) -> None:
+_NO_NUL = {"pattern": "^[^\\u0000]*$"}
+_METADATA_VALUE = {
+    "anyOf": [
+        {"type": "string", **_NO_NUL},
+        {"type": ["number", "boolean", "null"]},
+        {"type": "array", "items": {"$ref": "#/components/schemas/MetadataValue"}},
+        {
+            "type": "object",
+            "propertyNames": _NO_NUL,
+            "additionalProperties": {"$ref": "#/components/schemas/MetadataValue"},
+        },
+    ],
+    "description": "Any JSON value without a NUL character in a string or a key (no store "
+    "takes one); the whole object is limited by THREADLINE_MAX_METADATA_BYTES.",
+}
+
+
+# Threadline's own request bodies with a `metadata` object (the protocol endpoints' bodies are
+# the protocols' own, stored nowhere).
+_WITH_METADATA = ("ThreadCreate", "ThreadUpdate", "MessageCreate")
+
+
+def _metadata_without_nul(schemas: dict[str, Any]) -> None:
+    """Metadata objects as the stores accept them: JSON with no NUL in any string or key."""
+    schemas["MetadataValue"] = _METADATA_VALUE
+    for name in _WITH_METADATA:
+        field = schemas.get(name, {}).get("properties", {}).get("metadata")
+        if field is None:
+            continue
+        for option in field.get("anyOf", [field]):
+            if option.get("type") == "object":
+                option["propertyNames"] = _NO_NUL
+                option["additionalProperties"] = {"$ref": "#/components/schemas/MetadataValue"}
+
+
+def _this_deployment(app: FastAPI, spec: dict[str, Any]) -> None:
     """What depends on the running server's configuration: the agents a run may name and the
     longest message. (Known once the lifespan has started, as it has when a client asks.)"""
     runtime = getattr(app.state, "runtime", None)
     if runtime is None:
         return
-    agent = schemas.get("RunCreate", {}).get("properties", {}).get("agent")
-    if agent is not None:
-        agent["enum"] = sorted(info.name for info in runtime.registry.describe())
+    names = sorted(info.name for info in runtime.registry.describe())
+    schemas = spec.get("components", {}).get("schemas", {})
+    for schema in schemas.values():
+        field = schema.get("properties", {}).get("agent")
+        if field is not None and schema.get("title", "").endswith(("Create", "Request")):
+            _name_agents(field, names)
+    for item in spec.get("paths", {}).values():
+        for operation in item.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("name") == "agent" and "schema" in parameter:
+                    _name_agents(parameter["schema"], names)
     content = schemas.get("MessageCreate", {}).get("properties", {}).get("content")
     if content is not None:
         content["maxLength"] = runtime.settings.max_message_chars
+
+
+def _name_agents(schema: dict[str, Any], names: list[str]) -> None:
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "string":
+            option["enum"] = names
+            option.pop("maxLength", None)
+            option.pop("minLength", None)
 
 
 def _complete(operation: dict[str, Any]) -> None:

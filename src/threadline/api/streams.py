@@ -1,9 +1,11 @@
 """Subscribing a connection to a thread: ownership check, snapshot, replay, then live.
 
 Two steps, so that nothing is sent before the request is known to be good:
-1. `open_subscription` attaches the live listener (buffering), checks ownership, reads the
-   thread's last seq (once no publisher's transaction is in flight), the first page of stored
-   events and the active runs, and builds the `snapshot`. A thread the user does not own
+1. `open_subscription` attaches the live listener (buffering), waits until the bus carries the
+   thread's events to it from now on (`Gateway.ready`: the Redis bus first learns where the
+   thread's stream ends), checks ownership, reads the thread's last seq (once no publisher's
+   transaction is in flight), the first page of stored events and the active runs, and builds
+   the `snapshot`. A thread the user does not own
    raises `NotFoundError` here (SSE answers 404).
 2. `replay` yields pages of messages for the connection's writer: the snapshot with the first
    page, further pages of stored events (`PAGE_SIZE` each) until a short page, then what the
@@ -90,6 +92,7 @@ async def open_subscription(
     for a thread the user does not own. The caller detaches the subscription when done."""
     subscription = gateway.attach(connection, thread_id)
     try:
+        await gateway.ready(thread_id)
         # Not `read_transaction`: the snapshot must wait for a publisher's transaction still
         # in flight (an event published before the attach, committed after a plain read,
         # would be neither buffered nor replayed). `settled` takes the thread's row lock on
@@ -133,6 +136,8 @@ async def replay(
     first = opened.first_page
     start = opened.after_seq if opened.after_seq is not None else opened.last_seq
     cursor = first[-1].seq if first else start
+    # The snapshot's read was settled: a later jump up to its last seq is no gap.
+    subscription.synced_to = max(subscription.synced_to, opened.last_seq)
     yield [opened.snapshot, *_wire(first)]
     more = opened.after_seq is not None and len(first) == PAGE_SIZE
     while not subscription.connection.overflowed:

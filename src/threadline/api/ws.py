@@ -34,7 +34,6 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from threadline.api.errors import status_for
 from threadline.api.gateway import (
-    CLOSE_RESUME,
     CLOSE_UNAUTHENTICATED,
     OVERFLOW,
     Connection,
@@ -43,6 +42,7 @@ from threadline.api.gateway import (
     WireMessage,
 )
 from threadline.api.streams import MAX_SEQ, run_wire, subscribe
+from threadline.auth.revocation import RevocationUnavailableError
 from threadline.context import UserContext
 from threadline.errors import AuthError, RateLimitedError, ThreadlineError
 from threadline.runs.service import MultitaskStrategy, RunRequest
@@ -59,6 +59,8 @@ _SEND_TIMEOUT_SECONDS = 30.0
 _MAX_FRAME_BYTES = 64 * 1024
 _BATCH_OPEN, _BATCH_CLOSE = '{"type":"batch","events":[', "]}"
 _SUBPROTOCOL = "threadline"
+# RFC 6455 "try again later": the token cannot be checked right now (Redis unreachable).
+_CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class _Auth(BaseModel):
@@ -93,29 +95,33 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     offered = websocket.scope.get("subprotocols", [])
     header_token = next((p[len("bearer.") :] for p in offered if p.startswith("bearer.")), None)
     await websocket.accept(subprotocol=_SUBPROTOCOL if _SUBPROTOCOL in offered else None)
-    ctx = await _authenticate(websocket, services, header_token)
-    if ctx is None:
+    authenticated = await _authenticate(websocket, services, header_token)
+    if authenticated is None:
         return
+    ctx, token_id = authenticated
     connection = Connection(
         user_id=ctx.user_id,
         connection_id=ctx.connection_id or "",
         queue_size=services.settings.socket_queue_size,
         metrics=services.metrics,
+        token_id=token_id,
     )
     session = _Session(websocket, services, gateway, connection, ctx)
     services.metrics.sockets_active.inc()
+    gateway.register(connection)
     try:
         await session.serve()
     finally:
+        gateway.unregister(connection)
         services.metrics.sockets_active.dec()
         session.close_subscriptions()
     if connection.overflowed:
-        await _close_for_resume(websocket)
+        await _close_dropped(websocket, connection)
 
 
 async def _authenticate(
     websocket: WebSocket, services: Runtime, header_token: str | None
-) -> UserContext | None:
+) -> tuple[UserContext, str] | None:
     try:
         token = header_token
         if token is None:
@@ -129,10 +135,14 @@ async def _authenticate(
         await _send_json(websocket, {"type": "error", "code": code, "message": "Not authenticated"})
         await websocket.close(CLOSE_UNAUTHENTICATED, code)
         return None
+    except RevocationUnavailableError as exc:
+        await _send_json(websocket, {"type": "error", "code": exc.code, "message": exc.message})
+        await websocket.close(_CLOSE_TRY_AGAIN_LATER, exc.code)
+        return None
     except WebSocketDisconnect:
         return None
     await _send_json(websocket, {"type": "authenticated", "user_id": ctx.user_id})
-    return ctx
+    return ctx, claims.jti
 
 
 def _dumps(message: WireMessage) -> str:
@@ -164,12 +174,13 @@ def _frame(texts: list[str]) -> str:
     return texts[0] if len(texts) == 1 else _BATCH_OPEN + ",".join(texts) + _BATCH_CLOSE
 
 
-async def _close_for_resume(websocket: WebSocket) -> None:
-    """Tell the client to resume, behind whatever it has not read yet; give up if it still
-    reads nothing (the close then waits for its TCP window like any send)."""
+async def _close_dropped(websocket: WebSocket, connection: Connection) -> None:
+    """Tell the client why (resume: `CLOSE_RESUME`; signed out: `CLOSE_SESSION_ENDED`),
+    behind whatever it has not read yet; give up if it still reads nothing (the close then
+    waits for its TCP window like any send)."""
     with contextlib.suppress(TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
         async with asyncio.timeout(_SEND_TIMEOUT_SECONDS):
-            await websocket.close(CLOSE_RESUME, "slow consumer: reconnect and resume")
+            await websocket.close(connection.close_code, connection.close_reason)
 
 
 class _Session:

@@ -2,20 +2,40 @@
 
 With Redis configured the list lives there (a key per token, expiring with the token);
 otherwise in the database. Both forget a token once it would have expired anyway.
+
+While Redis cannot be reached the Redis list fails closed: checking or revoking a token raises
+`RevocationUnavailableError` (HTTP 503 `revocation_unavailable`, WebSocket close 1013), so a
+token that was signed out is never accepted again, not even during an outage. The reasoning is
+in docs/deployment.md ("When Redis is down").
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Protocol
 
 import sqlalchemy as sa
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from threadline.errors import ThreadlineError
 from threadline.store.db import read_transaction
 from threadline.store.tables import revoked_tokens
+
+
+class RevocationUnavailableError(ThreadlineError):
+    """The revocation list cannot be read or written right now (Redis unreachable)."""
+
+    code = "revocation_unavailable"
+    http_status = 503
+    retry_after_seconds = 5
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__("Signed-in requests are unavailable for a moment; retry shortly")
+        self.cause = f"{type(cause).__name__}: {cause}"
 
 
 class RevocationList(Protocol):
@@ -25,15 +45,26 @@ class RevocationList(Protocol):
 
 
 class RedisRevocationList:
-    def __init__(self, redis: Redis, *, prefix: str) -> None:
+    def __init__(self, redis: Redis, *, prefix: str, timeout_seconds: float = 2.0) -> None:
         self._redis = redis
         self._prefix = f"{prefix}:revoked:"
+        self._timeout = timeout_seconds
 
     async def revoke(self, jti: str, *, expires_at: datetime) -> None:
-        await self._redis.set(self._prefix + jti, b"1", exat=int(expires_at.timestamp()) + 1)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._redis.set(
+                    self._prefix + jti, b"1", exat=int(expires_at.timestamp()) + 1
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise RevocationUnavailableError(exc) from exc
 
     async def is_revoked(self, jti: str) -> bool:
-        return bool(await self._redis.exists(self._prefix + jti))
+        try:
+            async with asyncio.timeout(self._timeout):
+                return bool(await self._redis.exists(self._prefix + jti))
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise RevocationUnavailableError(exc) from exc
 
 
 class DatabaseRevocationList:

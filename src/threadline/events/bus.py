@@ -1,9 +1,13 @@
 """The event bus: carries published events to whoever listens on a thread, in this process or
-(with the Redis bus) in others, plus a control channel for run cancellation.
+(with the Redis bus, `events/redis_bus.py`) in others, plus a channel of typed control messages
+(`events/control.py`).
 
 Listeners are plain callbacks that must not block: the gateway's listener only puts the event
-on bounded per-connection queues. A bus never drops or reorders events for a listener; slow
-consumers are the gateway's business.
+on bounded per-connection queues. A bus never reorders events for a listener and drops none on
+purpose; slow consumers are the gateway's business. A bus that may have lost events on the way
+(the Redis bus after a connection loss) says so by calling the subscription's `on_reset`; the
+listener then reads what it missed from the events table (`api/gateway.py`). A listener can also
+see a jump in `seq` (an event the bus never carried) and do the same.
 """
 
 from __future__ import annotations
@@ -11,19 +15,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from threadline.events.control import CancelRun, SessionEnded
 from threadline.events.types import Event
 
 EventListener = Callable[[Event], None]
-ControlListener = Callable[[dict[str, str]], None]
+ResetListener = Callable[[], None]
+ControlListener = Callable[[CancelRun | SessionEnded], None]
 Unsubscribe = Callable[[], None]
 
 
 class EventBus(Protocol):
-    async def publish(self, event: Event) -> None: ...
+    async def publish(self, event: Event) -> None:
+        """Carry `event` to the thread's listeners. Never raises for a transport failure: the
+        event is already numbered (and, if durable, stored), and listeners catch up."""
+        ...
 
-    def subscribe(self, thread_id: str, listener: EventListener) -> Unsubscribe: ...
+    def subscribe(
+        self, thread_id: str, listener: EventListener, *, on_reset: ResetListener | None = None
+    ) -> Unsubscribe:
+        """Call `listener` for every event of the thread from now on; `on_reset` when some may
+        have been lost on the way."""
+        ...
 
-    async def publish_control(self, message: dict[str, str]) -> None: ...
+    async def ready(self, thread_id: str) -> None:
+        """Return once the thread's listeners will receive every event published from now on
+        (the Redis bus has to learn where the thread's stream ends first). Bounded; never
+        raises for a transport failure (the subscription is then reset when the bus recovers)."""
+        ...
+
+    async def publish_control(self, message: CancelRun | SessionEnded) -> None: ...
 
     def subscribe_control(self, listener: ControlListener) -> Unsubscribe: ...
 
@@ -41,7 +61,10 @@ class MemoryBus:
         for listener in tuple(self._listeners.get(event.thread_id, ())):
             listener(event)
 
-    def subscribe(self, thread_id: str, listener: EventListener) -> Unsubscribe:
+    def subscribe(
+        self, thread_id: str, listener: EventListener, *, on_reset: ResetListener | None = None
+    ) -> Unsubscribe:
+        # Direct calls lose nothing: `on_reset` is never called.
         self._listeners.setdefault(thread_id, []).append(listener)
 
         def unsubscribe() -> None:
@@ -53,7 +76,10 @@ class MemoryBus:
 
         return unsubscribe
 
-    async def publish_control(self, message: dict[str, str]) -> None:
+    async def ready(self, thread_id: str) -> None:
+        return None
+
+    async def publish_control(self, message: CancelRun | SessionEnded) -> None:
         for listener in tuple(self._control):
             listener(message)
 

@@ -6,7 +6,9 @@ Invariants:
 - The event is published *inside* that transaction, just before it commits, while the row lock
   is held: no other process can number (and so publish) the thread's next event until this one
   is on the bus. Publication order is sequence order, across processes, without reordering
-  buffers in the gateway. The price: if the commit then fails, a listener has seen an event whose
+  buffers in the gateway. (The Redis bus queues the event for its sender instead of waiting
+  for Redis; its stream ids keep the order, and listeners fill any hole from the store: see
+  `events/redis_bus.py`.) The price: if the commit then fails, a listener has seen an event whose
   effects were rolled back (a database failure between two statements); clients that reload
   state on reconnect recover, and the gap in durable sequence numbers shows it.
 - Durable events are stored in the same transaction as the change they announce.

@@ -16,6 +16,7 @@ from threadline.context import UserContext
 from threadline.errors import ConflictError, NotFoundError, RateLimitedError
 from threadline.events import payloads
 from threadline.events.bus import EventBus
+from threadline.events.control import CancelRun
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
@@ -25,8 +26,6 @@ from threadline.store.messages import Message, MessageStore, NewMessage
 from threadline.store.runs import Run, RunStatus, RunStore
 from threadline.store.threads import ThreadStatus, ThreadStore
 from threadline.usage.quotas import Quotas
-
-CANCEL_CONTROL = "cancel_run"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,9 +175,7 @@ class RunService:
     async def stop_executing(self, run_ids: list[str], *, reason: CancelReason) -> None:
         """Tell whichever process executes each run to cancel it for `reason`."""
         for run_id in run_ids:
-            await self._bus.publish_control(
-                {"action": CANCEL_CONTROL, "run_id": run_id, "reason": reason}
-            )
+            await self._bus.publish_control(CancelRun(run_id=run_id, reason=reason.value))
 
     async def cancel(self, ctx: UserContext, thread_id: str, run_id: str) -> Run:
         """Cancel a queued run at once, or ask the process executing it to stop it.

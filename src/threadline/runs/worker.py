@@ -31,9 +31,9 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from threadline.events.bus import EventBus, Unsubscribe
+from threadline.events.control import CancelRun, SessionEnded
 from threadline.runs.engine import ExecutionEngine, RunLimitError
 from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
-from threadline.runs.service import CANCEL_CONTROL
 from threadline.store.failures import is_database_unavailable
 from threadline.store.queue import RunQueue
 from threadline.store.runs import Run
@@ -110,10 +110,9 @@ class Worker:
         self._stopping.set()
         self._wake.set()
 
-    def _on_control(self, message: dict[str, str]) -> None:
-        if message.get("action") == CANCEL_CONTROL:
-            reason = CancelReason(message.get("reason", CancelReason.USER))
-            self.engine.cancel_local(message.get("run_id", ""), reason)
+    def _on_control(self, message: CancelRun | SessionEnded) -> None:
+        if isinstance(message, CancelRun):
+            self.engine.cancel_local(message.run_id, CancelReason(message.reason))
 
     async def _claim_loop(self, group: asyncio.TaskGroup) -> None:
         while not self._stopping.is_set():

@@ -4,6 +4,7 @@ from fastapi import APIRouter, Response, status
 
 from threadline.api.deps import CurrentClaims, CurrentUser, ServicesDep
 from threadline.api.schemas import Credentials, ErrorOut, Registration, TokenOut, UserOut
+from threadline.events.control import SessionEnded
 
 router = APIRouter(prefix="/v1/auth", tags=["auth"])
 _AUTH_ERRORS: dict[int | str, dict[str, object]] = {401: {"model": ErrorOut}}
@@ -28,6 +29,8 @@ async def token(body: Credentials, services: ServicesDep) -> TokenOut:
 @router.post("/logout", status_code=status.HTTP_204_NO_CONTENT, responses=_AUTH_ERRORS)
 async def logout(claims: CurrentClaims, services: ServicesDep) -> Response:
     await services.auth.logout(claims)
+    # Every process closes the sockets and streams opened with this token.
+    await services.bus.publish_control(SessionEnded(token_id=claims.jti, user_id=claims.user_id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -16,7 +16,9 @@ transfer), with an `event: resume` telling the client to reconnect from its last
 - the server shuts down: sse-starlette sets `shutdown` and the generator returns at once rather
   than holding up uvicorn's graceful shutdown (which would cancel it, with a traceback, after
   its timeout).
-A stream also ends, after the event itself, on `thread_deleted`: nothing more can come.
+A stream also ends, after the event itself, on `thread_deleted`: nothing more can come; and
+with an `event: session_ended` when the token it was opened with is revoked (a logout on any
+process): the client signs in again rather than reconnecting with that token.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from fastapi import APIRouter, Header, Query
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
-from threadline.api.deps import CurrentUser, GatewayDep, ServicesDep
-from threadline.api.gateway import OVERFLOW, Connection, Gateway, WireMessage
+from threadline.api.deps import CurrentClaims, CurrentUser, GatewayDep, ServicesDep
+from threadline.api.gateway import OVERFLOW, Connection, Gateway, ThreadSubscription, WireMessage
 from threadline.api.schemas import ErrorOut
 from threadline.api.streams import MAX_SEQ, Opened, open_subscription, replay
 from threadline.context import UserContext
@@ -62,6 +64,10 @@ def _event(message: WireMessage) -> ServerSentEvent:
 
 def _resume(reason: str) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps({"reason": reason}), event="resume", retry=_RETRY_MS)
+
+
+def _session_ended() -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps({"reason": "token revoked"}), event="session_ended")
 
 
 def _resume_point(
@@ -93,6 +99,7 @@ def _resume_point(
 async def thread_events(
     thread_id: str,
     user: CurrentUser,
+    claims: CurrentClaims,
     services: ServicesDep,
     gateway: GatewayDep,
     after_seq: Annotated[
@@ -117,6 +124,7 @@ async def thread_events(
         connection_id=f"sse-{uuid.uuid4().hex[:16]}",
         queue_size=services.settings.socket_queue_size,
         metrics=services.metrics,
+        token_id=claims.jti,
     )
     # Subscribe before answering, so a thread the user does not own is a plain 404.
     opened = await open_subscription(
@@ -136,8 +144,13 @@ async def thread_events(
         shutdown_grace_period=_SHUTDOWN_GRACE_SECONDS,
         # The stream's own `finally` never runs if the client leaves before it starts; this
         # runs either way (detaching twice is harmless).
-        background=BackgroundTask(gateway.detach, opened.subscription),
+        background=BackgroundTask(_release, gateway, opened.subscription),
     )
+
+
+def _release(gateway: Gateway, subscription: ThreadSubscription) -> None:
+    gateway.unregister(subscription.connection)
+    gateway.detach(subscription)
 
 
 async def _stream(
@@ -148,6 +161,7 @@ async def _stream(
     shutdown: anyio.Event,
 ) -> AsyncIterator[ServerSentEvent]:
     services.metrics.sockets_active.inc()
+    gateway.register(opened.subscription.connection)
     try:
         yield ServerSentEvent(comment="connected")
         async with aclosing(replay(services, ctx, opened)) as pages:
@@ -161,7 +175,7 @@ async def _stream(
             yield event
     finally:
         services.metrics.sockets_active.dec()
-        gateway.detach(opened.subscription)
+        _release(gateway, opened.subscription)
 
 
 def _ends_stream(messages: list[WireMessage]) -> bool:
@@ -185,7 +199,7 @@ async def _live(
                 yield _event(message)
             services.metrics.events_delivered.inc(end)
             if end < len(batch):
-                yield _resume("slow consumer")
+                yield _session_ended() if connection.session_ended else _resume("slow consumer")
                 return
             if _ends_stream(batch[:end]):
                 return

@@ -149,8 +149,8 @@ async def delete_thread(
       removed; every later request for it is a 404. Subscribers get `thread_deleted`, and
       an SSE stream of the thread ends after it.
 
-    Either way the thread's queued and running runs are cancelled, each with a `run_cancelled`
-    event (reason `thread_archived` or `thread_deleted`).
+    Either way, a queued or running run of the thread is cancelled first, with its
+    `run_cancelled` event (reason `thread_archived` or `thread_deleted`).
     """
     if permanent:
         await services.thread_service.delete(conn, user, thread_id)

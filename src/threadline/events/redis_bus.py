@@ -1,0 +1,529 @@
+"""The Redis event bus: live events between processes, one Redis stream per thread.
+
+Model:
+- Publishing queues the event; one sender task per process takes the queue in order and
+  appends each batch in one pipelined round trip: `XADD <prefix>:events:<thread_id> <seq>-0`.
+  `publish` (called inside the recording transaction, `events/publisher.py`) waits for its
+  append, so that the thread's row lock orders appends across processes as it orders numbers,
+  but at most `_PUBLISH_WAIT_SECONDS`, and not at all while Redis is failing: a slow or hung
+  Redis cannot hold database transactions for long. The entry id is the event's sequence
+  number, so Redis itself refuses an append that is out of order or a duplicate (a retry, or
+  another process's later event that got there first after a wait ran out): each stream is in
+  `seq` order whatever the publishers do, and a refused durable event reaches listeners from
+  the database (below).
+  Each append trims the stream to about `max_len` entries (`MAXLEN ~`) and re-arms the key's
+  expiry, so a thread's stream disappears `ttl_seconds` after its last event (the ids are
+  sequence numbers, not times, so age cannot trim by `MINID`). A failed append is logged and
+  dropped, as is an event that finds the queue full: a durable event is already in the
+  database, and readers notice the hole and catch up from there.
+- Reading: a process reads only the streams of threads its own subscribers watch, over a fixed
+  number of reader connections (`readers`) whatever the number of threads. A thread belongs to
+  one shard by hash; each shard's task runs `XREAD BLOCK` over all its streams (at most
+  `keys_per_read` per call, taking turns when there are more) plus a wake stream of its own,
+  appended to when a thread is added, so a new thread is read at once rather than after the
+  current block. A new thread is read from the last entry its stream had at `ready()`: what
+  came before is in the database, which the subscriber reads after `ready()` returns.
+- Loss: when a reader's connection fails, the shard reconnects with back-off and then calls
+  `on_reset` of every subscription it carries (events may have been published while it could
+  not read, or Redis restarted empty). A reader that fell behind the trim point sees the next
+  entry's `seq` jump; the gateway treats that as a reset too (`api/gateway.py`).
+- Control messages (`events/control.py`) travel by pub/sub on one more connection: a few
+  milliseconds to every process. If Redis cannot take one, it is delivered in this process only
+  (the run's row records a cancel for the worker's heartbeat either way).
+- Every Redis await has a deadline. The bus owns its tasks: `start()` starts them and
+  `aclose()` stops them, from the lifespan that built the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+import zlib
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, cast
+
+from pydantic import ValidationError
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+
+from threadline.events.bus import ControlListener, EventListener, ResetListener, Unsubscribe
+from threadline.events.control import CancelRun, SessionEnded, decode_control, encode_control
+from threadline.events.types import Event, EventType
+
+logger = logging.getLogger(__name__)
+_TRANSPORT_ERRORS = (RedisError, OSError, TimeoutError)
+_BACKOFF_MIN_SECONDS = 0.05
+_BACKOFF_MAX_SECONDS = 2.0
+# Entries per stream per XREAD: a burst larger than this is read in several calls.
+_READ_COUNT = 500
+# With more threads than one XREAD carries, each call blocks this long before the next turn.
+_TURN_BLOCK_MS = 10
+_CONTROL_POLL_SECONDS = 1.0
+# Events waiting for the sender; beyond this (Redis far behind or away) new ones are dropped.
+_OUTBOX_SIZE = 10_000
+# Events appended per round trip at most.
+_SEND_BATCH = 256
+# How long `publish` waits for its append (inside the recording transaction) before letting
+# the transaction go on; normally the append takes a round trip, well under this.
+_PUBLISH_WAIT_SECONDS = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class RedisBusConfig:
+    prefix: str = "threadline"
+    """Prefix of every key the bus writes."""
+    max_len: int = 1000
+    """Entries kept per thread stream (approximately)."""
+    ttl_seconds: int = 3600
+    """A thread's stream expires this long after its last event."""
+    readers: int = 2
+    """Reader connections (shards) per process."""
+    keys_per_read: int = 256
+    """Streams per XREAD call."""
+    block_seconds: float = 5.0
+    """How long one XREAD waits for entries."""
+    timeout_seconds: float = 2.0
+    """Deadline of every other Redis call."""
+    max_connections: int = 16
+    """Pooled connections for publishing, positioning and control (pub/sub holds one)."""
+
+
+@dataclass(eq=False)
+class _Watch:
+    thread_id: str
+    key: bytes
+    listeners: list[EventListener] = field(default_factory=list)
+    resets: list[ResetListener] = field(default_factory=list)
+    position: int | None = None
+    """The `seq` of the last entry read (0: from the start); None until positioned."""
+    late: bool = False
+    """`ready()` could not position it: reset its subscribers once the reader does."""
+
+    def reset(self) -> None:
+        for on_reset in tuple(self.resets):
+            on_reset()
+
+
+@dataclass(eq=False)
+class _Shard:
+    index: int
+    wake_key: bytes
+    watches: dict[bytes, _Watch] = field(default_factory=dict)
+    wake_position: bytes = b"0-0"
+    wake_pending: bool = False
+    turn: int = 0
+
+
+def _encode(event: Event) -> bytes:
+    return json.dumps(
+        {
+            "type": event.type.value,
+            "thread_id": event.thread_id,
+            "user_id": event.user_id,
+            "seq": event.seq,
+            "run_id": event.run_id,
+            "ts": event.ts.isoformat(),
+            "data": event.data,
+        },
+        separators=(",", ":"),
+        default=str,
+    ).encode()
+
+
+def _decode(raw: bytes) -> Event:
+    wire = json.loads(raw)
+    return Event(
+        type=EventType(wire["type"]),
+        thread_id=wire["thread_id"],
+        user_id=wire["user_id"],
+        seq=int(wire["seq"]),
+        data=dict(wire["data"]),
+        run_id=wire["run_id"],
+        ts=datetime.fromisoformat(wire["ts"]),
+    )
+
+
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def _seq_of(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-", 1)[0])
+
+
+def _top_seq(entries: object) -> int:
+    """The `seq` of the last entry of an `XREVRANGE … COUNT 1` reply (0: an empty stream)."""
+    top = cast(_Entries, entries)
+    return _seq_of(top[0][0]) if top else 0
+
+
+class RedisBus:
+    """The `EventBus` of a deployment with several processes. Call `start()` once the event
+    loop runs, `aclose()` at shutdown."""
+
+    def __init__(self, url: str, *, config: RedisBusConfig = RedisBusConfig()) -> None:
+        if config.readers < 1 or config.keys_per_read < 1:
+            raise ValueError("readers and keys_per_read must be positive")
+        self._url = url
+        self._config = config
+        self._redis: Redis = Redis(
+            connection_pool=BlockingConnectionPool.from_url(
+                url,
+                max_connections=config.max_connections,
+                timeout=config.timeout_seconds,
+                socket_timeout=config.timeout_seconds,
+                socket_connect_timeout=config.timeout_seconds,
+            )
+        )
+        bus_id = uuid.uuid4().hex[:12]
+        self._shards = [
+            _Shard(n, f"{config.prefix}:wake:{bus_id}:{n}".encode()) for n in range(config.readers)
+        ]
+        self._channel = f"{config.prefix}:control"
+        self._watches: dict[str, _Watch] = {}
+        self._control: list[ControlListener] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._outbox: asyncio.Queue[tuple[Event, asyncio.Future[None]]] = asyncio.Queue(
+            maxsize=_OUTBOX_SIZE
+        )
+        self._outbox_full = False
+        self._publish_failing = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._spawn(self._send_loop())
+        for shard in self._shards:
+            self._spawn(self._read_loop(shard))
+        self._spawn(self._control_loop())
+
+    async def aclose(self) -> None:
+        if self._tasks:
+            await self.flush()  # the last events of a shutting-down worker still go out
+        tasks = tuple(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._config.timeout_seconds)
+        self._watches.clear()
+        self._control.clear()
+        with contextlib.suppress(*_TRANSPORT_ERRORS):
+            async with asyncio.timeout(self._config.timeout_seconds):
+                await self._redis.aclose(close_connection_pool=True)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ events
+
+    def _key(self, thread_id: str) -> bytes:
+        return f"{self._config.prefix}:events:{thread_id}".encode()
+
+    async def publish(self, event: Event) -> None:
+        """Queue `event` for the sender and wait (briefly, see the module docstring) until it
+        is appended: while the caller's transaction still holds the thread's row lock, so the
+        next event of the thread, from any process, is appended after it."""
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            self._outbox.put_nowait((event, sent))
+        except asyncio.QueueFull:
+            # Redis is far behind or away: drop it; listeners see the gap and catch up.
+            if not self._outbox_full:
+                logger.warning(
+                    "Redis publish queue full (%d events); dropping live events", _OUTBOX_SIZE
+                )
+            self._outbox_full = True
+            return
+        self._outbox_full = False
+        if not self._publish_failing:
+            await asyncio.wait({sent}, timeout=_PUBLISH_WAIT_SECONDS)
+
+    async def flush(self) -> None:
+        """Return once every event queued so far was sent (or given up on). Bounded."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._config.timeout_seconds * 2):
+                await self._outbox.join()
+
+    async def _send_loop(self) -> None:
+        """The one sender: takes what is queued, in order, and appends it in one round trip."""
+        while True:
+            batch = [await self._outbox.get()]
+            while len(batch) < _SEND_BATCH and not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            try:
+                await self._send([event for event, _ in batch])
+            finally:
+                for _, sent in batch:
+                    if not sent.done():
+                        sent.set_result(None)
+                    self._outbox.task_done()
+
+    async def _send(self, batch: list[Event]) -> None:
+        try:
+            async with asyncio.timeout(self._config.timeout_seconds):
+                try:
+                    results = await self._append(batch)
+                except RedisConnectionError:
+                    # A pooled connection that a Redis restart left dead fails at first use;
+                    # the pool drops it. Appending again is safe: the ids make it idempotent.
+                    results = await self._append(batch)
+        except _TRANSPORT_ERRORS as exc:
+            logger.debug("Publishing %d events failed: %s", len(batch), exc)
+            if not self._publish_failing:
+                logger.warning(
+                    "Cannot publish to Redis (%s: %s); live listeners will catch up from the "
+                    "database",
+                    type(exc).__name__,
+                    exc,
+                )
+            self._publish_failing = True
+            return
+        if self._publish_failing:
+            logger.info("Publishing to Redis again")
+            self._publish_failing = False
+        for event, result in zip(batch, results[::2], strict=True):
+            if isinstance(result, ResponseError):
+                # Redis refused the id: an event of this thread with this or a later seq is
+                # already on the stream. The stream stays in order; this one is not carried
+                # live (a durable one reaches listeners from the database).
+                logger.warning(
+                    "Event %d of %s not appended: %s", event.seq, event.thread_id, result
+                )
+
+    async def _append(self, batch: list[Event]) -> list[object]:
+        """XADD and EXPIRE per event, in order, on one connection; per-command results."""
+        config = self._config
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for event in batch:
+                key = self._key(event.thread_id)
+                pipe.xadd(
+                    key,
+                    {b"e": _encode(event)},
+                    id=f"{event.seq}-0",
+                    maxlen=config.max_len,
+                    approximate=True,
+                )
+                pipe.expire(key, config.ttl_seconds)
+            return list(await pipe.execute(raise_on_error=False))
+
+    def subscribe(
+        self, thread_id: str, listener: EventListener, *, on_reset: ResetListener | None = None
+    ) -> Unsubscribe:
+        watch = self._watches.get(thread_id)
+        if watch is None:
+            watch = _Watch(thread_id, self._key(thread_id))
+            self._watches[thread_id] = watch
+            self._shard(watch.key).watches[watch.key] = watch
+        watch.listeners.append(listener)
+        if on_reset is not None:
+            watch.resets.append(on_reset)
+
+        def unsubscribe() -> None:
+            if listener in watch.listeners:
+                watch.listeners.remove(listener)
+            if on_reset is not None and on_reset in watch.resets:
+                watch.resets.remove(on_reset)
+            if not watch.listeners and self._watches.get(thread_id) is watch:
+                del self._watches[thread_id]
+                self._shard(watch.key).watches.pop(watch.key, None)
+
+        return unsubscribe
+
+    async def ready(self, thread_id: str) -> None:
+        watch = self._watches.get(thread_id)
+        if watch is None or watch.position is not None:
+            return
+        try:
+            async with asyncio.timeout(self._config.timeout_seconds):
+                top = await self._redis.xrevrange(watch.key, count=1)
+        except _TRANSPORT_ERRORS as exc:
+            logger.warning("Cannot read the end of thread %s's stream: %s", thread_id, exc)
+            watch.late = True
+            return
+        if watch.position is None:
+            watch.position = _top_seq(top)
+            self._wake(self._shard(watch.key))
+
+    def _shard(self, key: bytes) -> _Shard:
+        return self._shards[zlib.crc32(key) % len(self._shards)]
+
+    def _wake(self, shard: _Shard) -> None:
+        if shard.wake_pending:
+            return
+        shard.wake_pending = True
+        self._spawn(self._send_wake(shard))
+
+    async def _send_wake(self, shard: _Shard) -> None:
+        shard.wake_pending = False
+        try:
+            async with asyncio.timeout(self._config.timeout_seconds):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.xadd(shard.wake_key, {b"w": b"1"}, maxlen=1, approximate=False)
+                    pipe.expire(shard.wake_key, 60)
+                    await pipe.execute()
+        except _TRANSPORT_ERRORS:
+            pass  # the reader's own block timeout picks the new thread up a little later
+
+    async def _read_loop(self, shard: _Shard) -> None:
+        config = self._config
+        failing, delay = False, _BACKOFF_MIN_SECONDS
+        while True:
+            reader: Redis = Redis.from_url(
+                self._url,
+                single_connection_client=True,
+                socket_timeout=config.block_seconds + config.timeout_seconds,
+                socket_connect_timeout=config.timeout_seconds,
+            )
+            try:
+                async with asyncio.timeout(config.timeout_seconds):
+                    await reader.ping()
+                if failing:
+                    logger.info("Redis reader %d reconnected; subscribers catch up", shard.index)
+                    failing, delay = False, _BACKOFF_MIN_SECONDS
+                    for watch in tuple(shard.watches.values()):
+                        watch.reset()
+                while True:
+                    await self._read_once(reader, shard)
+            except _TRANSPORT_ERRORS as exc:
+                if not failing:
+                    logger.warning(
+                        "Redis reader %d lost its connection (%s: %s); reconnecting",
+                        shard.index,
+                        type(exc).__name__,
+                        exc,
+                    )
+                failing = True
+            finally:
+                with contextlib.suppress(*_TRANSPORT_ERRORS):
+                    async with asyncio.timeout(config.timeout_seconds):
+                        await reader.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX_SECONDS)
+
+    async def _read_once(self, reader: Redis, shard: _Shard) -> None:
+        config = self._config
+        await self._position_unplaced(reader, shard)
+        placed = [w for w in shard.watches.values() if w.position is not None]
+        block_ms = int(config.block_seconds * 1000)
+        if len(placed) > config.keys_per_read:
+            start = shard.turn % len(placed)
+            placed = (placed[start:] + placed[:start])[: config.keys_per_read]
+            shard.turn = start + config.keys_per_read
+            block_ms = _TURN_BLOCK_MS
+        streams: dict[bytes | str | memoryview, int | bytes | str | memoryview] = {
+            shard.wake_key: shard.wake_position
+        }
+        streams.update({w.key: f"{w.position}-0" for w in placed})
+        async with asyncio.timeout(config.block_seconds + config.timeout_seconds):
+            reply = await reader.xread(streams, count=_READ_COUNT, block=block_ms)
+        for key, entries in cast(list[tuple[bytes, _Entries]], reply or []):
+            if key == shard.wake_key:
+                shard.wake_position = entries[-1][0]
+                continue
+            watch = shard.watches.get(key)
+            if watch is not None:
+                self._deliver(watch, entries)
+
+    def _deliver(self, watch: _Watch, entries: _Entries) -> None:
+        for entry_id, fields in entries:
+            seq = _seq_of(entry_id)
+            if watch.position is not None and seq <= watch.position:
+                continue  # read for an earlier watch of the same thread
+            watch.position = seq
+            try:
+                event = _decode(fields[b"e"])
+            except (KeyError, ValueError, TypeError) as exc:
+                logger.warning("Skipping a malformed entry %r of %r: %s", entry_id, watch.key, exc)
+                continue
+            for listener in tuple(watch.listeners):
+                try:
+                    listener(event)
+                except Exception:  # one broken listener must not stop the shard's reader
+                    logger.exception("Event listener of thread %s failed", watch.thread_id)
+
+    async def _position_unplaced(self, reader: Redis, shard: _Shard) -> None:
+        """Threads nobody positioned (a subscriber that did not await `ready()`, or whose
+        `ready()` failed) start at their stream's end now; the failed ones are reset."""
+        for watch in [w for w in shard.watches.values() if w.position is None]:
+            async with asyncio.timeout(self._config.timeout_seconds):
+                top = await reader.xrevrange(watch.key, count=1)
+            if watch.position is None:
+                watch.position = _top_seq(top)
+            if watch.late:
+                watch.late = False
+                watch.reset()
+
+    # ------------------------------------------------------------------ control
+
+    async def publish_control(self, message: CancelRun | SessionEnded) -> None:
+        try:
+            async with asyncio.timeout(self._config.timeout_seconds):
+                try:
+                    await self._redis.publish(self._channel, encode_control(message))
+                except RedisConnectionError:  # a dead pooled connection (see `publish`);
+                    # sending twice is harmless, every control message is idempotent
+                    await self._redis.publish(self._channel, encode_control(message))
+        except _TRANSPORT_ERRORS as exc:
+            logger.warning(
+                "Cannot publish a %s control message to Redis (%s); delivered in this process only",
+                message.kind,
+                exc,
+            )
+            self._deliver_control(message)
+
+    def subscribe_control(self, listener: ControlListener) -> Unsubscribe:
+        self._control.append(listener)
+        return lambda: self._control.remove(listener) if listener in self._control else None
+
+    def _deliver_control(self, message: CancelRun | SessionEnded) -> None:
+        for listener in tuple(self._control):
+            try:
+                listener(message)
+            except Exception:  # one broken listener must not stop the control channel
+                logger.exception("Control listener failed on a %s message", message.kind)
+
+    async def _control_loop(self) -> None:
+        timeout = self._config.timeout_seconds
+        failing, delay = False, _BACKOFF_MIN_SECONDS
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                async with asyncio.timeout(timeout):
+                    await pubsub.subscribe(self._channel)
+                if failing:
+                    logger.info("Control channel reconnected")
+                    failing, delay = False, _BACKOFF_MIN_SECONDS
+                while True:
+                    async with asyncio.timeout(_CONTROL_POLL_SECONDS + timeout):
+                        raw = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=_CONTROL_POLL_SECONDS
+                        )
+                    if raw is not None and raw.get("type") == "message":
+                        self._receive_control(raw["data"])
+            except _TRANSPORT_ERRORS as exc:
+                if not failing:
+                    logger.warning(
+                        "Control channel lost (%s: %s); reconnecting", type(exc).__name__, exc
+                    )
+                failing = True
+            finally:
+                with contextlib.suppress(*_TRANSPORT_ERRORS):
+                    async with asyncio.timeout(timeout):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX_SECONDS)
+
+    def _receive_control(self, raw: bytes) -> None:
+        try:
+            message = decode_control(raw)
+        except ValidationError as exc:
+            logger.warning("Ignoring an unknown control message: %s", exc.errors()[:1])
+            return
+        self._deliver_control(message)
