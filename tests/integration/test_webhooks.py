@@ -192,3 +192,16 @@ async def test_admin_webhooks_test_list_and_remove(
         assert event["type"] == "webhook.test"
     await admin(settings, "webhooks", "remove", endpoint)
     assert await admin_json(settings, "webhooks", "list") == []
+
+
+async def test_two_delivering_instances_send_each_delivery_once(
+    settings_factory: Callable[..., Settings], receiver: Receiver
+) -> None:
+    settings = fast(settings_factory, webhook_poll_seconds=0.01)
+    await add_endpoint(settings, receiver, "run.completed")
+    async with app_client(settings) as first, app_client(settings) as second:
+        user = await register_user(first)
+        run_ids = {await finished_run(client, user, "hi") for client in (first, second, first)}
+        events = await received(receiver, 3)
+    assert {e["data"]["run_id"] for e in events} == run_ids
+    assert receiver.requests == 3, "a claimed delivery is sent by one instance"
