@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Literal
 
 import pytest
 
@@ -246,3 +247,20 @@ async def test_one_socket_follows_several_threads(server: ServerProcess) -> None
             while event.type != EventType.MESSAGE_CREATED:
                 event = await anext(live)
             assert (event.thread_id, event.data["content"]) == (second.id, "still listening")
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_logout_ends_open_streams(
+    server: ServerProcess, transport: Literal["websocket", "sse"]
+) -> None:
+    """A token revoked while its stream is open ends the stream with an `APIError`, not
+    a resume loop."""
+    async with asyncio.timeout(60), new_user(server.base_url) as client:
+        thread = await client.create_thread()
+        same_token = AsyncThreadline(server.base_url, token=client.token)
+        async with same_token, client.events(thread.id, transport=transport) as stream:
+            await same_token.logout()
+            with pytest.raises(APIError) as ended:
+                async for _event in stream:
+                    pass
+        assert (ended.value.status, ended.value.code) == (401, "token_revoked"), ended.value
