@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from tests.conftest import register_user
 from tests.integration._support import app_client, assert_error, create_thread
 from tests.integration.test_runs_support import wait_until
 from tests.oidc_issuer import loopback_issuer
+from threadline.api.app import create_app
 from threadline.cli import app as cli_app
 from threadline.settings import Settings
 from threadline.store.db import create_engine
@@ -201,3 +203,26 @@ async def test_a_tenant_key_acts_only_for_users_of_its_issuer(
                 401,
                 "act_as_user_not_found",
             )
+
+
+def test_a_key_acts_for_a_user_over_the_websocket_and_a_disabled_user_is_refused(
+    settings: Settings,
+) -> None:
+    """The socket's first message names the user (`act_as`), like the HTTP header."""
+    env = {"THREADLINE_DATABASE_URL": settings.database_url}
+    created = CliRunner().invoke(
+        cli_app, ["admin", "keys", "create", "--name", "ws", "--json"], env=env
+    )
+    key = json.loads(created.stdout)["key"]
+    with TestClient(create_app(settings)) as client:
+        credentials = {"email": "ws@example.com", "password": "correct horse battery"}
+        user_id = client.post("/v1/auth/register", json=credentials).json()["id"]
+        with client.websocket_connect("/v1/ws") as ws:
+            ws.send_json({"type": "auth", "token": key, "act_as": user_id})
+            assert ws.receive_json() == {"type": "authenticated", "user_id": user_id}
+        disabled = CliRunner().invoke(cli_app, ["admin", "users", "disable", user_id], env=env)
+        assert disabled.exit_code == 0, disabled.output
+        with client.websocket_connect("/v1/ws") as ws:
+            ws.send_json({"type": "auth", "token": key, "act_as": user_id})
+            refused = ws.receive_json()
+            assert (refused["type"], refused["code"]) == ("error", "user_disabled")
