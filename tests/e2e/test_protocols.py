@@ -427,4 +427,5 @@ def test_bad_input_gets_clear_errors_and_never_a_5xx(server: ServerProcess) -> N
         assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
         assert response.headers["content-type"].startswith("application/json"), name
         assert response.json()["error"]["code"], name
+    assert answers["unknown agent"].status_code == 404
     assert answers["unknown agent"].json()["error"]["code"] == "agent_not_found"

@@ -34,7 +34,7 @@ from tests.e2e.sockets_support import (
 )
 
 pytestmark = pytest.mark.e2e
-MAX_BATCH = 64  # events per batch frame (api/gateway.py)
+MAX_BATCH = 64  # events per batch frame (api/live/gateway.py)
 BIG = 400_000
 MAX_BIG_MESSAGES = 80  # 32 MB: far more than the socket buffers to a stalled reader hold
 UPDATES = 120

@@ -3,7 +3,7 @@ while a run is under way first gets a `snapshot` (the active run, the last seque
 every later event exactly once, in order, to the run's end; one that resumes from a sequence
 number gets the stored events after it first.
 
-Subscriptions go through `api.streams.subscribe` and the gateway, as the WebSocket and SSE
+Subscriptions go through `api.live.streams.subscribe` and the gateway, as the WebSocket and SSE
 endpoints do.
 """
 
@@ -19,9 +19,9 @@ import sqlalchemy as sa
 
 from tests.conftest import TestUser
 from tests.integration.test_runs_support import Harness, run_settings, running_app
-from threadline.api import streams
-from threadline.api.gateway import OVERFLOW, Connection
-from threadline.api.streams import PAGE_SIZE, open_subscription, replay
+from threadline.api.live import streams
+from threadline.api.live.gateway import OVERFLOW, Connection
+from threadline.api.live.streams import PAGE_SIZE, open_subscription, replay
 from threadline.errors import NotFoundError
 from threadline.events.types import EventType
 

@@ -32,7 +32,9 @@ async def _operations_with_a_body(client) -> list[tuple[str, str]]:
 
 
 def _url(path: str, thread_id: str) -> str:
-    return path.format(thread_id=thread_id, run_id=new_id(IdPrefix.RUN))
+    return path.format(
+        thread_id=thread_id, run_id=new_id(IdPrefix.RUN), agent="demo", chat_id=thread_id
+    )
 
 
 async def test_bodies_that_are_not_json_objects_get_their_own_codes(client, make_user):

@@ -18,8 +18,8 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.private_redis import PrivateRedis, private_redis
-from threadline.api.gateway import Connection, Gateway, settled_reader
-from threadline.api.streams import subscribe
+from threadline.api.live.gateway import Connection, Gateway, settled_reader
+from threadline.api.live.streams import subscribe
 from threadline.context import UserContext
 from threadline.events.bus import MemoryBus
 from threadline.events.control import CancelRun, SessionEnded

@@ -33,8 +33,8 @@ from tests import agents_for_tests
 from tests.conftest import TestUser, register_user
 from tests.integration._support import all_messages
 from threadline.api.app import create_app
-from threadline.api.gateway import Connection, Gateway, ThreadSubscription
-from threadline.api.streams import subscribe
+from threadline.api.live.gateway import Connection, Gateway, ThreadSubscription
+from threadline.api.live.streams import subscribe
 from threadline.context import UserContext
 from threadline.events.types import Event
 from threadline.llm.providers import ProviderSet

@@ -302,3 +302,11 @@ def test_tool_errors_and_other_runs() -> None:
         {"type": "tool-output-error", "toolCallId": "c1", "errorText": "bad"},
         {"type": "finish-step"},
     ]
+
+
+def test_a_deleted_thread_ends_the_ag_ui_replay() -> None:
+    log = Log()
+    translator = AguiTranslator(thread_id=THREAD)
+    agui(translator, log.tool_run("run_a")[:3])
+    out = agui(translator, [log.event("thread_deleted", {"thread_id": THREAD}, run=None)])
+    assert translator.finished and out == []  # nothing was streaming yet

@@ -10,9 +10,9 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from threadline.agents.context import DepsFactory
-from threadline.api import ws
 from threadline.api.errors import install_error_handlers
-from threadline.api.gateway import Gateway, settled_reader
+from threadline.api.live import sse, ws
+from threadline.api.live.gateway import Gateway, settled_reader
 from threadline.api.middleware import (
     BodySizeLimitMiddleware,
     LoneSurrogateMiddleware,
@@ -24,7 +24,6 @@ from threadline.api.routes import (
     agui,
     aisdk,
     auth,
-    events,
     health,
     messages,
     page,
@@ -72,7 +71,7 @@ def create_app(
         redoc_url=None,  # ReDoc would load from a CDN
     )
     install_error_handlers(app)
-    routers = (auth, threads, messages, runs, events, agent_routes, health, ws, page, agui, aisdk)
+    routers = (auth, threads, messages, runs, sse, agent_routes, health, ws, page, agui, aisdk)
     for module in (*routers, usage):
         app.include_router(module.router)
     install_docs(app)

@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from threadline.api.gateway import Gateway
+from threadline.api.live.gateway import Gateway
 from threadline.auth.service_keys import ACT_AS_HEADER
 from threadline.auth.tokens import TokenClaims
 from threadline.context import UserContext

@@ -6,8 +6,8 @@ Listeners are plain callbacks that must not block: the gateway's listener only p
 on bounded per-connection queues. A bus never reorders events for a listener and drops none on
 purpose; slow consumers are the gateway's business. A bus that may have lost events on the way
 (the Redis bus after a connection loss) says so by calling the subscription's `on_reset`; the
-listener then reads what it missed from the events table (`api/gateway.py`). A listener can also
-see a jump in `seq` (an event the bus never carried) and do the same.
+listener then reads what it missed from the events table (`api/live/gateway.py`). A listener can
+also see a jump in `seq` (an event the bus never carried) and do the same.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ Model:
 - Loss: when a reader's connection fails, the shard reconnects with back-off and then calls
   `on_reset` of every subscription it carries (events may have been published while it could
   not read, or Redis restarted empty). A reader that fell behind the trim point sees the next
-  entry's `seq` jump; the gateway treats that as a reset too (`api/gateway.py`).
+  entry's `seq` jump; the gateway treats that as a reset too (`api/live/gateway.py`).
 - Control messages (`events/control.py`) travel by pub/sub on one more connection: a few
   milliseconds to every process. If Redis cannot take one, it is delivered in this process only
   (the run's row records a cancel for the worker's heartbeat either way).

@@ -85,7 +85,7 @@ class AguiTranslator:
         self._sent_messages: set[str] = set()
         self._started_calls: set[str] = set()
         self.finished = False
-        """True once `only_run` has ended."""
+        """True once `only_run` has ended, or the thread was deleted."""
 
     @property
     def open_run(self) -> str | None:
@@ -99,6 +99,9 @@ class AguiTranslator:
 
     def translate(self, message: WireMessage) -> list[BaseEvent]:
         event = WireEvent.of(message)
+        if event.type == "thread_deleted":
+            self.finished = True
+            return self._close_text(event)
         if event.type == "message_created" and event.run_id is None:
             if self._include_user and event.text("role") == "user":
                 self._pending_user.append(event)

@@ -31,15 +31,13 @@ _TERMINAL = frozenset({"agent_completed", "agent_failed", "run_cancelled"})
 
 
 class UIMessageTranslator:
-    def __init__(self, *, run_id: str, started: bool = False) -> None:
+    def __init__(self, *, run_id: str) -> None:
         """
         Args:
             run_id: The run this stream shows; its id is the assistant message's id.
-            started: The client already has the `start` part (not used by resume, which
-                replays the whole run).
         """
         self._run_id = run_id
-        self._started = started
+        self._started = False
         self._step = False
         self._text: str | None = None
         self._sent_text: set[str] = set()

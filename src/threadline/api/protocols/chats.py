@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from threadline.agents.errors import UnknownAgentError
 from threadline.context import UserContext
 from threadline.errors import InvalidInputError, NotFoundError
 from threadline.ids import IdPrefix, is_valid_id
@@ -42,6 +43,15 @@ class ClientMessage:
 
     id: str | None
     content: str
+
+
+def check_agent(services: Runtime, name: str) -> None:
+    """An agent named in a protocol URL or body that is not registered is a resource that does
+    not exist: 404, like an unknown thread (the request itself is well-formed)."""
+    try:
+        services.registry.get(name)
+    except UnknownAgentError as exc:
+        raise NotFoundError("agent", name) from exc
 
 
 def check_client_id(value: str, *, field: str) -> str:
@@ -108,7 +118,7 @@ async def start_run(
 ) -> Run:
     """Store the user messages the thread does not have yet, then queue a run of `agent`
     that answers the last of them (or the thread as it stands, when none is new)."""
-    services.registry.get(agent)  # an unknown agent fails before anything is written
+    check_agent(services, agent)  # an unknown agent fails before anything is written
     fresh, last_user = await _new_messages(services, ctx, thread.id, messages)
     for message in fresh[:-1]:
         await services.run_service.post(ctx, thread.id, message=message, run=None)

@@ -1,5 +1,5 @@
 """Serving a protocol view of a thread over SSE, from the same subscription as the WebSocket
-and the plain SSE stream (`api/streams.py`): snapshot and stored events, then live ones.
+and the plain SSE stream (`api/live/streams.py`): snapshot and stored events, then live ones.
 
 The caller opens the subscription (so that a bad request is a JSON error before anything is
 sent) and hands in a `Framing`: how one Threadline wire event becomes protocol frames, when the
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from threadline.api.gateway import OVERFLOW, Connection, Gateway, WireMessage
-from threadline.api.streams import Opened, open_subscription, replay
+from threadline.api.live.gateway import OVERFLOW, Connection, Gateway, WireMessage
+from threadline.api.live.streams import Opened, open_subscription, replay
 from threadline.context import UserContext
 from threadline.runtime import Runtime
 

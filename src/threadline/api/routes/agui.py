@@ -19,7 +19,8 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from threadline.api.deps import CurrentUser, GatewayDep, MessageRateLimit, ServicesDep
-from threadline.api.gateway import WireMessage
+from threadline.api.live.gateway import Gateway, WireMessage
+from threadline.api.live.streams import MAX_SEQ, Opened
 from threadline.api.protocols import chats
 from threadline.api.protocols.agui import AguiTranslator
 from threadline.api.protocols.stream import (
@@ -29,9 +30,10 @@ from threadline.api.protocols.stream import (
     protocol_stream,
 )
 from threadline.api.schemas import ErrorOut
-from threadline.api.streams import MAX_SEQ, Opened
+from threadline.context import UserContext
 from threadline.errors import InvalidInputError
 from threadline.runs.service import MultitaskStrategy
+from threadline.runtime import Runtime
 
 router = APIRouter(tags=["ag-ui"])
 SEQ_KEY = "threadline_seq"
@@ -60,7 +62,7 @@ async def run_agent(
     """Run `agent` on the thread `threadId` names (created on first use), with the input's
     new user messages; stream the run as AG-UI events."""
     client_thread = chats.check_client_id(body.thread_id, field="threadId")
-    services.registry.get(agent)
+    chats.check_agent(services, agent)
     messages = _user_messages(body)
     thread = await chats.open_thread(services, user, client_thread)
     opened = await open_protocol_subscription(services, gateway, user, thread.id, after_seq=None)
@@ -106,20 +108,17 @@ async def thread_events(
     )
     translator = AguiTranslator(thread_id=thread_id, include_user_messages=True, open_run=open_run)
     caught_up = None if follow else (lambda: translator.open_run is None)
-    return _response(
-        services, gateway, user, opened, request, translator, follow=True, caught_up=caught_up
-    )
+    return _response(services, gateway, user, opened, request, translator, caught_up=caught_up)
 
 
 def _response(
-    services: ServicesDep,
-    gateway: GatewayDep,
-    user: CurrentUser,
+    services: Runtime,
+    gateway: Gateway,
+    user: UserContext,
     opened: Opened,
     request: Request,
     translator: AguiTranslator,
     *,
-    follow: bool = False,
     caught_up: Callable[[], bool] | None = None,
 ) -> StreamingResponse:
     encoder = EventEncoder()
@@ -132,7 +131,7 @@ def _response(
 
     framing = Framing(
         encode=encode,
-        done=(lambda: False) if follow else (lambda: translator.finished),
+        done=lambda: translator.finished,
         on_overflow=lambda: failed(
             "The client read too slowly; resume from Last-Event-ID", "resume"
         ),

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from threadline.api.deps import CurrentUser, GatewayDep, MessageRateLimit, ServicesDep
-from threadline.api.gateway import WireMessage
+from threadline.api.live.gateway import Gateway, WireMessage
+from threadline.api.live.streams import Opened
 from threadline.api.protocols import aisdk, chats
 from threadline.api.protocols.stream import (
     Framing,
@@ -27,8 +28,9 @@ from threadline.api.protocols.stream import (
     sse_frame,
 )
 from threadline.api.schemas import ErrorOut, RunOut
-from threadline.api.streams import Opened
+from threadline.context import UserContext
 from threadline.runs.service import MultitaskStrategy
+from threadline.runtime import Runtime
 
 router = APIRouter(prefix="/v1/ai-sdk/chat", tags=["ai-sdk"])
 DEFAULT_AGENT = "demo"
@@ -89,7 +91,7 @@ async def send_messages(
     """Store the chat's new user messages and stream the agent's answer. With
     `trigger: regenerate-message` nothing is stored and the agent answers again."""
     name = agent or body.agent or DEFAULT_AGENT
-    services.registry.get(name)
+    chats.check_agent(services, name)
     chats.check_client_id(body.id, field="id")
     messages = []
     if body.trigger == "submit-message":
@@ -141,9 +143,9 @@ async def stop(chat_id: str, user: CurrentUser, services: ServicesDep) -> ChatSt
 
 
 def _response(
-    services: ServicesDep,
-    gateway: GatewayDep,
-    user: CurrentUser,
+    services: Runtime,
+    gateway: Gateway,
+    user: UserContext,
     opened: Opened,
     request: Request,
     run_id: str,

@@ -36,9 +36,15 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 from threadline.api.deps import CurrentClaims, CurrentUser, GatewayDep, ServicesDep
-from threadline.api.gateway import OVERFLOW, Connection, Gateway, ThreadSubscription, WireMessage
+from threadline.api.live.gateway import (
+    OVERFLOW,
+    Connection,
+    Gateway,
+    ThreadSubscription,
+    WireMessage,
+)
+from threadline.api.live.streams import MAX_SEQ, Opened, open_subscription, replay
 from threadline.api.schemas import ErrorOut
-from threadline.api.streams import MAX_SEQ, Opened, open_subscription, replay
 from threadline.context import UserContext
 from threadline.events.types import EventType
 from threadline.runtime import Runtime

@@ -9,7 +9,7 @@ Model:
   and closes the socket with a code telling the client to resume from its last sequence number
   (SSE ends the stream when its reader meets the marker). Events are never silently skipped on
   a live connection.
-- A replay (`api/streams.py`) goes through `Connection.put`, which waits while the queue is half
+- A replay (`streams.py`) goes through `Connection.put`, which waits while the queue is half
   full: a replay of any length reaches a client at the pace it reads, and the other half of the
   queue stays free for live events of other threads and for replies.
 - Subscribing is gap-free and duplicate-free: the live listener is attached first (buffering),

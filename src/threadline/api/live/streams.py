@@ -34,7 +34,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from threadline.api.gateway import Connection, Gateway, ThreadSubscription, WireMessage
+from threadline.api.live.gateway import Connection, Gateway, ThreadSubscription, WireMessage
 from threadline.context import UserContext
 from threadline.events.types import Event
 from threadline.runtime import Runtime

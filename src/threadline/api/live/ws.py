@@ -33,7 +33,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from threadline.api.errors import status_for
-from threadline.api.gateway import (
+from threadline.api.live.gateway import (
     CLOSE_UNAUTHENTICATED,
     OVERFLOW,
     Connection,
@@ -41,7 +41,7 @@ from threadline.api.gateway import (
     ThreadSubscription,
     WireMessage,
 )
-from threadline.api.streams import MAX_SEQ, run_wire, subscribe
+from threadline.api.live.streams import MAX_SEQ, run_wire, subscribe
 from threadline.auth.revocation import RevocationUnavailableError
 from threadline.auth.service_keys import ACT_AS_HEADER
 from threadline.context import UserContext
