@@ -21,6 +21,7 @@ import typer
 import uvicorn
 from sqlalchemy.exc import DBAPIError
 
+from threadline.cli_admin import admin
 from threadline.errors import ThreadlineError
 from threadline.logs import configure_logging
 from threadline.runtime import check_agents
@@ -34,6 +35,7 @@ app = typer.Typer(
     help="Threadline server and tools.",
 )
 _DEFAULTS = Settings.model_fields
+app.add_typer(admin, name="admin")
 
 
 def _help(text: str, name: str) -> str:

@@ -65,6 +65,13 @@ class AuthError(ThreadlineError):
     code = "not_authenticated"
 
 
+class ForbiddenError(ThreadlineError):
+    """Authenticated, but not allowed to do this (a missing scope, a disabled account)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class ConfigurationError(ThreadlineError):
     """Settings that cannot work. Raised at start-up and names the setting."""
 

@@ -29,6 +29,9 @@ class IdPrefix(StrEnum):
     MESSAGE = "msg"
     RUN = "run"
     EVENT = "evt"
+    SERVICE_KEY = "key"
+    WEBHOOK = "whk"
+    WEBHOOK_DELIVERY = "dlv"
 
 
 class _MonotonicULID:

@@ -24,6 +24,7 @@ from threadline.agents.agent import Agent
 from threadline.agents.context import DepsFactory
 from threadline.agents.demo import demo_agent
 from threadline.agents.registry import AgentFactory, AgentRegistry
+from threadline.auth.oidc import ExternalIdentity
 from threadline.auth.passwords import Passwords
 from threadline.auth.revocation import (
     DatabaseRevocationList,
@@ -31,6 +32,7 @@ from threadline.auth.revocation import (
     RevocationList,
 )
 from threadline.auth.service import AuthService
+from threadline.auth.service_keys import ServiceKeyAuth, ServiceKeyStore
 from threadline.auth.tokens import TokenCodec
 from threadline.errors import ConfigurationError
 from threadline.events.bus import EventBus, MemoryBus
@@ -39,12 +41,14 @@ from threadline.events.redis_bus import RedisBus, RedisBusConfig
 from threadline.llm.demo import DemoProvider
 from threadline.llm.providers import ANTHROPIC, DEMO, OPENAI, ProviderSet, build_providers
 from threadline.metrics import Metrics
+from threadline.plans import PlanBook, PlanLimits
 from threadline.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from threadline.runs.engine import EngineConfig, ExecutionEngine
 from threadline.runs.outcomes import RunFinisher
 from threadline.runs.service import RunService
 from threadline.runs.worker import Worker, WorkerConfig
 from threadline.settings import Settings
+from threadline.store.accounts import AccountStore
 from threadline.store.counting import count_statements
 from threadline.store.db import create_engine
 from threadline.store.events import EventStore
@@ -56,6 +60,10 @@ from threadline.store.threads import ThreadStore
 from threadline.store.users import UserStore
 from threadline.store.wakeup import PostgresRunWaker
 from threadline.threads_service import ThreadService
+from threadline.usage.quotas import Quotas
+from threadline.usage.store import UsageStore
+from threadline.webhooks.deliverer import DelivererConfig, WebhookDeliverer
+from threadline.webhooks.store import WebhookStore
 
 logger = logging.getLogger(__name__)
 _REDIS_TIMEOUT_SECONDS = 5.0
@@ -87,6 +95,13 @@ class Runtime:
     run_service: RunService
     execution: ExecutionEngine
     worker: Worker | None
+    accounts: AccountStore
+    usage: UsageStore
+    quotas: Quotas
+    service_keys: ServiceKeyStore
+    external: ExternalIdentity | None
+    webhooks: WebhookStore
+    deliverer: WebhookDeliverer | None
 
 
 @asynccontextmanager
@@ -122,15 +137,22 @@ async def open_runtime(
             settings, engine, redis, bus, registry=registry, deps=deps, with_worker=with_worker
         )
         stack.push_async_callback(runtime.providers.aclose)
-        if runtime.worker is None:
+        if runtime.external is not None:
+            stack.push_async_callback(runtime.external.aclose)
+        if runtime.worker is None and runtime.deliverer is None:
             yield runtime
             return
         async with asyncio.TaskGroup() as group:
-            group.create_task(runtime.worker.run())
+            for task in (runtime.worker, runtime.deliverer):
+                if task is not None:
+                    group.create_task(task.run())
             try:
                 yield runtime
             finally:
-                await runtime.worker.stop()
+                if runtime.deliverer is not None:
+                    await runtime.deliverer.stop()
+                if runtime.worker is not None:
+                    await runtime.worker.stop()
 
 
 def _build_bus(settings: Settings, redis: Redis | None) -> EventBus:
@@ -264,11 +286,31 @@ def _assemble(
         max_message_chars=settings.max_message_chars,
         max_metadata_bytes=settings.max_metadata_bytes,
     )
-    runs, queue, events, metrics = RunStore(), RunQueue(), EventStore(), Metrics()
+    plans = build_plans(settings)
+    runs, events, metrics = RunStore(), EventStore(), Metrics()
     if settings.debug_count_statements:
         count_statements(engine, metrics.registry)
+    queue = RunQueue(
+        plan_limits={name: p.concurrent_runs for name, p in settings.plans.items()},
+        # Users on no plan and no default plan: the claim's own (deployment-wide) limit.
+        default_limit=(
+            settings.plans[settings.default_plan].concurrent_runs if settings.default_plan else None
+        ),
+    )
+    accounts, usage, service_keys = AccountStore(), UsageStore(), ServiceKeyStore()
+    webhooks = WebhookStore()
+    quotas = Quotas(
+        engine=engine, plans=plans, accounts=accounts, usage=usage, runs=runs, limiter=limiter
+    )
     publisher = EventPublisher(bus=bus, store=events, engine=engine)
-    finisher = RunFinisher(queue=queue, messages=messages, publisher=publisher, metrics=metrics)
+    finisher = RunFinisher(
+        queue=queue,
+        messages=messages,
+        publisher=publisher,
+        metrics=metrics,
+        usage=usage,
+        webhooks=webhooks,
+    )
     providers = build_provider_set(settings)
     execution = ExecutionEngine(
         db=engine,
@@ -284,6 +326,7 @@ def _assemble(
             run_timeout_seconds=settings.run_timeout_seconds,
             per_user_concurrency=settings.max_concurrent_runs_per_user,
         ),
+        quotas=quotas,
     )
     worker = (
         Worker(
@@ -323,6 +366,12 @@ def _assemble(
         max_active_per_user=settings.max_active_runs_per_user,
         finisher=finisher,
         wake_worker=worker.notify if worker is not None else lambda: None,
+        quotas=quotas,
+    )
+    external = (
+        ExternalIdentity(settings.oidc_issuers, engine=engine, accounts=accounts, plans=plans)
+        if settings.oidc_issuers
+        else None
     )
     auth = AuthService(
         engine=engine,
@@ -332,6 +381,9 @@ def _assemble(
         ),
         tokens=TokenCodec(resolve_secret(settings), ttl_seconds=settings.token_ttl_seconds),
         revocations=revocations,
+        external=external,
+        service_keys=ServiceKeyAuth(engine=engine, keys=service_keys, accounts=accounts),
+        password_auth=settings.password_auth,
     )
     return Runtime(
         settings=settings,
@@ -351,9 +403,45 @@ def _assemble(
         registry=registry,
         providers=providers,
         thread_service=ThreadService(
-            threads=threads, events=events, publisher=publisher, runs=run_service
+            threads=threads,
+            events=events,
+            publisher=publisher,
+            runs=run_service,
+            quotas=quotas,
+            webhooks=webhooks,
         ),
         run_service=run_service,
         execution=execution,
         worker=worker,
+        accounts=accounts,
+        usage=usage,
+        quotas=quotas,
+        service_keys=service_keys,
+        external=external,
+        webhooks=webhooks,
+        deliverer=_deliverer(settings, engine, webhooks),
     )
+
+
+def _deliverer(
+    settings: Settings, engine: AsyncEngine, webhooks: WebhookStore
+) -> WebhookDeliverer | None:
+    if not settings.webhook_delivery:
+        return None
+    config = DelivererConfig(
+        poll_seconds=settings.webhook_poll_seconds,
+        timeout_seconds=settings.webhook_timeout_seconds,
+        max_attempts=settings.webhook_max_attempts,
+        retry_base_seconds=settings.webhook_retry_base_seconds,
+    )
+    return WebhookDeliverer(engine=engine, store=webhooks, config=config)
+
+
+def build_plans(settings: Settings) -> PlanBook:
+    """The configured plans; users on none keep the deployment-wide limits."""
+    fallback = PlanLimits(
+        messages_per_minute=settings.messages_per_minute,
+        concurrent_runs=settings.max_concurrent_runs_per_user,
+        active_runs=settings.max_active_runs_per_user,
+    )
+    return PlanBook(settings.plans, default_plan=settings.default_plan, fallback=fallback)

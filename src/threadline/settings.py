@@ -22,7 +22,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from threadline.auth.issuers import TrustedIssuer
 from threadline.errors import ConfigurationError
+from threadline.plans import DEFAULT_PLANS, PlanLimits
 
 CONFIG_FILE_VARIABLE = "THREADLINE_CONFIG_FILE"
 _PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "changethis", "test"})
@@ -231,6 +233,29 @@ class Settings(BaseSettings):
     """Count database statements, transactions and pool checkouts and show them on /metrics
     (`threadline_db_*_total`), for benchmarks; costs a little CPU per statement."""
 
+    oidc_issuers: list[TrustedIssuer] = Field(default_factory=list)
+    """Trusted external identity providers (a JSON list); see docs/identity.md. Their users
+    sign in with their own tokens and are created on first use."""
+    password_auth: bool = True
+    """Allow registration and sign-in with email and password. Turn off when every user comes
+    from an OIDC issuer."""
+    plans: dict[str, PlanLimits] = Field(default_factory=lambda: dict(DEFAULT_PLANS))
+    """Plans by name (a JSON object of limits); see `threadline.plans`."""
+    default_plan: str | None = None
+    """Plan of users who have none; unset: the deployment-wide limits above apply to them."""
+
+    webhook_delivery: bool = True
+    """Deliver webhooks from this process (any number of processes may: each delivery is
+    claimed by one)."""
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+    """How often the deliverer looks for due deliveries."""
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    """Deadline of one delivery POST."""
+    webhook_max_attempts: int = Field(default=8, ge=1, le=100)
+    """Attempts of a delivery before it is dead."""
+    webhook_retry_base_seconds: float = Field(default=2.0, gt=0)
+    """First retry delay; each next one doubles (capped at an hour)."""
+
     openai_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("THREADLINE_OPENAI_API_KEY", "OPENAI_API_KEY")
     )
@@ -285,6 +310,19 @@ class Settings(BaseSettings):
             raise ConfigurationError(
                 "THREADLINE_SECRET_KEY",
                 "must be set to a random value of at least 32 characters in production",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_plans(self) -> Settings:
+        if self.default_plan is not None and self.default_plan not in self.plans:
+            raise ConfigurationError(
+                "THREADLINE_DEFAULT_PLAN",
+                f"{self.default_plan!r} is not one of the plans ({', '.join(sorted(self.plans))})",
+            )
+        if not self.password_auth and not self.oidc_issuers:
+            raise ConfigurationError(
+                "THREADLINE_PASSWORD_AUTH", "is off but no THREADLINE_OIDC_ISSUERS is configured"
             )
         return self
 

@@ -12,6 +12,9 @@ from threadline.runs.outcomes import CancelReason
 from threadline.runs.service import RunService
 from threadline.store.events import EventStore
 from threadline.store.threads import JSONObject, Thread, ThreadChanges, ThreadStatus, ThreadStore
+from threadline.usage.quotas import Quotas
+from threadline.webhooks import payloads as webhook_payloads
+from threadline.webhooks.store import WebhookEvent, WebhookStore
 
 
 class ThreadService:
@@ -31,7 +34,11 @@ class ThreadService:
         events: EventStore,
         publisher: EventPublisher,
         runs: RunService,
+        quotas: Quotas | None = None,
+        webhooks: WebhookStore | None = None,
     ):
+        self._quotas = quotas
+        self._webhooks = webhooks
         self._threads = threads
         self._events = events
         self._publisher = publisher
@@ -40,6 +47,8 @@ class ThreadService:
     async def create(
         self, conn: AsyncConnection, ctx: UserContext, *, title: str | None, metadata: JSONObject
     ) -> Thread:
+        if self._quotas is not None:
+            await self._quotas.check_thread(conn, ctx)
         thread = await self._threads.create(conn, ctx, title=title, metadata=metadata)
         await self._publisher.emit(
             conn, ctx, thread.id, EventType.THREAD_CREATED, payloads.thread_changed(thread)
@@ -81,4 +90,7 @@ class ThreadService:
         seq = await self._events.next_seq(conn, ctx, thread_id)
         await self._threads.delete(conn, ctx, thread_id)
         await self._publisher.publish_deleted(ctx, thread_id, seq)
+        if self._webhooks is not None:
+            data = webhook_payloads.thread_deleted(thread_id=thread_id, user_id=ctx.user_id)
+            await self._webhooks.enqueue(conn, WebhookEvent.THREAD_DELETED, data)
         await self._runs.stop_executing(running, reason=reason)

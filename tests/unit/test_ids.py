@@ -53,6 +53,9 @@ def test_prefixes() -> None:
         "MESSAGE": "msg",
         "RUN": "run",
         "EVENT": "evt",
+        "SERVICE_KEY": "key",
+        "WEBHOOK": "whk",
+        "WEBHOOK_DELIVERY": "dlv",
     }
 
 

@@ -29,6 +29,7 @@ from threadline.api.routes import (
     page,
     runs,
     threads,
+    usage,
 )
 from threadline.runtime import AgentsArg, open_runtime
 from threadline.settings import Settings
@@ -71,7 +72,7 @@ def create_app(
     )
     install_error_handlers(app)
     routers = (auth, threads, messages, runs, sse, agent_routes, health, ws, page, agui, aisdk)
-    for module in routers:
+    for module in (*routers, usage):
         app.include_router(module.router)
     install_docs(app)
     # Outermost first in the stack: CORS must answer preflights before OPTIONS and the size

@@ -11,9 +11,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from threadline.api.live.gateway import Gateway
+from threadline.auth.service_keys import ACT_AS_HEADER
 from threadline.auth.tokens import TokenClaims
 from threadline.context import UserContext
-from threadline.errors import AuthError, RateLimitedError
+from threadline.errors import AuthError
 from threadline.logs import bind_context
 from threadline.runtime import Runtime
 from threadline.store.db import read_transaction
@@ -56,10 +57,12 @@ DbConn = Annotated[AsyncConnection, Depends(_transaction, scope="function")]
 async def _current_claims(
     services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request,
 ) -> TokenClaims:
     if credentials is None:
         raise AuthError("Send a bearer token in the Authorization header", code="not_authenticated")
-    return await services.auth.validate(credentials.credentials)
+    act_as = request.headers.get(ACT_AS_HEADER)  # only service keys may use it
+    return await services.auth.validate(credentials.credentials, act_as=act_as)
 
 
 CurrentClaims = Annotated[TokenClaims, Depends(_current_claims)]
@@ -84,15 +87,7 @@ OwnedThread = Annotated[Thread, Depends(_owned_thread)]
 
 
 async def _message_rate_limit(user: CurrentUser, services: ServicesDep) -> None:
-    limit = services.settings.messages_per_minute
-    decision = await services.limiter.hit(
-        f"messages:{user.user_id}", limit=limit, window_seconds=60
-    )
-    if not decision.allowed:
-        raise RateLimitedError(
-            f"At most {limit} messages a minute; retry in {decision.retry_after_seconds} s",
-            retry_after_seconds=decision.retry_after_seconds,
-        )
+    await services.quotas.hit_message(user, legacy_limit=services.settings.messages_per_minute)
 
 
 MessageRateLimit = Depends(_message_rate_limit)

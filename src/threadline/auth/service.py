@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -11,10 +12,16 @@ from threadline.auth.passwords import Passwords
 from threadline.auth.revocation import RevocationList
 from threadline.auth.tokens import IssuedToken, TokenClaims, TokenCodec
 from threadline.context import UserContext
-from threadline.errors import AuthError, InvalidInputError
+from threadline.errors import AuthError, ConflictError, ForbiddenError, InvalidInputError
+from threadline.store.accounts import AccountState, AccountStore
 from threadline.store.db import ping, read_transaction
 from threadline.store.users import User, UserStore
 
+if TYPE_CHECKING:
+    from threadline.auth.oidc import ExternalIdentity
+    from threadline.auth.service_keys import ServiceKeyAuth
+
+_SERVICE_KEY_START = "key_"  # auth/service_keys.py: a key is `key_<ulid>.<secret>`
 MIN_PASSWORD_CHARS = 8
 MAX_PASSWORD_CHARS = 256
 
@@ -51,14 +58,29 @@ class AuthService:
         passwords: Passwords,
         tokens: TokenCodec,
         revocations: RevocationList,
+        external: ExternalIdentity | None = None,
+        service_keys: ServiceKeyAuth | None = None,
+        password_auth: bool = True,
     ) -> None:
         self._engine = engine
         self._users = users
+        self._accounts = AccountStore()
         self._passwords = passwords
         self._tokens = tokens
         self._revocations = revocations
+        self._external = external
+        self._service_keys = service_keys
+        self._password_auth = password_auth
+
+    def _check_password_auth(self) -> None:
+        if not self._password_auth:
+            raise ForbiddenError(
+                "Password sign-in is turned off; sign in with your identity provider",
+                code="password_auth_disabled",
+            )
 
     async def register(self, *, email: str, password: str) -> User:
+        self._check_password_auth()
         email = normalize_email(email)
         password_hash = await self._passwords.hash(check_password(password))
         async with self._engine.begin() as conn:
@@ -67,6 +89,7 @@ class AuthService:
     async def authenticate(self, *, email: str, password: str) -> IssuedToken:
         """Issue a token. An unknown email and a wrong password fail with different codes,
         as the API promises; both take the same time (one argon2 verification)."""
+        self._check_password_auth()
         try:
             email = normalize_email(email)
         except InvalidInputError:
@@ -80,23 +103,42 @@ class AuthService:
             raise AuthError("Wrong password", code="wrong_password")
         return self._tokens.issue(found.user.id)
 
-    async def validate(self, token: str) -> TokenClaims:
+    async def validate(self, token: str, *, act_as: str | None = None) -> TokenClaims:
         """The token's claims, once its signature, expiry, revocation and its user's account
         are checked. A well-signed token of an account that no longer exists (the database
-        was reset, the signing key kept) is `token_user_not_found`, on every endpoint."""
-        claims = self._tokens.decode(token)
+        was reset, the signing key kept) is `token_user_not_found`, on every endpoint.
+
+        The token is Threadline's own, an external issuer's (`auth/oidc.py`), or a service
+        key acting for the user `act_as` (`auth/service_keys.py`)."""
+        if token.startswith(_SERVICE_KEY_START) and self._service_keys is not None:
+            return await self._service_keys.validate(token, act_as=act_as)
+        if act_as is not None:
+            raise ForbiddenError(
+                "Only a service key may act for another user", code="act_as_not_allowed"
+            )
+        if self._external is not None and self._external.is_external(token):
+            claims = await self._external.validate(token)
+        else:
+            claims = self._tokens.decode(token)
         if await self._revocations.is_revoked(claims.jti):
             raise AuthError("The token was revoked (signed out)", code="token_revoked")
         async with read_transaction(self._engine) as conn:
-            known = await self._users.exists(conn, claims.user_id)
-        if not known:
+            state = await self._accounts.state(conn, claims.user_id)
+        if state is AccountState.MISSING:
             raise AuthError(
                 "The token's account does not exist (any more); sign up or sign in again",
                 code="token_user_not_found",
             )
+        if state is AccountState.DISABLED:
+            raise ForbiddenError("The account is disabled", code="user_disabled")
         return claims
 
     async def logout(self, claims: TokenClaims) -> None:
+        if claims.service_key_id is not None:
+            raise ConflictError(
+                "A service key is not signed out; revoke it with `threadline admin keys revoke`",
+                code="service_key_logout",
+            )
         await self._revocations.revoke(claims.jti, expires_at=claims.expires_at)
 
     async def me(self, ctx: UserContext) -> User:

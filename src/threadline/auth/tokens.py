@@ -20,6 +20,8 @@ class TokenClaims:
     user_id: str
     jti: str
     expires_at: datetime
+    service_key_id: str | None = None
+    """Set when a service key acts for the user (`auth/service_keys.py`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -49,6 +49,8 @@ from threadline.store.failures import is_database_unavailable
 from threadline.store.messages import Message, MessageRole, MessageStore
 from threadline.store.queue import RunQueue
 from threadline.store.runs import Run, RunStatus
+from threadline.usage.meter import UsageMeter
+from threadline.usage.quotas import Quotas
 
 logger = logging.getLogger(__name__)
 JSONObject = dict[str, object]
@@ -83,7 +85,9 @@ class ExecutionEngine:
         metrics: Metrics,
         deps: DepsFactory | None = None,
         config: EngineConfig = EngineConfig(),
+        quotas: Quotas | None = None,
     ) -> None:
+        self._quotas = quotas
         self.registry = registry
         self.providers = providers
         """Public so a test can wrap a provider (a model held at a chosen step)."""
@@ -154,12 +158,19 @@ class ExecutionEngine:
                 del self._slots[user_id]
 
     async def _guarded(self, run: Run, ctx: UserContext) -> Outcome | None:
+        """The run's outcome, with the tokens it used (the plan's budget stops it early)."""
+        budget = await self._quotas.token_budget(run.user_id) if self._quotas else None
+        meter = UsageMeter(budget=budget)
+        outcome = await self._outcome(run, ctx, meter)
+        return None if outcome is None else replace(outcome, usage=meter.usage)
+
+    async def _outcome(self, run: Run, ctx: UserContext, meter: UsageMeter) -> Outcome | None:
         sink = RunEventSink(
             db=self._db, publisher=self._publisher, messages=self._messages, ctx=ctx
         )
         try:
             async with asyncio.timeout(self.config.run_timeout_seconds):
-                outcome = await self._run_agent(run, ctx, sink)
+                outcome = await self._run_agent(run, ctx, sink, meter)
             await sink.flush()
             last = sink.last_assistant
             return Outcome.completed(
@@ -197,10 +208,13 @@ class ExecutionEngine:
             # Counted however the run ends: a tool that ran in a cancelled run still ran.
             self._metrics.tool_calls.inc(sink.tool_calls)
 
-    async def _run_agent(self, run: Run, ctx: UserContext, sink: RunEventSink) -> AgentOutcome:
+    async def _run_agent(
+        self, run: Run, ctx: UserContext, sink: RunEventSink, meter: UsageMeter
+    ) -> AgentOutcome:
         await sink.emit(EventType.AGENT_STARTED, payloads.agent_started(run.agent, run.attempt))
         agent = self.registry.build(run.agent)
         provider, model = self.providers.resolve(agent.model)
+        provider = meter.wrap(provider)
         input_position = await self._place_input_message(run, ctx)
         stored = await self._stored(run, ctx, agent, input_position=input_position)
         answered = _stored_answer(stored, run)

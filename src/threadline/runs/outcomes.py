@@ -21,11 +21,15 @@ from threadline.context import UserContext
 from threadline.events import payloads
 from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
+from threadline.llm.types import Usage
 from threadline.metrics import Metrics
 from threadline.runs.conversation import close_unanswered_tool_calls
 from threadline.store.messages import MessageStore
 from threadline.store.queue import RunQueue
 from threadline.store.runs import Run, RunStatus
+from threadline.usage.store import UsageStore
+from threadline.webhooks import payloads as webhook_payloads
+from threadline.webhooks.store import WebhookStore
 
 JSONObject = dict[str, object]
 
@@ -49,6 +53,8 @@ class Outcome:
     """The terminal event's data."""
     result: JSONObject | None = None
     error: JSONObject | None = None
+    usage: Usage | None = None
+    """The model tokens this attempt used, recorded with the run's duration."""
 
     @classmethod
     def completed(cls, result: JSONObject) -> Outcome:
@@ -79,7 +85,11 @@ class RunFinisher:
         messages: MessageStore,
         publisher: EventPublisher,
         metrics: Metrics,
+        usage: UsageStore | None = None,
+        webhooks: WebhookStore | None = None,
     ) -> None:
+        self._usage = usage
+        self._webhooks = webhooks
         self._queue = queue
         self._messages = messages
         self._publisher = publisher
@@ -99,5 +109,12 @@ class RunFinisher:
         await self._publisher.emit(
             conn, ctx, run.thread_id, outcome.event, outcome.data, run_id=run.id
         )
+        usage = outcome.usage or Usage()
+        if self._usage is not None and (run.started_at is not None or outcome.usage):
+            await self._usage.record(conn, run, status=outcome.status, usage=usage)
+        webhook_event = webhook_payloads.run_event(outcome.status)
+        if self._webhooks is not None and webhook_event is not None:
+            data = webhook_payloads.run_finished(run, outcome, usage=usage)
+            await self._webhooks.enqueue(conn, webhook_event, data)  # the outbox: same commit
         self._metrics.runs_finished.labels(outcome.status.value).inc()
         return True

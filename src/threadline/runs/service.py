@@ -25,6 +25,7 @@ from threadline.store.db import read_transaction
 from threadline.store.messages import Message, MessageStore, NewMessage
 from threadline.store.runs import Run, RunStatus, RunStore
 from threadline.store.threads import ThreadStatus, ThreadStore
+from threadline.usage.quotas import Quotas
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +57,9 @@ class RunService:
         max_active_per_user: int,
         finisher: RunFinisher,
         wake_worker: Callable[[], None] = lambda: None,
+        quotas: Quotas | None = None,
     ) -> None:
+        self._quotas = quotas
         self._db = db
         self._threads = threads
         self._messages = messages
@@ -90,6 +93,8 @@ class RunService:
                     "The thread is archived; restore it (status: active) to continue",
                     code="thread_archived",
                 )
+            if run is not None and self._quotas is not None:
+                await self._quotas.check_run(conn, ctx)  # refused before anything is written
             stored = None
             if message is not None:
                 stored = await self._messages.append(conn, ctx, thread_id, message)

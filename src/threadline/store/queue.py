@@ -22,13 +22,14 @@ a run its own worker claimed again, cannot overwrite the outcome of the one that
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from threadline.store.runs import JSONObject, Run, RunStatus, run_from_row
-from threadline.store.tables import runs
+from threadline.store.tables import runs, users
 
 # First key of the two-key advisory lock that serializes one user's claims (the second is the
 # hash of the user id); an arbitrary constant, so other advisory-lock users cannot collide.
@@ -61,7 +62,7 @@ WHERE runs.status = 'queued'
       AND earlier.status IN ('queued', 'running')
       AND (earlier.created_at < runs.created_at
            OR (earlier.created_at = runs.created_at AND earlier.id < runs.id)))
-  AND coalesce(served.busy, 0) < :per_user_limit
+  AND coalesce(served.busy, 0) < {user_limit}
   AND runs.user_id NOT IN :skipped
 ORDER BY coalesce(served.busy, 0), served.last_started NULLS FIRST,
          queued.user_rank, queued.created_at, runs.id
@@ -85,6 +86,38 @@ def _as_seen(run: Run) -> sa.ColumnElement[bool]:
 
 
 class RunQueue:
+    def __init__(
+        self, *, plan_limits: Mapping[str, int] | None = None, default_limit: int | None = None
+    ) -> None:
+        """`plan_limits`: concurrent runs per plan name (`users.plan`); a user on no plan (or
+        an unknown one) gets `default_limit`, else the `per_user_limit` of each claim. Every
+        limit is capped by that `per_user_limit`."""
+        self._plan_limits = dict(plan_limits or {})
+        self._default_limit = default_limit
+
+    def _limit_sql(self, per_user_limit: int) -> tuple[str, dict[str, object]]:
+        """The SQL for the candidate user's concurrent-run limit, and its parameters."""
+        params: dict[str, object] = {"per_user_limit": per_user_limit}
+        if not self._plan_limits and self._default_limit is None:
+            return ":per_user_limit", params
+        cases = []
+        for n, (plan, limit) in enumerate(sorted(self._plan_limits.items())):
+            params[f"plan_{n}"], params[f"plan_limit_{n}"] = plan, min(limit, per_user_limit)
+            cases.append(f"WHEN users.plan = :plan_{n} THEN CAST(:plan_limit_{n} AS INTEGER)")
+        params["default_limit"] = min(self._default_limit or per_user_limit, per_user_limit)
+        return (
+            f"(SELECT CASE {' '.join(cases)} ELSE CAST(:default_limit AS INTEGER) END "
+            "FROM users WHERE users.id = runs.user_id)",
+            params,
+        )
+
+    async def _limit_of(self, conn: AsyncConnection, user_id: str, per_user_limit: int) -> int:
+        if not self._plan_limits and self._default_limit is None:
+            return per_user_limit
+        plan = await conn.scalar(sa.select(users.c.plan).where(users.c.id == user_id))
+        limit = self._plan_limits.get(str(plan)) if plan is not None else None
+        return min(limit or self._default_limit or per_user_limit, per_user_limit)
+
     async def claim_next(
         self,
         conn: AsyncConnection,
@@ -102,26 +135,25 @@ class RunQueue:
             run_id, user_id = candidate
             # Wait for another claim of this user only while holding no other user's lock,
             # so two claimers can never wait for each other (no deadlock).
-            if conn.dialect.name == "postgresql" and not await self._user_has_room(
-                conn, user_id, per_user_limit, wait=not skipped
-            ):
-                skipped.append(user_id)
-                continue
+            if conn.dialect.name == "postgresql":
+                limit = await self._limit_of(conn, user_id, per_user_limit)
+                if not await self._user_has_room(conn, user_id, limit, wait=not skipped):
+                    skipped.append(user_id)
+                    continue
             return await self._take(conn, run_id, worker_id=worker_id, lease_seconds=lease_seconds)
         return None
 
     async def _candidate(
         self, conn: AsyncConnection, per_user_limit: int, skipped: list[str]
     ) -> tuple[str, str] | None:
-        query = _CLAIM_SQL
+        user_limit, params = self._limit_sql(per_user_limit)
+        query = _CLAIM_SQL.format(user_limit=user_limit)
         if conn.dialect.name == "postgresql":
             query += " FOR UPDATE OF runs SKIP LOCKED"
         statement = sa.text(query).bindparams(
             sa.bindparam("skipped", expanding=True, type_=sa.String())
         )
-        row = (
-            await conn.execute(statement, {"per_user_limit": per_user_limit, "skipped": skipped})
-        ).first()
+        row = (await conn.execute(statement, {**params, "skipped": skipped})).first()
         return None if row is None else (str(row[0]), str(row[1]))
 
     async def _user_has_room(

@@ -56,6 +56,10 @@ users = sa.Table(
     sa.Column("email", sa.String(320), nullable=False, unique=True),
     sa.Column("password_hash", sa.String(255), nullable=False),
     sa.Column("created_at", UTCDateTime(), nullable=False),
+    # A plan name of the settings; NULL: the default plan (threadline/plans.py).
+    sa.Column("plan", sa.String(64), nullable=True),
+    # Set by `threadline admin users disable`: every token of the user is refused.
+    sa.Column("disabled_at", UTCDateTime(), nullable=True),
 )
 
 threads = sa.Table(
@@ -151,4 +155,106 @@ revoked_tokens = sa.Table(
     metadata_obj,
     sa.Column("jti", sa.String(64), primary_key=True),
     sa.Column("expires_at", UTCDateTime(), nullable=False),
+)
+
+# Users of external identity providers: one issuer's subject is one user, forever, whichever
+# process saw its first token (the primary key makes concurrent first sign-ins converge).
+external_identities = sa.Table(
+    "external_identities",
+    metadata_obj,
+    sa.Column("issuer", sa.String(512), primary_key=True),
+    sa.Column("subject", sa.String(255), primary_key=True),
+    sa.Column("user_id", ID, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_external_identities_user", "user_id"),
+)
+
+# Keys of the product's own backend. Only a hash of the secret is kept; checked on every
+# request, so a revocation applies at once on every process.
+service_keys = sa.Table(
+    "service_keys",
+    metadata_obj,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("scopes", JSONType, nullable=False),
+    # An issuer: the key may act only for users of that identity provider; NULL: any user.
+    sa.Column("tenant", sa.String(512), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("revoked_at", UTCDateTime(), nullable=True),
+)
+
+# One row per run that reached a terminal state after starting: its tokens and duration.
+# Kept when the thread is deleted (usage is billed); removed with the user.
+run_usage = sa.Table(
+    "run_usage",
+    metadata_obj,
+    sa.Column("run_id", ID, primary_key=True),
+    sa.Column("user_id", ID, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    # The UTC day the run finished, `YYYY-MM-DD`: per-day sums need no date functions.
+    sa.Column("day", sa.String(10), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("input_tokens", sa.Integer, nullable=False),
+    sa.Column("output_tokens", sa.Integer, nullable=False),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_run_usage_user_day", "user_id", "day"),
+)
+
+# Webhook endpoints (`threadline admin webhooks add`). The secret signs deliveries, so it is kept
+# as given (Standard Webhooks `whsec_…`); protect the database like the signing key.
+webhook_endpoints = sa.Table(
+    "webhook_endpoints",
+    metadata_obj,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("secret", sa.String(255), nullable=False),
+    sa.Column("event_types", JSONType, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+)
+
+# The outbox: one row per event and endpoint, inserted in the transaction that records the
+# event, delivered at least once by whichever process claims it (a lease, like runs).
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata_obj,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column(
+        "endpoint_id",
+        ID,
+        sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("event_type", sa.String(64), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    # pending, delivered or dead (every attempt failed)
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", UTCDateTime(), nullable=False),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("delivered_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    sa.Index("ix_webhook_deliveries_endpoint", "endpoint_id", "created_at"),
+)
+
+# The delivery log: every attempt, its HTTP status or error, and how long it took.
+webhook_attempts = sa.Table(
+    "webhook_attempts",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "delivery_id",
+        ID,
+        sa.ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("status_code", sa.Integer, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_webhook_attempts_delivery", "delivery_id"),
 )

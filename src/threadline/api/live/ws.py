@@ -43,8 +43,9 @@ from threadline.api.live.gateway import (
 )
 from threadline.api.live.streams import MAX_SEQ, run_wire, subscribe
 from threadline.auth.revocation import RevocationUnavailableError
+from threadline.auth.service_keys import ACT_AS_HEADER
 from threadline.context import UserContext
-from threadline.errors import AuthError, RateLimitedError, ThreadlineError
+from threadline.errors import AuthError, ForbiddenError, RateLimitedError, ThreadlineError
 from threadline.runs.service import MultitaskStrategy, RunRequest
 from threadline.runtime import Runtime
 from threadline.store.messages import MessageRole, NewMessage
@@ -66,6 +67,8 @@ _CLOSE_TRY_AGAIN_LATER = 1013
 class _Auth(BaseModel):
     type: str = "auth"
     token: str
+    act_as: str | None = Field(default=None, max_length=64)
+    """With a service key: the user it acts for (or the `X-Threadline-Act-As` header)."""
 
 
 class _Subscribe(BaseModel):
@@ -123,14 +126,15 @@ async def _authenticate(
     websocket: WebSocket, services: Runtime, header_token: str | None
 ) -> tuple[UserContext, str] | None:
     try:
-        token = header_token
+        token, act_as = header_token, websocket.headers.get(ACT_AS_HEADER)
         if token is None:
             async with asyncio.timeout(_AUTH_TIMEOUT_SECONDS):
                 raw = await websocket.receive_text()
-            token = _Auth.model_validate_json(raw).token
-        claims = await services.auth.validate(token)
+            message = _Auth.model_validate_json(raw)
+            token, act_as = message.token, message.act_as or act_as
+        claims = await services.auth.validate(token, act_as=act_as)
         ctx = UserContext.create(claims.user_id, connection_id=f"ws-{uuid.uuid4().hex[:16]}")
-    except (AuthError, ValidationError, TimeoutError, ValueError) as exc:
+    except (AuthError, ForbiddenError, ValidationError, TimeoutError, ValueError) as exc:
         code = exc.code if isinstance(exc, ThreadlineError) else "not_authenticated"
         await _send_json(websocket, {"type": "error", "code": code, "message": "Not authenticated"})
         await websocket.close(CLOSE_UNAUTHENTICATED, code)
@@ -327,15 +331,9 @@ class _Session:
     async def _send_message(self, message: dict[str, object]) -> None:
         request = _SendMessage.model_validate(message)
         services = self.services
-        decision = await services.limiter.hit(
-            f"messages:{self.ctx.user_id}",
-            limit=services.settings.messages_per_minute,
-            window_seconds=60,
+        await services.quotas.hit_message(
+            self.ctx, legacy_limit=services.settings.messages_per_minute
         )
-        if not decision.allowed:
-            raise RateLimitedError(
-                "Too many messages", retry_after_seconds=decision.retry_after_seconds
-            )
         run = (
             RunRequest(agent=request.agent, multitask_strategy=request.multitask_strategy)
             if request.agent
