@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
@@ -14,26 +13,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from threadline.errors import ThreadlineError
+from threadline.store.errors import DatabaseUnavailableError as DatabaseUnavailableError
+from threadline.store.sqlite import create_sqlite_engine, reader
 
 logger = logging.getLogger(__name__)
 
-_READ_ONLY = "threadline_read_only"
 APPLICATION_NAME = "threadline"
 """`application_name` of the pooled PostgreSQL connections, as `pg_stat_activity` shows it."""
-# How long a SQLite writer waits for the lock before failing with "database is locked".
-_SQLITE_BUSY_TIMEOUT_MS = 30_000
-
-
-class DatabaseUnavailableError(ThreadlineError):
-    """The database cannot be reached, or does not answer in time."""
-
-    code = "database_unavailable"
-
-    def __init__(self, *, location: str, reason: str) -> None:
-        super().__init__(f"Cannot reach the database at {location}: {reason}")
-        self.location = location
-        self.reason = reason
 
 
 def create_engine(
@@ -50,7 +36,8 @@ def create_engine(
     and authentication: a server that accepts but never answers fails within it), and a
     non-zero `statement_timeout_seconds` becomes the session's `statement_timeout`."""
     if database_url.startswith("sqlite"):
-        return _create_sqlite_engine(database_url, echo=echo)
+        # One writer at a time and its own pool size: store/sqlite.py.
+        return create_sqlite_engine(database_url, echo=echo)
     server_settings = {"application_name": APPLICATION_NAME}
     if statement_timeout_seconds > 0:
         server_settings["statement_timeout"] = str(int(statement_timeout_seconds * 1000))
@@ -127,51 +114,15 @@ async def check_reachable(
         raise unavailable(exc, database_url=database_url, timeout_seconds=timeout_seconds) from exc
 
 
-def _create_sqlite_engine(database_url: str, *, echo: bool) -> AsyncEngine:
-    database = make_url(database_url).database
-    if database:
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(
-        database_url,
-        echo=echo,
-        connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000},
-    )
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take transaction control from the driver so "begin" below decides how to start one.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        # A deferred transaction that reads and then writes cannot wait for the write lock:
-        # SQLite fails it at once with SQLITE_BUSY. Taking the lock up front makes writers queue
-        # on busy_timeout instead. Read-only transactions (`read_transaction`) begin deferred,
-        # so under WAL they never wait for a writer.
-        if connection.get_execution_options().get(_READ_ONLY):
-            connection.exec_driver_sql("BEGIN")
-        else:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
-
-
 @asynccontextmanager
 async def read_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A transaction that only reads. On SQLite it does not take the write lock, so it runs
-    beside writers; use `engine.begin()` for anything that may write."""
-    async with engine.connect() as connection:
-        await connection.execution_options(**{_READ_ONLY: True})
-        async with connection.begin():
-            yield connection
+    """A transaction that only reads. On SQLite it takes neither the process's write gate nor
+    SQLite's write lock, so it runs beside the writer; use `engine.begin()` for anything that
+    may write."""
+    async with reader(engine) as connection, connection.begin():
+        yield connection
 
 
 async def ping(engine: AsyncEngine) -> None:
-    async with engine.connect() as connection:
+    async with reader(engine) as connection:
         await connection.execute(text("SELECT 1"))
