@@ -1,0 +1,204 @@
+"""The embedded SQLite default: one writer at a time per process (store/sqlite.py).
+
+Most tests here set SQLite's busy timeout to 0, so two writers of one process that met inside
+SQLite would fail at once with "database is locked" instead of waiting in the busy handler.
+They pass because the write gate makes a process's writers take turns on the event loop; the
+control test shows the same load failing without the gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from tests.integration.test_runs_support import TERMINAL, run_settings, running_app
+from threadline.settings import Settings
+from threadline.store import db
+from threadline.store.db import read_transaction
+from threadline.store.errors import WriteLockTimeoutError
+from threadline.store.failures import is_database_unavailable
+from threadline.store.sqlite import create_sqlite_engine
+
+pytestmark = pytest.mark.integration
+
+WRITERS = 50
+_SCRATCH = sa.table("scratch", sa.column("writer", sa.Integer), sa.column("step", sa.Integer))
+
+
+@pytest.fixture
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    path = tmp_path / "threadline.db"
+    shutil.copy(sqlite_template, path)
+    return f"sqlite+aiosqlite:///{path}"
+
+
+@pytest.fixture
+async def engine(sqlite_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_sqlite_engine(sqlite_url, busy_timeout_seconds=0)
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("CREATE TABLE scratch (writer INTEGER, step INTEGER)"))
+    yield engine
+    await engine.dispose()
+
+
+async def _write_twice(conn: AsyncConnection, writer: int) -> None:
+    """Two inserts with a turn of the event loop between them, so that every other writer
+    runs while this transaction is open."""
+    await conn.execute(sa.insert(_SCRATCH).values(writer=writer, step=1))
+    await asyncio.sleep(0)
+    await conn.execute(sa.insert(_SCRATCH).values(writer=writer, step=2))
+
+
+async def _count(engine: AsyncEngine) -> int:
+    async with read_transaction(engine) as conn:
+        return int(await conn.scalar(sa.select(sa.func.count()).select_from(_SCRATCH)) or 0)
+
+
+async def test_concurrent_writers_of_one_process_take_turns_outside_sqlite(
+    engine: AsyncEngine,
+) -> None:
+    async def writer(n: int) -> None:
+        async with engine.begin() as conn:
+            await _write_twice(conn, n)
+
+    async with asyncio.timeout(60), asyncio.TaskGroup() as tasks:
+        for n in range(WRITERS):
+            tasks.create_task(writer(n))
+    assert await _count(engine) == 2 * WRITERS
+
+
+async def test_control_without_the_gate_the_same_writers_collide(engine: AsyncEngine) -> None:
+    """What the test above would see if writers went past the gate: a plain connection of the
+    same pool, `BEGIN IMMEDIATE` like any writer, and nobody waits."""
+
+    async def ungated_writer(n: int) -> None:
+        async with AsyncConnection(engine) as conn, conn.begin():
+            await _write_twice(conn, n)
+
+    async with asyncio.timeout(60):
+        outcomes = await asyncio.gather(
+            *(ungated_writer(n) for n in range(WRITERS)), return_exceptions=True
+        )
+    locked = [o for o in outcomes if isinstance(o, OperationalError)]
+    assert locked, "without the gate, concurrent writers should have met inside SQLite"
+    assert all("database is locked" in str(error) for error in locked)
+
+
+async def test_a_reader_is_not_blocked_by_an_open_write_transaction(engine: AsyncEngine) -> None:
+    async with asyncio.timeout(30), engine.begin() as writing:
+        await writing.execute(sa.insert(_SCRATCH).values(writer=1, step=1))
+        # The writer holds the gate and SQLite's write lock, uncommitted. A reader runs now,
+        # sees the last committed state, and a second writer is still waiting for its turn.
+        second_writer = asyncio.create_task(_insert(engine, writer=2))
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            assert await _count(engine) == 0
+        assert time.monotonic() - started < 1
+        assert not second_writer.done()
+    async with asyncio.timeout(30):
+        await second_writer
+    assert await _count(engine) == 2
+
+
+async def _insert(engine: AsyncEngine, *, writer: int) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(sa.insert(_SCRATCH).values(writer=writer, step=1))
+
+
+async def test_a_writer_waiting_past_its_deadline_gets_a_clear_error(sqlite_url: str) -> None:
+    engine = create_sqlite_engine(sqlite_url, busy_timeout_seconds=0, write_timeout_seconds=0.2)
+    try:
+        async with asyncio.timeout(30):
+            async with engine.begin() as holding:
+                await holding.execute(sa.text("SELECT 1"))
+                started = time.monotonic()
+                with pytest.raises(WriteLockTimeoutError) as raised:
+                    await asyncio.create_task(_insert_anything(engine))
+                assert 0.15 < time.monotonic() - started < 5
+            # The slot is free again once the holder is done.
+            await _insert_anything(engine)
+    finally:
+        await engine.dispose()
+    error = raised.value
+    assert error.code == "database_busy"
+    assert error.timeout_seconds == 0.2
+    assert error.location in sqlite_url
+    assert "within 0.2 s" in error.message
+    # A 503 for the API, and a run that meets it goes back to the queue (store/failures.py).
+    assert is_database_unavailable(error)
+
+
+async def _insert_anything(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("CREATE TABLE IF NOT EXISTS anything (n INTEGER)"))
+
+
+async def test_a_task_asking_for_a_second_writer_is_refused_at_once(engine: AsyncEngine) -> None:
+    async with asyncio.timeout(5), engine.begin():
+        with pytest.raises(RuntimeError, match="already holds the SQLite write connection"):
+            async with engine.connect():
+                pass
+        # Reading inside a write is what read_transaction is for.
+        assert await _count(engine) == 0
+
+
+async def test_writers_of_two_processes_wait_for_each_other_in_sqlite(sqlite_url: str) -> None:
+    """Two engines stand for two processes (`threadline serve` and `threadline worker` on one
+    file): each has its own gate, so between them SQLite's busy timeout still decides."""
+    first, second = create_sqlite_engine(sqlite_url), create_sqlite_engine(sqlite_url)
+    try:
+        async with first.begin() as conn:
+            await conn.execute(sa.text("CREATE TABLE scratch (writer INTEGER, step INTEGER)"))
+
+        async def writer(engine: AsyncEngine, n: int) -> None:
+            async with engine.begin() as conn:
+                await _write_twice(conn, n)
+
+        async with asyncio.timeout(60), asyncio.TaskGroup() as tasks:
+            for n in range(20):
+                tasks.create_task(writer(first if n % 2 else second, n))
+        assert await _count(first) == 40
+    finally:
+        await first.dispose()
+        await second.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the write gate is SQLite's
+async def test_fifty_concurrent_runs_on_sqlite_never_wait_in_sqlite(
+    settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole server on SQLite, 50 users posting a message with a run at the same moment:
+    every post is accepted and every run completes with SQLite's busy timeout at 0."""
+    monkeypatch.setattr(
+        db, "create_sqlite_engine", functools.partial(create_sqlite_engine, busy_timeout_seconds=0)
+    )
+    settings = run_settings(settings_factory)
+    async with running_app(settings) as h:
+        users = [await h.user() for _ in range(WRITERS)]
+        threads = [await h.thread(user) for user in users]
+        async with asyncio.timeout(120):
+            posted = await asyncio.gather(
+                *(
+                    h.post(user, thread, "what is 12*7?", agent="demo")
+                    for user, thread in zip(users, threads, strict=True)
+                )
+            )
+            assert [response.status_code for response in posted] == [201] * WRITERS
+            finished = await asyncio.gather(
+                *(
+                    h.wait_run(
+                        user, thread, response.json()["run"]["id"], statuses=TERMINAL, seconds=90
+                    )
+                    for user, thread, response in zip(users, threads, posted, strict=True)
+                )
+            )
+    assert [run["status"] for run in finished] == ["completed"] * WRITERS
