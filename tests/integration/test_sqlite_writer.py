@@ -24,7 +24,7 @@ from tests.integration.test_runs_support import TERMINAL, run_settings, running_
 from threadline.settings import Settings
 from threadline.store import db
 from threadline.store.db import read_transaction
-from threadline.store.errors import WriteLockTimeoutError
+from threadline.store.errors import DatabaseBusyError
 from threadline.store.failures import is_database_unavailable
 from threadline.store.sqlite import create_sqlite_engine
 
@@ -115,13 +115,13 @@ async def _insert(engine: AsyncEngine, *, writer: int) -> None:
 
 
 async def test_a_writer_waiting_past_its_deadline_gets_a_clear_error(sqlite_url: str) -> None:
-    engine = create_sqlite_engine(sqlite_url, busy_timeout_seconds=0, write_timeout_seconds=0.2)
+    engine = create_sqlite_engine(sqlite_url, busy_timeout_seconds=0, wait_timeout_seconds=0.2)
     try:
         async with asyncio.timeout(30):
             async with engine.begin() as holding:
                 await holding.execute(sa.text("SELECT 1"))
                 started = time.monotonic()
-                with pytest.raises(WriteLockTimeoutError) as raised:
+                with pytest.raises(DatabaseBusyError) as raised:
                     await asyncio.create_task(_insert_anything(engine))
                 assert 0.15 < time.monotonic() - started < 5
             # The slot is free again once the holder is done.
@@ -130,9 +130,9 @@ async def test_a_writer_waiting_past_its_deadline_gets_a_clear_error(sqlite_url:
         await engine.dispose()
     error = raised.value
     assert error.code == "database_busy"
-    assert error.timeout_seconds == 0.2
+    assert (error.kind, error.timeout_seconds) == ("write", 0.2)
     assert error.location in sqlite_url
-    assert "within 0.2 s" in error.message
+    assert "no write connection came free within 0.2 s" in error.message
     # A 503 for the API, and a run that meets it goes back to the queue (store/failures.py).
     assert is_database_unavailable(error)
 

@@ -17,16 +17,17 @@ class DatabaseUnavailableError(ThreadlineError):
         self.reason = reason
 
 
-class WriteLockTimeoutError(DatabaseUnavailableError):
-    """A SQLite write transaction waited longer than its deadline for this process's writer
-    slot (another write transaction of this process held it all that time)."""
+class DatabaseBusyError(DatabaseUnavailableError):
+    """A SQLite connection of this process did not come free within its deadline: every one of
+    its kind (the writer, or the readers) was held by other transactions all that time."""
 
     code = "database_busy"
 
-    def __init__(self, *, location: str, timeout_seconds: float) -> None:
+    def __init__(self, *, location: str, kind: str, timeout_seconds: float) -> None:
         super().__init__(
             location=location,
-            reason=f"no write slot came free within {timeout_seconds:g} s "
-            "(a write transaction of this process held it all that time)",
+            reason=f"no {kind} connection came free within {timeout_seconds:g} s "
+            "(other transactions of this process held them all that time)",
         )
+        self.kind = kind
         self.timeout_seconds = timeout_seconds

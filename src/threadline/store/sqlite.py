@@ -6,22 +6,23 @@ steps (up to 100 ms) and retries; with 32 users' runs writing at once those slee
 much of a run's latency, and each sleeping writer held a pooled connection. So here:
 
 - **One writer per process.** Every connection from `engine.connect()` or `engine.begin()`
-  is a *writer*: it first takes the engine's `WriteGate`, an asyncio lock, and holds it from
-  before the pool checkout until the connection is closed. Writers of one process therefore
-  wait in turn (first come, first served) on the event loop, holding nothing, and a writer
-  that holds the gate never meets another writer of its process inside SQLite. Its
-  transaction begins with `BEGIN IMMEDIATE` (store/db.py), taking SQLite's write lock up
-  front.
+  is the *writer*: it first takes the engine's write `Gate` (one slot, an asyncio semaphore)
+  and holds it from before the pool checkout until the connection is closed. Writers of one
+  process therefore wait in turn (first come, first served) on the event loop, holding
+  nothing, and the writer never meets another writer of its process inside SQLite. Its
+  transaction begins with `BEGIN IMMEDIATE`, taking SQLite's write lock up front.
 - **Readers never wait for the writer.** `read_transaction` (store/db.py) opens its
-  connection with `reader(engine)`: no gate, a deferred `BEGIN`; under WAL it reads the last
-  committed state while a write is in progress.
+  connection with `reader(engine)`: a slot of the readers' gate (`READERS` of them), a
+  deferred `BEGIN`; under WAL it reads the last committed state while a write is in progress.
+  The pool holds one connection more than there are readers, so the writer, which every
+  write of the process waits for, never waits for a reader's connection.
 - **Settled reads are writers.** `EventStore.after(settled=True)` must not read before a
   transaction that already published an event commits; on SQLite it runs on a writer
   connection, so it starts after the writer in flight has finished.
-- **Every wait has a deadline.** A writer that cannot take the gate within
-  `write_timeout_seconds` fails with `WriteLockTimeoutError` (a 503 `database_busy`; a run
-  that meets it is handed back to the queue). A task that already holds the gate and asks for
-  it again would wait for itself: that is refused at once with `RuntimeError`.
+- **Every wait has a deadline.** A connection that cannot take its gate within
+  `wait_timeout_seconds` fails with `DatabaseBusyError` (a 503 `database_busy`; a run that
+  meets it is handed back to the queue). A task that holds the writer and asks for it again
+  would wait for itself: that is refused at once with `RuntimeError`.
 - **Other processes** on the same file (`threadline worker`, the admin CLI, `threadline
   migrate`) have gates of their own; between processes SQLite's lock decides, and
   `busy_timeout` stays as the fallback that makes a writer of one process wait for a writer of
@@ -44,101 +45,115 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from threadline.store._sqlite_driver import one_trip_dbapi
-from threadline.store.errors import WriteLockTimeoutError
+from threadline.store.errors import DatabaseBusyError
 
 READ_ONLY_OPTION = "threadline_read_only"
-"""Execution option of a reader's connection: its transaction begins deferred."""
+"""Execution option of the readers' connections: their transactions begin deferred."""
 
-POOL_SIZE = 6
-"""Connections per process: the writer's and the readers'. Each is a thread of aiosqlite's;
-more than this made the server slower on two cores, not faster (docs/benchmarks.md)."""
+READERS = 8
+"""Read transactions of one process at once. With the writer, that is `READERS + 1`
+connections, each a thread of aiosqlite's (docs/configuration.md)."""
 
 # SQLite's page cache per connection (KiB; the default is 2,000) and where its temporary
 # tables and sort spills go (memory instead of a file).
 _CACHE_KIB = 16_000
 
 
-class WriteGate:
-    """Lets one task at a time write, in arrival order, each wait bounded."""
+class Gate:
+    """At most `capacity` connections of one kind at a time, handed out in arrival order,
+    every wait bounded by `timeout_seconds`."""
 
-    def __init__(self, *, location: str, timeout_seconds: float) -> None:
-        self._lock = asyncio.Lock()  # wakes its waiters in the order they came
+    def __init__(self, *, kind: str, capacity: int, location: str, timeout_seconds: float):
+        self._slots = asyncio.Semaphore(capacity)  # wakes its waiters in the order they came
+        self._exclusive = capacity == 1
         self._holder: asyncio.Task[Any] | None = None
+        self._kind = kind
         self._location = location
         self._timeout_seconds = timeout_seconds
 
     async def acquire(self) -> None:
         task = asyncio.current_task()
-        if task is not None and task is self._holder:
+        if self._exclusive and task is not None and task is self._holder:
             raise RuntimeError(
-                "this task already holds the SQLite write connection; a second one would wait "
-                "for the first forever (use read_transaction for reads inside a write)"
+                f"this task already holds the SQLite {self._kind} connection; a second one "
+                "would wait for the first forever (use read_transaction for reads inside a "
+                "write)"
             )
         try:
             async with asyncio.timeout(self._timeout_seconds):
-                await self._lock.acquire()
+                await self._slots.acquire()
         except TimeoutError as exc:
-            raise WriteLockTimeoutError(
-                location=self._location, timeout_seconds=self._timeout_seconds
+            raise DatabaseBusyError(
+                location=self._location, kind=self._kind, timeout_seconds=self._timeout_seconds
             ) from exc
-        self._holder = task
+        if self._exclusive:
+            self._holder = task
 
     def release(self) -> None:
         self._holder = None
-        self._lock.release()
+        self._slots.release()
 
 
-class WriterConnection(AsyncConnection):
-    """A connection that holds its engine's write gate from before checkout until closed."""
+class GatedConnection(AsyncConnection):
+    """A connection that holds a slot of its engine's gate from before the pool checkout until
+    it is closed."""
 
-    __slots__ = ("_gate", "_holds_gate")
+    __slots__ = ("_gate", "_holds_slot")
 
     def __init__(self, async_engine: AsyncEngine, sync_connection: Connection | None = None):
         super().__init__(async_engine, sync_connection)
-        if not isinstance(async_engine, SQLiteEngine):
-            raise TypeError("a WriterConnection belongs to a SQLiteEngine")
-        self._gate = async_engine.write_gate
-        self._holds_gate = False
+        if not isinstance(async_engine, GatedEngine):
+            raise TypeError("a GatedConnection belongs to a GatedEngine")
+        self._gate = async_engine.gate
+        self._holds_slot = False
 
     async def start(self, is_ctxmanager: bool = False) -> AsyncConnection:
         await self._gate.acquire()
-        self._holds_gate = True
+        self._holds_slot = True
         try:
             return await super().start(is_ctxmanager)
         except BaseException:
-            self._release_gate()
+            self._release_slot()
             raise
 
     async def close(self) -> None:
         try:
             await super().close()
         finally:
-            self._release_gate()
+            self._release_slot()
 
-    def _release_gate(self) -> None:
-        if self._holds_gate:
-            self._holds_gate = False
+    def _release_slot(self) -> None:
+        if self._holds_slot:
+            self._holds_slot = False
             self._gate.release()
 
 
-class SQLiteEngine(AsyncEngine):
-    """An `AsyncEngine` whose `connect()` and `begin()` give writer connections."""
+class GatedEngine(AsyncEngine):
+    """An `AsyncEngine` whose connections take a slot of `gate` first."""
 
-    __slots__ = ("write_gate", "readers")
-    _connection_cls = WriterConnection
+    __slots__ = ("gate",)
+    _connection_cls = GatedConnection
 
-    def __init__(self, sync_engine: Engine, *, write_gate: WriteGate) -> None:
+    def __init__(self, sync_engine: Engine, *, gate: Gate) -> None:
         super().__init__(sync_engine)
-        self.write_gate = write_gate
-        # The same pool and event listeners; its connections' transactions begin deferred.
-        self.readers = AsyncEngine(sync_engine.execution_options(**{READ_ONLY_OPTION: True}))
+        self.gate = gate
+
+
+class SQLiteEngine(GatedEngine):
+    """The writer's engine (`connect()`, `begin()`), with the readers' beside it."""
+
+    __slots__ = ("readers",)
+
+    def __init__(self, sync_engine: Engine, *, gate: Gate, readers: GatedEngine) -> None:
+        super().__init__(sync_engine, gate=gate)
+        self.readers = readers
 
 
 def reader(engine: AsyncEngine) -> AsyncConnection:
-    """A connection for transactions that only read: on SQLite it takes no write gate and
-    begins deferred; on PostgreSQL it is `engine.connect()`."""
+    """A connection for transactions that only read: on SQLite one of the readers' (it
+    begins deferred and never waits for the writer); on PostgreSQL `engine.connect()`."""
     if isinstance(engine, SQLiteEngine):
-        return AsyncConnection(engine.readers)
+        return engine.readers.connect()
     return engine.connect()
 
 
@@ -147,11 +162,11 @@ def create_sqlite_engine(
     *,
     echo: bool = False,
     busy_timeout_seconds: float = 30.0,
-    write_timeout_seconds: float = 30.0,
+    wait_timeout_seconds: float = 30.0,
 ) -> SQLiteEngine:
     """The engine for a SQLite file: WAL, one writer at a time (see the module docstring).
-    `busy_timeout_seconds` bounds a wait for another process's writer, `write_timeout_seconds`
-    a wait for this process's."""
+    `busy_timeout_seconds` bounds a wait for another process's writer, `wait_timeout_seconds`
+    a wait for a connection of this process."""
     database = make_url(database_url).database
     if database:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -159,14 +174,30 @@ def create_sqlite_engine(
         database_url,
         echo=echo,
         module=one_trip_dbapi(),
-        pool_size=POOL_SIZE,
+        # The gates hand out at most this many connections, so the pool never makes anyone
+        # wait; its timeout is only a backstop.
+        pool_size=READERS + 1,
         max_overflow=0,
-        # A reader waits for a free connection at most this long (then a 503).
-        pool_timeout=write_timeout_seconds,
+        pool_timeout=wait_timeout_seconds,
         connect_args={"timeout": busy_timeout_seconds},
     ).sync_engine
-    busy_timeout_ms = int(busy_timeout_seconds * 1000)
+    _configure_connections(sync_engine, busy_timeout_ms=int(busy_timeout_seconds * 1000))
 
+    def gate(kind: str, capacity: int) -> Gate:
+        return Gate(
+            kind=kind,
+            capacity=capacity,
+            location=str(database),
+            timeout_seconds=wait_timeout_seconds,
+        )
+
+    # The same pool and event listeners; the readers' transactions begin deferred.
+    readers_sync_engine = sync_engine.execution_options(**{READ_ONLY_OPTION: True})
+    readers = GatedEngine(readers_sync_engine, gate=gate("read", READERS))
+    return SQLiteEngine(sync_engine, gate=gate("write", 1), readers=readers)
+
+
+def _configure_connections(sync_engine: Engine, *, busy_timeout_ms: int) -> None:
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control from the driver so "begin" below decides how to start one.
@@ -186,13 +217,10 @@ def create_sqlite_engine(
     @event.listens_for(sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
         # A deferred transaction that reads and then writes cannot wait for the write lock:
-        # SQLite fails it at once with SQLITE_BUSY. A writer takes the lock up front (within
+        # SQLite fails it at once with SQLITE_BUSY. The writer takes the lock up front (within
         # this process the gate already made it free; another process's writer is waited for
         # on busy_timeout). A reader begins deferred, so under WAL it never waits.
         if connection.get_execution_options().get(READ_ONLY_OPTION):
             connection.exec_driver_sql("BEGIN")
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    gate = WriteGate(location=str(database), timeout_seconds=write_timeout_seconds)
-    return SQLiteEngine(sync_engine, write_gate=gate)
