@@ -76,20 +76,27 @@ async def test_concurrent_writers_of_one_process_take_turns_outside_sqlite(
     assert await _count(engine) == 2 * WRITERS
 
 
-async def test_control_without_the_gate_the_same_writers_collide(engine: AsyncEngine) -> None:
-    """What the test above would see if writers went past the gate: a plain connection of the
-    same pool, `BEGIN IMMEDIATE` like any writer, and nobody waits."""
+async def test_control_writers_that_do_not_take_turns_collide(
+    engine: AsyncEngine, sqlite_url: str
+) -> None:
+    """What the test above would see if its writers did not take turns: the same writers
+    split over two engines (two writers, like two processes) meet inside SQLite and, with
+    nobody waiting in a busy handler, fail."""
+    other = create_sqlite_engine(sqlite_url, busy_timeout_seconds=0)
 
-    async def ungated_writer(n: int) -> None:
-        async with AsyncConnection(engine) as conn, conn.begin():
+    async def writer(n: int) -> None:
+        async with (engine if n % 2 else other).begin() as conn:
             await _write_twice(conn, n)
 
-    async with asyncio.timeout(60):
-        outcomes = await asyncio.gather(
-            *(ungated_writer(n) for n in range(WRITERS)), return_exceptions=True
-        )
+    try:
+        async with asyncio.timeout(60):
+            outcomes = await asyncio.gather(
+                *(writer(n) for n in range(WRITERS)), return_exceptions=True
+            )
+    finally:
+        await other.dispose()
     locked = [o for o in outcomes if isinstance(o, OperationalError)]
-    assert locked, "without the gate, concurrent writers should have met inside SQLite"
+    assert locked, "writers that do not take turns should have met inside SQLite"
     assert all("database is locked" in str(error) for error in locked)
 
 

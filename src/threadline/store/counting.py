@@ -3,7 +3,8 @@
 Off by default: each hook costs a little CPU per statement. When on, /metrics carries:
 - `threadline_db_statements_total`: statements sent through a cursor (`before_cursor_execute`;
   an `executemany` counts once). On SQLite this includes the BEGIN of every transaction
-  (store/db.py issues it as a statement);
+  (the dialect sends it as a statement of its own, one trip to the driver's thread, outside
+  SQLAlchemy's statement path: counted on the `begin` event);
 - `threadline_db_transactions_total{outcome}`: transactions ended, `commit` or `rollback`
   (SQLAlchemy `commit`/`rollback` events of a connection);
 - `threadline_db_pool_checkouts_total`: pool checkouts;
@@ -22,6 +23,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from threadline.store.sqlite import sync_engines
 
 
 def count_statements(engine: AsyncEngine, registry: CollectorRegistry) -> None:
@@ -64,8 +67,10 @@ def count_statements(engine: AsyncEngine, registry: CollectorRegistry) -> None:
         if pre_ping:
             pings.inc()
 
-    sync_engine = engine.sync_engine
-    event.listen(sync_engine, "before_cursor_execute", on_statement)
-    event.listen(sync_engine, "commit", on_commit)
-    event.listen(sync_engine, "rollback", on_rollback)
-    event.listen(sync_engine.pool, "checkout", on_checkout)
+    for sync_engine in sync_engines(engine):  # SQLite: the writer's and the readers'
+        event.listen(sync_engine, "before_cursor_execute", on_statement)
+        if sync_engine.dialect.name == "sqlite":
+            event.listen(sync_engine, "begin", on_statement)
+        event.listen(sync_engine, "commit", on_commit)
+        event.listen(sync_engine, "rollback", on_rollback)
+        event.listen(sync_engine.pool, "checkout", on_checkout)

@@ -9,13 +9,14 @@ much of a run's latency, and each sleeping writer held a pooled connection. So h
   is the *writer*: it first takes the engine's write `Gate` (one slot, an asyncio semaphore)
   and holds it from before the pool checkout until the connection is closed. Writers of one
   process therefore wait in turn (first come, first served) on the event loop, holding
-  nothing, and the writer never meets another writer of its process inside SQLite. Its
-  transaction begins with `BEGIN IMMEDIATE`, taking SQLite's write lock up front.
+  nothing, and the writer never meets another writer of its process inside SQLite. The writer
+  has a pool of its own, one connection, whose transactions begin with `BEGIN IMMEDIATE`
+  (taking SQLite's write lock up front); its page cache stays valid from one write to the
+  next, since no other connection of the process writes.
 - **Readers never wait for the writer.** `read_transaction` (store/db.py) opens its
-  connection with `reader(engine)`: a slot of the readers' gate (`READERS` of them), a
-  deferred `BEGIN`; under WAL it reads the last committed state while a write is in progress.
-  The pool holds one connection more than there are readers, so the writer, which every
-  write of the process waits for, never waits for a reader's connection.
+  connection with `reader(engine)`: one of `READERS` connections of the readers' pool (behind
+  a gate of their own, for the same bounded waits), whose transactions begin deferred; under
+  WAL a reader sees the last committed state while a write is in progress.
 - **Settled reads are writers.** `EventStore.after(settled=True)` must not read before a
   transaction that already published an event commits; on SQLite it runs on a writer
   connection, so it starts after the writer in flight has finished.
@@ -44,11 +45,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from threadline.store._sqlite_driver import one_trip_dbapi
+from threadline.store._sqlite_driver import DRIVER_NAME
 from threadline.store.errors import DatabaseBusyError
-
-READ_ONLY_OPTION = "threadline_read_only"
-"""Execution option of the readers' connections: their transactions begin deferred."""
 
 READERS = 8
 """Read transactions of one process at once. With the writer, that is `READERS + 1`
@@ -148,6 +146,17 @@ class SQLiteEngine(GatedEngine):
         super().__init__(sync_engine, gate=gate)
         self.readers = readers
 
+    async def dispose(self, close: bool = True) -> None:
+        await self.readers.dispose(close)
+        await super().dispose(close)
+
+
+def sync_engines(engine: AsyncEngine) -> list[Engine]:
+    """Every sync engine behind `engine`, for event listeners that must see all its work."""
+    if isinstance(engine, SQLiteEngine):
+        return [engine.sync_engine, engine.readers.sync_engine]
+    return [engine.sync_engine]
+
 
 def reader(engine: AsyncEngine) -> AsyncConnection:
     """A connection for transactions that only read: on SQLite one of the readers' (it
@@ -167,40 +176,50 @@ def create_sqlite_engine(
     """The engine for a SQLite file: WAL, one writer at a time (see the module docstring).
     `busy_timeout_seconds` bounds a wait for another process's writer, `wait_timeout_seconds`
     a wait for a connection of this process."""
-    database = make_url(database_url).database
-    if database:
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-    sync_engine = create_async_engine(
-        database_url,
-        echo=echo,
-        module=one_trip_dbapi(),
-        # The gates hand out at most this many connections, so the pool never makes anyone
-        # wait; its timeout is only a backstop.
-        pool_size=READERS + 1,
-        max_overflow=0,
-        pool_timeout=wait_timeout_seconds,
-        connect_args={"timeout": busy_timeout_seconds},
-    ).sync_engine
-    _configure_connections(sync_engine, busy_timeout_ms=int(busy_timeout_seconds * 1000))
+    url = make_url(database_url).set(drivername=DRIVER_NAME)
+    if url.database:
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    location = str(url.database)
+
+    def engine(*, begin_statement: str, connections: int) -> Engine:
+        sync_engine = create_async_engine(
+            url,
+            echo=echo,
+            begin_statement=begin_statement,
+            # The gate hands out at most this many connections, so the pool never makes
+            # anyone wait; its timeout is only a backstop.
+            pool_size=connections,
+            max_overflow=0,
+            pool_timeout=wait_timeout_seconds,
+            connect_args={"timeout": busy_timeout_seconds},
+        ).sync_engine
+        _configure_connections(sync_engine, busy_timeout_ms=int(busy_timeout_seconds * 1000))
+        return sync_engine
 
     def gate(kind: str, capacity: int) -> Gate:
         return Gate(
-            kind=kind,
-            capacity=capacity,
-            location=str(database),
-            timeout_seconds=wait_timeout_seconds,
+            kind=kind, capacity=capacity, location=location, timeout_seconds=wait_timeout_seconds
         )
 
-    # The same pool and event listeners; the readers' transactions begin deferred.
-    readers_sync_engine = sync_engine.execution_options(**{READ_ONLY_OPTION: True})
-    readers = GatedEngine(readers_sync_engine, gate=gate("read", READERS))
-    return SQLiteEngine(sync_engine, gate=gate("write", 1), readers=readers)
+    readers = GatedEngine(
+        engine(begin_statement="BEGIN", connections=READERS),
+        gate=gate("read", READERS),
+    )
+    return SQLiteEngine(
+        engine(begin_statement="BEGIN IMMEDIATE", connections=1),
+        gate=gate("write", 1),
+        readers=readers,
+    )
 
 
 def _configure_connections(sync_engine: Engine, *, busy_timeout_ms: int) -> None:
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take transaction control from the driver so "begin" below decides how to start one.
+        # Take transaction control from the driver: the dialect's `do_begin` starts them.
+        # A deferred transaction that reads and then writes cannot wait for the write lock
+        # (SQLite fails it at once with SQLITE_BUSY), so the writer begins IMMEDIATE: within
+        # this process its gate already made the lock free, another process's writer is
+        # waited for on busy_timeout. A reader begins deferred and under WAL never waits.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         for pragma in (
@@ -213,14 +232,3 @@ def _configure_connections(sync_engine: Engine, *, busy_timeout_ms: int) -> None
         ):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
-
-    @event.listens_for(sync_engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        # A deferred transaction that reads and then writes cannot wait for the write lock:
-        # SQLite fails it at once with SQLITE_BUSY. The writer takes the lock up front (within
-        # this process the gate already made it free; another process's writer is waited for
-        # on busy_timeout). A reader begins deferred, so under WAL it never waits.
-        if connection.get_execution_options().get(READ_ONLY_OPTION):
-            connection.exec_driver_sql("BEGIN")
-        else:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
