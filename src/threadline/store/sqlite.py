@@ -77,6 +77,14 @@ class Gate:
                 "would wait for the first forever (use read_transaction for reads inside a "
                 "write)"
             )
+        if not self._slots.locked():
+            await self._slots.acquire()  # a free slot: no wait, so no deadline to arm
+        else:
+            await self._wait_for_slot()
+        if self._exclusive:
+            self._holder = task
+
+    async def _wait_for_slot(self) -> None:
         try:
             async with asyncio.timeout(self._timeout_seconds):
                 await self._slots.acquire()
@@ -84,8 +92,6 @@ class Gate:
             raise DatabaseBusyError(
                 location=self._location, kind=self._kind, timeout_seconds=self._timeout_seconds
             ) from exc
-        if self._exclusive:
-            self._holder = task
 
     def release(self) -> None:
         self._holder = None
