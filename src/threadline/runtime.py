@@ -121,6 +121,7 @@ async def open_runtime(
             pool_size=settings.database_pool_size,
             connect_timeout_seconds=settings.database_connect_timeout_seconds,
             statement_timeout_seconds=settings.database_statement_timeout_seconds,
+            pool_timeout_seconds=settings.database_pool_timeout_seconds,
         )
         stack.push_async_callback(engine.dispose)
         if settings.is_sqlite:

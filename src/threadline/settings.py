@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     """How long to wait for PostgreSQL to accept a connection and answer before failing."""
     database_statement_timeout_seconds: float = Field(default=60.0, ge=0)
     """PostgreSQL cancels any one statement that runs longer than this; 0 turns it off."""
+    database_pool_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    """How long a request or a run waits for a free pooled connection before it is answered
+    503 `database_unavailable` (or handed back); a warning names the pool's state."""
     redis_url: str | None = None
     """When set, live events, control messages (cancel, logout), token revocations and
     rate-limit counters go through Redis, shared by every process."""

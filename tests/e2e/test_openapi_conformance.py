@@ -115,6 +115,9 @@ def test_schemathesis_default_checks_pass_over_every_operation(
     report = (result.stdout[errors : errors + 6000] if errors >= 0 else "") + (
         result.stdout[-6000:] + result.stderr[-2000:]
     )
+    # The server's side of a failure: a request answered late shows here (a 503 after a pool
+    # timeout logs the pool's state).
+    report += "\n--- server log (tail) ---\n" + server.output()[-4000:]
     assert result.returncode == 0, report
     # The last line: "No issues found in ...", or "N warning(s) in ..." (warnings are about
     # the generated data, such as operations that mostly met a 404 on a random id).
