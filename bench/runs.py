@@ -783,6 +783,10 @@ async def run(options: Options, open_files: dict[str, int]) -> dict[str, object]
     started = time.perf_counter()
     for backend in options.backends:
         allowed = SQLITE_TOPOLOGIES if backend == "sqlite" else TOPOLOGIES
+        skipped = [t for t in options.topologies if t not in allowed]
+        if skipped:
+            print(f"\n[{backend}] skips {', '.join(skipped)}: SQLite runs in one process "
+                  "(serve refuses --workers above 1 on it)", flush=True)
         for topology in (t for t in options.topologies if t in allowed):
             print(f"\n[{backend} / {topology}] posting via {options.send}\n{HEADER}", flush=True)
             runner = run_sqlite if backend == "sqlite" else run_postgres
