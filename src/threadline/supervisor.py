@@ -10,10 +10,11 @@ The model:
   each new connection to whichever child accepts it first.
 - Each child is in a process group of its own, so a signal reaches it only through the
   supervisor, once: SIGINT or SIGTERM to the supervisor (or Ctrl-C at its terminal) is
-  forwarded as the same signal to every child, which then shuts down exactly as a lone process
-  does on that signal; a second signal is forwarded again (uvicorn's "second Ctrl-C forces the
-  exit" keeps working). The supervisor waits for every child and then ends as a lone process
-  would have (`Outcome.signal`: the entry point re-raises it).
+  forwarded as the same signal to every child (by the supervisor's main loop, never from the
+  handler, so a child started while the signal arrived is not missed), which then shuts down
+  exactly as a lone process does on that signal; a second signal is forwarded again (uvicorn's
+  "second Ctrl-C forces the exit" keeps working). The supervisor waits for every child and
+  then ends as a lone process would have (`Outcome.signal`: the entry point re-raises it).
 - A child that exits while no stop was asked for is reported in one line; the supervisor then
   stops the others and reports a failure (`Outcome.failed`). It does not restart the child: a
   crash is a fault for the process manager (systemd, Kubernetes) to see and act on, and the
@@ -81,8 +82,9 @@ class Supervisor:
         self._stop_timeout = stop_timeout_seconds
         self._report = report
         self._children: list[subprocess.Popen[bytes]] = []
-        # SimpleQueue: its `put` may be called from a signal handler (it is reentrant).
-        self._events: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        # What `_watch` acts on, in order: ("signal", signum) from the handler (SimpleQueue's
+        # `put` may be called from a signal handler), ("exit", index, status) from the waiters.
+        self._events: queue.SimpleQueue[tuple[str, int, int]] = queue.SimpleQueue()
         self._signal: int | None = None
         self._deadline: float | None = None
 
@@ -94,7 +96,7 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
         try:
             for index in range(self._count):
-                if self._deadline is None:  # not stopping already
+                if self._events.empty():  # no signal yet: a stop starts no more children
                     self._start(index)
             failed = self._watch()
         finally:
@@ -108,7 +110,8 @@ class Supervisor:
         child = subprocess.Popen(
             [sys.executable, "-c", _CHILD_CODE, str(reader)],
             pass_fds=fds,
-            process_group=0,  # signals reach it through `_on_signal` only, once each
+            stdin=subprocess.DEVNULL,
+            process_group=0,  # signals reach it through the supervisor only, once each
         )
         self._children.append(child)
         os.close(reader)
@@ -119,11 +122,11 @@ class Supervisor:
         threading.Thread(target=self._wait_for, args=(index, child), daemon=True).start()
 
     def _wait_for(self, index: int, child: subprocess.Popen[bytes]) -> None:
-        self._events.put((index, child.wait()))
+        self._events.put(("exit", index, child.wait()))
 
     def _on_signal(self, sig: int, _frame: FrameType | None) -> None:
-        self._signal = self._signal or sig
-        self._stop(sig)
+        # Forwarded by `_watch`, not here: there the list of children is complete.
+        self._events.put(("signal", sig, 0))
 
     def _stop(self, sig: int) -> None:
         if self._deadline is None:
@@ -132,7 +135,6 @@ class Supervisor:
             if child.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, sig)
-        self._events.put(None)  # wakes `_watch`, which now has a deadline
 
     def _watch(self) -> bool:
         """Wait until every child has exited; True if anything went wrong."""
@@ -140,24 +142,27 @@ class Supervisor:
         while running:
             timeout = None if self._deadline is None else self._deadline - time.monotonic()
             try:
-                event = self._events.get(timeout=None if timeout is None else max(timeout, 0))
+                kind, number, code = self._events.get(
+                    timeout=None if timeout is None else max(timeout, 0)
+                )
             except queue.Empty:
                 self._kill_the_rest()
                 return True
-            if event is None:
+            if kind == "signal":
+                self._signal = self._signal or number
+                self._stop(number)
                 continue
-            index, code = event
             running -= 1
-            pid = self._children[index].pid
+            pid = self._children[number].pid
             if self._deadline is None:
                 self._report(
-                    f"{self._name} {index + 1} of {self._count} (pid {pid}) exited with "
+                    f"{self._name} {number + 1} of {self._count} (pid {pid}) exited with "
                     f"status {code}; stopping the others"
                 )
                 failed = True
                 self._stop(signal.SIGTERM)
             elif code not in _CLEAN_STOP:
-                self._report(f"{self._name} {index + 1} (pid {pid}) stopped with status {code}")
+                self._report(f"{self._name} {number + 1} (pid {pid}) stopped with status {code}")
                 failed = True
         return failed
 
