@@ -196,6 +196,12 @@ def resolve_secret(settings: Settings) -> str:
     return secret
 
 
+async def check_redis(settings: Settings) -> None:
+    """Raise `ConfigurationError` (one line) if `THREADLINE_REDIS_URL` does not answer."""
+    if settings.redis_url is not None:
+        await (await _connect_redis(settings.redis_url)).aclose()
+
+
 async def _connect_redis(url: str) -> Redis:
     redis = Redis.from_url(
         url,
