@@ -12,12 +12,13 @@ Model:
   `seq` order whatever the publishers do, and a refused durable event reaches listeners from
   the database (below).
 - Ephemeral events (text deltas) have no number: the sender appends each with a small script
-  (`_APPEND_EPHEMERAL`) at `<k>-*`, where `k` is the later of the last durable seq this process
-  published on the thread (`events/positions.py`) and the `seq` of the stream's last entry;
-  Redis picks the part after the dash (`k-1`, `k-2`, ...), so the stream stays one total order
-  and a delta's entry says which durable event it follows (readers set its `seq` to `k`). If
-  another process appended durable `k+1` first (another run, or a user's message, on the same
-  thread), the delta goes after it, at `(k+1)-1`, rather than being dropped: dropping would
+  (`_APPEND_EPHEMERAL`) at `<k>-<n>`, where `k` is the later of the last durable seq this
+  process published on the thread (`events/positions.py`) and the `seq` of the stream's last
+  entry, and `n` counts the deltas after it (`k-1`, `k-2`, ...: the `-0` ids are the durable
+  events'), so the stream stays one total order and a delta's entry says which durable event
+  it follows (readers set its `seq` to `k`). If another process appended durable `k+1` first
+  (another run, or a user's message, on the same thread), the delta goes after it, at
+  `(k+1)-1`, rather than being dropped: dropping would
   leave a hole in the text a user is watching, while appending after the top keeps every
   promise (it is still after its run's earlier durable events, which are at or below the
   top, and before its run's next one, which this process's sender appends after it; the
@@ -91,16 +92,21 @@ _SEND_BATCH = 256
 _PUBLISH_WAIT_SECONDS = 0.1
 # Appends an ephemeral event after the thread's last durable one (see the module docstring).
 # KEYS[1]: the stream; ARGV: the last durable seq this process published (0: none known), the
-# entry, the stream's max length, its expiry in seconds. EVAL (not EVALSHA) so that a Redis
-# restarted empty needs no reload in the middle of a pipeline.
+# entry, the stream's max length, its expiry in seconds. The id is computed here rather than
+# with `XADD <k>-*`, which Redis 6.2 lacks. EVAL (not EVALSHA) so that a Redis restarted empty
+# needs no reload in the middle of a pipeline.
 _APPEND_EPHEMERAL = """
-local after = tonumber(ARGV[1])
+local after, n = tonumber(ARGV[1]), 1
 local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if top[1] then
-  local top_seq = tonumber(string.match(top[1][1], '^(%d+)-'))
-  if top_seq > after then after = top_seq end
+  local top_seq, top_n = string.match(top[1][1], '^(%d+)-(%d+)$')
+  top_seq, top_n = tonumber(top_seq), tonumber(top_n)
+  if top_seq >= after then
+    after, n = top_seq, top_n + 1
+  end
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], after .. '-*', 'e', ARGV[2])
+local id = string.format('%d-%d', after, n)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], id, 'e', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return id
 """
@@ -334,6 +340,8 @@ class RedisBus:
                     # ids make it idempotent. Redis chose the ephemeral ones' ids, so those
                     # might be appended twice: they are left out.
                     batch = [event for event in batch if event.durable]
+                    if not batch:
+                        raise
                     results = await self._append(batch)
         except _TRANSPORT_ERRORS as exc:
             logger.debug("Publishing %d events failed: %s", len(batch), exc)
