@@ -18,13 +18,13 @@ Model:
   events'), so the stream stays one total order and a delta's entry says which durable event
   it follows (readers set its `seq` to `k`). If another process appended durable `k+1` first
   (another run, or a user's message, on the same thread), the delta goes after it, at
-  `(k+1)-1`, rather than being dropped: dropping would
-  leave a hole in the text a user is watching, while appending after the top keeps every
-  promise (it is still after its run's earlier durable events, which are at or below the
-  top, and before its run's next one, which this process's sender appends after it; the
-  script is atomic, so nothing lands between reading the top and appending). A delta is
-  appended once: a batch retried after a dead connection carries only its durable events
-  (Redis chooses a delta's id, so a second append would deliver it twice).
+  `(k+1)-1`, rather than being dropped: dropping would leave a hole in the text a user is
+  watching, while appending after the top keeps every promise (it is still after its run's
+  earlier durable events, which are at or below the top, and before its run's next one,
+  which this process's sender appends after it; the script is atomic, so nothing lands
+  between reading the top and appending). A delta is appended once: a batch retried after a
+  dead connection carries only its durable events (the script chose the delta's id, so a
+  second append would deliver it twice).
   Each append trims the stream to about `max_len` entries (`MAXLEN ~`) and re-arms the key's
   expiry, so a thread's stream disappears `ttl_seconds` after its last event (the ids are
   sequence numbers, not times, so age cannot trim by `MINID`). A failed append is logged and
