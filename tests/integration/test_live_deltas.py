@@ -117,6 +117,7 @@ async def test_a_runs_transactions_do_not_grow_with_its_deltas(h: Harness) -> No
     # before its message's `message_created`), and nothing looked like a gap.
     assert_in_place(live, after_seq=start)
     assert gaps == []
+    assert h.services.metrics.deltas_out_of_place._value.get() == 0  # none was left out
     # Resuming after the runs: the stored log, no delta in it, numbered without a gap.
     async with h.watch(user, thread, after_seq=start) as resumed:
         assert (await resumed.next())["type"] == "snapshot"

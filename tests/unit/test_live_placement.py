@@ -57,6 +57,7 @@ def test_a_live_subscription_sends_a_delta_only_right_after_its_durable_event() 
     ]
     assert gaps == []
     assert sub.last_seq == 6  # deltas never move it
+    assert sub.connection._metrics.deltas_out_of_place._value.get() == 2
 
 
 def test_deltas_buffered_during_a_replay_are_sent_in_place_after_it() -> None:

@@ -23,10 +23,11 @@ Model:
   sent (or the point its replay started from) is exactly that one. So a delta never reaches a
   client before the durable event it follows, nor after a later one (its message's
   `message_created` included); one that does not fit is dropped (its text arrives in
-  `message_created`). Deltas are never deduplicated by `seq`, never count as a gap, never
-  move `last_seq`, and never trigger a catch-up; the bus carries each once, so none is sent
-  twice. While a subscription buffers (replaying, catching up) its deltas are held with the
-  durable events, in bus order, and sent after the replay by the same rule.
+  `message_created`) and counted (`threadline_deltas_out_of_place_total`). Deltas are never
+  deduplicated by `seq`, never count as a gap, never move `last_seq`, and never trigger a
+  catch-up; the bus carries each once, so none is sent twice. While a subscription buffers
+  (replaying, catching up) its deltas are held with the durable events, in bus order, and
+  sent after the replay by the same rule.
 - The buffer is bounded: while a long replay is under way, a busy thread's live events could
   otherwise pile up without limit. When it overflows it is emptied and `missed_to` remembers
   the highest durable `seq` thrown away; the replay then reads the store again until it has
@@ -153,6 +154,10 @@ class Connection:
         self.overflow.set()
         self._drained.set()  # wake a waiting `put`, which then gives up
 
+    def skip_deltas(self, count: int = 1) -> None:
+        """`count` deltas were not sent: they did not fit where this connection stands."""
+        self._metrics.deltas_out_of_place.inc(count)
+
     def end_session(self) -> None:
         """Its token was revoked: close it with `CLOSE_SESSION_ENDED`, sending nothing more."""
         if self.overflowed:
@@ -199,6 +204,8 @@ class ThreadSubscription:
         if not event.durable:
             if event.seq == self.last_seq:  # in place: see the module docstring
                 self.connection.offer(event.to_wire())
+            else:
+                self.connection.skip_deltas()
             return
         if event.seq <= self.last_seq:
             return
@@ -232,7 +239,11 @@ class ThreadSubscription:
         """Empty the buffer; return, in order, the durable events it held with
         `seq > after_seq` and the ephemeral ones in place among them."""
         held, self._buffer = self._buffer, []
-        return in_place(held, after_seq=after_seq)
+        kept = in_place(held, after_seq=after_seq)
+        skipped = sum(not e.durable for e in held) - sum(not e.durable for e in kept)
+        if skipped:
+            self.connection.skip_deltas(skipped)
+        return kept
 
     def go_live(self, *, after_seq: int) -> None:
         """Everything up to `after_seq` was sent: flush the buffer and go live, unless a reset
