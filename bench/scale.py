@@ -130,7 +130,7 @@ def integrity(received: list[tuple[int, str, str | None]],
     durable = [e for e in received if e[1] != "message_delta"]
     counts = Counter(seq for seq, _, _ in durable)
     stored_seqs = {seq for seq, _, _ in stored}
-    seqs = [seq for seq, _, _ in received]
+    seqs = [seq for seq, _, _ in durable]  # deltas carry the seq of the event they follow
     ends = Counter(run for _, kind, run in stored if kind in TERMINAL)
     runs = {run for _, kind, run in stored if kind == "run_queued"}
     return {
