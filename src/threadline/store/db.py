@@ -39,8 +39,11 @@ def create_engine(
     waits at most `pool_timeout_seconds` for a free connection (SQLAlchemy's default, 30 s, is
     as long as many clients wait for a whole answer)."""
     if database_url.startswith("sqlite"):
-        # One writer at a time and its own pool size: store/sqlite.py.
-        return create_sqlite_engine(database_url, echo=echo)
+        # One writer at a time and its own pool sizes: store/sqlite.py. A transaction waits
+        # for its connection at most `pool_timeout_seconds` there too.
+        return create_sqlite_engine(
+            database_url, echo=echo, wait_timeout_seconds=pool_timeout_seconds
+        )
     server_settings = {"application_name": APPLICATION_NAME}
     if statement_timeout_seconds > 0:
         server_settings["statement_timeout"] = str(int(statement_timeout_seconds * 1000))
