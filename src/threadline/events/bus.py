@@ -12,7 +12,7 @@ can also see a jump in `seq` (an event the bus never carried) and do the same.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from threadline.events.control import CancelRun, SessionEnded
@@ -28,6 +28,11 @@ class EventBus(Protocol):
     async def publish(self, event: Event) -> None:
         """Carry `event` to the thread's listeners. Never raises for a transport failure: the
         event is already numbered (and, if durable, stored), and listeners catch up."""
+        ...
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        """`publish` each of `events`, in order, waiting once for the lot (a batch numbered in
+        one transaction)."""
         ...
 
     def subscribe(
@@ -60,6 +65,10 @@ class MemoryBus:
     async def publish(self, event: Event) -> None:
         for listener in tuple(self._listeners.get(event.thread_id, ())):
             listener(event)
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        for event in events:
+            await self.publish(event)
 
     def subscribe(
         self, thread_id: str, listener: EventListener, *, on_reset: ResetListener | None = None

@@ -42,7 +42,7 @@ import json
 import logging
 import uuid
 import zlib
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -230,19 +230,27 @@ class RedisBus:
         """Queue `event` for the sender and wait (briefly, see the module docstring) until it
         is appended: while the caller's transaction still holds the thread's row lock, so the
         next event of the thread, from any process, is appended after it."""
-        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        try:
-            self._outbox.put_nowait((event, sent))
-        except asyncio.QueueFull:
-            # Redis is far behind or away: drop it; listeners see the gap and catch up.
-            if not self._outbox_full:
-                logger.warning(
-                    "Redis publish queue full (%d events); dropping live events", _OUTBOX_SIZE
-                )
-            self._outbox_full = True
-            return
-        self._outbox_full = False
-        if not self._publish_failing:
+        await self.publish_many((event,))
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        """`publish` for a batch: queued in order, one wait for the last (the sender appends
+        them in order, so the last one appended means all are)."""
+        sent: asyncio.Future[None] | None = None
+        for event in events:
+            sent = asyncio.get_running_loop().create_future()
+            try:
+                self._outbox.put_nowait((event, sent))
+            except asyncio.QueueFull:
+                # Redis is far behind or away: drop it; listeners see the gap and catch up.
+                if not self._outbox_full:
+                    logger.warning(
+                        "Redis publish queue full (%d events); dropping live events",
+                        _OUTBOX_SIZE,
+                    )
+                self._outbox_full = True
+                return
+            self._outbox_full = False
+        if sent is not None and not self._publish_failing:
             await asyncio.wait({sent}, timeout=_PUBLISH_WAIT_SECONDS)
 
     async def flush(self) -> None:
