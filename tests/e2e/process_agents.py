@@ -39,12 +39,9 @@ async def stalling_calculator(ctx: RunContext[object], expression: str) -> str:
         expression: Arithmetic such as "12*7".
     """
     path = os.environ.get(TOOL_LOG_VARIABLE)
-    if path:
-        started = Path(f"{path}.started")
-        first = not started.exists() or ctx.run_id not in started.read_text().split()
-        await asyncio.to_thread(_append, started, f"{ctx.run_id}\n")
-        if first:
-            await asyncio.sleep(60)
+    started = Path(f"{path}.started") if path else None
+    if started and await asyncio.to_thread(_first_call, started, str(ctx.run_id)):
+        await asyncio.sleep(60)
     return await _compute_and_log(ctx, expression)
 
 
@@ -54,6 +51,13 @@ async def _compute_and_log(ctx: RunContext[object], expression: str) -> str:
     if path:
         await asyncio.to_thread(_append, Path(path), f"{ctx.run_id}\n")
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _first_call(started: Path, run_id: str) -> bool:
+    """Record that `run_id` called the tool; whether it had not before."""
+    first = not started.exists() or run_id not in started.read_text().split()
+    _append(started, f"{run_id}\n")
+    return first
 
 
 def _append(path: Path, line: str) -> None:

@@ -37,9 +37,7 @@ def test_a_worker_killed_between_two_batches_is_resumed_without_repeats(
         seconds=60,
         what="the tool to be running",
     )
-    step = cluster.query(
-        "SELECT type FROM events WHERE run_id = :id ORDER BY seq", id=run_id
-    )
+    step = cluster.query("SELECT type FROM events WHERE run_id = :id ORDER BY seq", id=run_id)
     assert [e["type"] for e in step][-2:] == ["message_created", "tool_executing"], step
     assert [m["role"] for m in api.messages(user, thread)] == ["user", "assistant"]
     (row,) = cluster.query("SELECT lease_owner FROM runs WHERE id = :id", id=run_id)

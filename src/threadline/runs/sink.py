@@ -187,9 +187,7 @@ class RunEventSink:
                     is_error=result.is_error,
                     duration_ms=result.duration_ms,
                 )
-                await self.write(
-                    conn, [(EventType.TOOL_COMPLETED, completed)], step_follows=last
-                )
+                await self.write(conn, [(EventType.TOOL_COMPLETED, completed)], step_follows=last)
 
     async def flush(self) -> None:
         async with self._lock:
