@@ -66,12 +66,17 @@ class EventPublisher:
         specs: Sequence[EventSpec],
         *,
         run_id: str | None = None,
+        reserved: int | None = None,
     ) -> list[Event]:
         """Record and publish `specs`, in order, as one batch within the caller's transaction
-        (one numbering statement, one insert); call it last before commit."""
+        (one numbering statement, one insert); call it last before commit. `reserved`: the
+        last of the batch's numbers, when this transaction reserved them already with the
+        update that placed the message they announce (`MessageStore.append_announced`)."""
         if not specs:
             return []
-        last = await self._store.reserve(conn, ctx, thread_id, len(specs))
+        if reserved is None:
+            reserved = await self._store.reserve(conn, ctx, thread_id, len(specs))
+        last = reserved
         first, now = last - len(specs) + 1, datetime.now(UTC)
         batch = [
             Event(

@@ -111,8 +111,13 @@ class RunFinisher:
             return False
         ctx = UserContext.create(run.user_id, thread_id=run.thread_id, run_id=run.id)
         specs: list[EventSpec] = []
+        reserved = None
         if outcome.message is not None:
-            stored = await self._messages.append(conn, ctx, run.thread_id, outcome.message)
+            # Its position and the numbers of its message_created and the terminal event come
+            # from one update of the thread's row.
+            stored, reserved = await self._messages.append_announced(
+                conn, ctx, run.thread_id, outcome.message, events=2
+            )
             specs.append((EventType.MESSAGE_CREATED, payloads.message_created(stored)))
         if outcome.status is not RunStatus.COMPLETED:
             await close_unanswered_tool_calls(conn, self._messages, ctx, run=run)
@@ -124,6 +129,8 @@ class RunFinisher:
             data = webhook_payloads.run_finished(run, outcome, usage=usage)
             await self._webhooks.enqueue(conn, webhook_event, data)  # the outbox: same commit
         specs.append((outcome.event, outcome.data))
-        await self._publisher.emit_many(conn, ctx, run.thread_id, specs, run_id=run.id)
+        await self._publisher.emit_many(
+            conn, ctx, run.thread_id, specs, run_id=run.id, reserved=reserved
+        )
         self._metrics.runs_finished.labels(outcome.status.value).inc()
         return True

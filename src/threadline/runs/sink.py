@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -92,21 +92,51 @@ class RunEventSink:
     ) -> None:
         """Emit `specs` in the caller's transaction (last before commit), announcing what the
         loop does right after: a model call, or these tool calls."""
-        batch = list(specs)
-        if step_follows:
-            batch.append((EventType.AGENT_THINKING, payloads.agent_thinking(THINKING)))
-        for call in calls_follow:
-            batch.append(
-                (
-                    EventType.TOOL_EXECUTING,
-                    payloads.tool_executing(
-                        tool=call.name, call_id=call.call_id, arguments=call.arguments
-                    ),
-                )
-            )
+        batch = [*specs, *self._announcements(step_follows, calls_follow)]
         await self._publisher.emit_many(
             conn, self._ctx, self._thread_id, batch, run_id=self._run_id
         )
+        self._announced(step_follows, calls_follow)
+
+    async def _store_and_emit(
+        self,
+        new: NewMessage,
+        spec: Callable[[Message], EventSpec],
+        *,
+        step_follows: bool = False,
+        calls_follow: Sequence[ToolCall] = (),
+    ) -> Message:
+        """One transaction: store `new` and emit its event `spec(stored)` with what follows;
+        the message's position and the batch's numbers come from one update of the thread."""
+        announcements = self._announcements(step_follows, calls_follow)
+        async with self._db.begin() as conn:
+            stored, last = await self._messages.append_announced(
+                conn, self._ctx, self._thread_id, new, events=1 + len(announcements)
+            )
+            await self._publisher.emit_many(
+                conn,
+                self._ctx,
+                self._thread_id,
+                [spec(stored), *announcements],
+                run_id=self._run_id,
+                reserved=last,
+            )
+        self._announced(step_follows, calls_follow)
+        return stored
+
+    @staticmethod
+    def _announcements(step_follows: bool, calls_follow: Sequence[ToolCall]) -> list[EventSpec]:
+        batch: list[EventSpec] = []
+        if step_follows:
+            batch.append((EventType.AGENT_THINKING, payloads.agent_thinking(THINKING)))
+        for call in calls_follow:
+            data = payloads.tool_executing(
+                tool=call.name, call_id=call.call_id, arguments=call.arguments
+            )
+            batch.append((EventType.TOOL_EXECUTING, data))
+        return batch
+
+    def _announced(self, step_follows: bool, calls_follow: Sequence[ToolCall]) -> None:
         # Recorded once the batch is out: a write that failed announced nothing.
         self._step_announced = self._step_announced or step_follows
         self._calls_announced.update(call.call_id for call in calls_follow)
@@ -145,13 +175,11 @@ class RunEventSink:
                 # The run ends right after: stored with its outcome, in one transaction.
                 self.unsaved_answer = new
                 return
-            async with self._db.begin() as conn:
-                stored = await self._messages.append(conn, self._ctx, self._thread_id, new)
-                await self.write(
-                    conn,
-                    [(EventType.MESSAGE_CREATED, payloads.message_created(stored))],
-                    calls_follow=message.tool_calls,
-                )
+            await self._store_and_emit(
+                new,
+                lambda stored: (EventType.MESSAGE_CREATED, payloads.message_created(stored)),
+                calls_follow=message.tool_calls,
+            )
 
     async def tool_executing(self, call: ToolCall) -> None:
         if call.call_id in self._calls_announced:
@@ -166,20 +194,16 @@ class RunEventSink:
         self.tool_calls += 1
         async with self._lock:
             await self._flush()
-            async with self._db.begin() as conn:
-                stored = await self._messages.append(
-                    conn,
-                    self._ctx,
-                    self._thread_id,
-                    tool_result_message(
-                        call,
-                        content=result.content,
-                        is_error=result.is_error,
-                        duration_ms=result.duration_ms,
-                        run_id=self._run_id,
-                    ),
-                )
-                completed = payloads.tool_completed(
+            new = tool_result_message(
+                call,
+                content=result.content,
+                is_error=result.is_error,
+                duration_ms=result.duration_ms,
+                run_id=self._run_id,
+            )
+
+            def completed(stored: Message) -> EventSpec:
+                data = payloads.tool_completed(
                     tool=call.name,
                     call_id=call.call_id,
                     message_id=stored.id,
@@ -187,7 +211,9 @@ class RunEventSink:
                     is_error=result.is_error,
                     duration_ms=result.duration_ms,
                 )
-                await self.write(conn, [(EventType.TOOL_COMPLETED, completed)], step_follows=last)
+                return EventType.TOOL_COMPLETED, data
+
+            await self._store_and_emit(new, completed, step_follows=last)
 
     async def flush(self) -> None:
         async with self._lock:
