@@ -12,6 +12,11 @@ Model:
 - Cancellation is task cancellation. The reason decides the outcome: a user's cancel, an
   interrupt, or its thread archived or deleted ends the run as cancelled; shutdown hands the
   run back to the queue for another worker, with no terminal event.
+- A run is written one transaction per step, not per event (`runs/sink.py`): the first
+  (`_start`) reads the token budget and the history, places the input message, and emits
+  `agent_started` with what the loop does first; the last is `RunFinisher.finish`, which also
+  stores the final answer (the outcome carries it unstored), so the answer and the run's end
+  commit together.
 - A lost database connection is not the run's fault either: `execute` lets the error through
   (`store/failures.is_database_unavailable`) and the worker hands the run back to be retried.
 """
@@ -168,36 +173,52 @@ class ExecutionEngine:
             db=self._db, publisher=self._publisher, messages=self._messages, ctx=ctx
         )
         try:
-            try:
-                async with asyncio.timeout(self.config.run_timeout_seconds):
-                    outcome = await self._run_agent(run, ctx, sink, meter)
-                await sink.flush()
-                completed = Outcome.completed(
-                    {
-                        "message_id": sink.answer_id,
-                        "text": outcome.final_text,
-                        "usage": {
-                            "input_tokens": outcome.usage.input_tokens,
-                            "output_tokens": outcome.usage.output_tokens,
-                        },
-                        "steps": outcome.steps,
-                        "tool_calls": sink.tool_calls,
-                    }
-                )
-            except asyncio.CancelledError:
-                reason = self._cancel_reasons.pop(run.id, None)
-                if reason in (None, CancelReason.SHUTDOWN):
-                    raise
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                return replace(Outcome.cancelled(reason), message=sink.unsaved_answer)
-            except Exception as exc:
-                if is_database_unavailable(exc):
-                    raise  # not the run's fault: the worker hands it back to be retried
-                return replace(self._failure(exc), message=sink.unsaved_answer)
-            return replace(completed, message=sink.unsaved_answer)
+            outcome = await self._ending(run, ctx, sink, meter)
         finally:
             # Counted however the run ends: a tool that ran in a cancelled run still ran.
             self._metrics.tool_calls.inc(sink.tool_calls)
+        # The last step's message is not stored yet: it is stored with the outcome, in the
+        # transaction that ends the run (`RunFinisher.finish`).
+        return None if outcome is None else replace(outcome, message=sink.unsaved_answer)
+
+    async def _ending(
+        self, run: Run, ctx: UserContext, sink: RunEventSink, meter: UsageMeter
+    ) -> Outcome | None:
+        try:
+            async with asyncio.timeout(self.config.run_timeout_seconds):
+                outcome = await self._run_agent(run, ctx, sink, meter)
+            await sink.flush()
+            return Outcome.completed(
+                {
+                    "message_id": sink.answer_id,
+                    "text": outcome.final_text,
+                    "usage": {
+                        "input_tokens": outcome.usage.input_tokens,
+                        "output_tokens": outcome.usage.output_tokens,
+                    },
+                    "steps": outcome.steps,
+                    "tool_calls": sink.tool_calls,
+                }
+            )
+        except TimeoutError:
+            seconds = self.config.run_timeout_seconds
+            return Outcome.failed(
+                "run_timed_out", f"The run exceeded {seconds} s", status=RunStatus.TIMED_OUT
+            )
+        except asyncio.CancelledError:
+            reason = self._cancel_reasons.pop(run.id, None)
+            if reason in (None, CancelReason.SHUTDOWN):
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            return Outcome.cancelled(reason)
+        except ThreadlineError as exc:
+            return Outcome.failed(exc.code, exc.message)
+        except Exception as exc:
+            if is_database_unavailable(exc):
+                raise  # not the run's fault: the worker hands it back to be retried
+
+            logger.exception("Agent run failed")
+            return Outcome.failed("agent_error", f"{type(exc).__name__}: {exc}")
 
     async def _run_agent(
         self, run: Run, ctx: UserContext, sink: RunEventSink, meter: UsageMeter
@@ -206,7 +227,7 @@ class ExecutionEngine:
             agent = self.registry.build(run.agent)
             provider, model = self.providers.resolve(agent.model)
             deps = self._deps_for(run, ctx, agent)
-        except BaseException:
+        except Exception:
             # Announced even so: every run that executes starts before it ends.
             await sink.emit(EventType.AGENT_STARTED, payloads.agent_started(run.agent, run.attempt))
             raise
@@ -228,17 +249,6 @@ class ExecutionEngine:
             model=model,
             sink=sink,
         )
-
-    def _failure(self, exc: Exception) -> Outcome:
-        if isinstance(exc, TimeoutError):
-            seconds = self.config.run_timeout_seconds
-            return Outcome.failed(
-                "run_timed_out", f"The run exceeded {seconds} s", status=RunStatus.TIMED_OUT
-            )
-        if isinstance(exc, ThreadlineError):
-            return Outcome.failed(exc.code, exc.message)
-        logger.exception("Agent run failed")
-        return Outcome.failed("agent_error", f"{type(exc).__name__}: {exc}")
 
     def _deps_for(self, run: Run, ctx: UserContext, agent: Agent) -> object:
         if agent.deps_factory is not None or self._deps is None:

@@ -2,7 +2,8 @@
 the transaction that ends the run (so usage is never counted twice, nor lost).
 
 The two statements of every run (the budget read at its start, the row at its end) are built
-once, at import: rebuilding them per call cost about 100 µs of CPU each (issue 11)."""
+once, at import: rebuilding a statement per call costs about 100 µs of CPU (measured on the
+event log's statements, issue 11)."""
 
 from __future__ import annotations
 
