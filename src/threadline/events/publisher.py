@@ -19,6 +19,12 @@ written by one transaction):
   one statement: the whole batch commits or none of it, so a reader of the log (a resuming
   subscriber, `after_seq` anywhere inside a batch) finds either all of it or nothing, never a
   hole in its middle.
+- Ephemeral events (text deltas) touch no database: `publish_ephemeral` hands them to the bus,
+  which places each after the last durable event of its thread (`events/bus.py`). Durable
+  numbers stay gapless; a delta's order relative to its run's durable events holds because a
+  run's sink (`runs/sink.py`) emits its events one write at a time, under its lock: the
+  durable events before a delta (a whole batch) are published before it, the ones after it
+  later.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from threadline.context import UserContext
 from threadline.events import payloads
 from threadline.events.bus import EventBus
-from threadline.events.types import Event, EventType, JSONObject
+from threadline.events.types import EPHEMERAL, Event, EventType, JSONObject
 from threadline.store.events import EventStore
 
 EventSpec = tuple[EventType, JSONObject]
@@ -74,6 +80,8 @@ class EventPublisher:
         update that placed the message they announce (`MessageStore.append_announced`)."""
         if not specs:
             return []
+        if any(event_type in EPHEMERAL for event_type, _ in specs):
+            raise ValueError("ephemeral events are not numbered: use publish_ephemeral")
         if reserved is None:
             reserved = await self._store.reserve(conn, ctx, thread_id, len(specs))
         last = reserved
@@ -90,7 +98,7 @@ class EventPublisher:
             )
             for n, (event_type, data) in enumerate(specs)
         ]
-        await self._store.insert_many(conn, [event for event in batch if event.durable])
+        await self._store.insert_many(conn, batch)
         await self._bus.publish_many(batch)
         return batch
 
@@ -106,6 +114,31 @@ class EventPublisher:
         """Emit in a transaction of its own (for events that announce no other write)."""
         async with self._engine.begin() as conn:
             return await self.emit(conn, ctx, thread_id, event_type, data, run_id=run_id)
+
+    async def publish_ephemeral(
+        self,
+        ctx: UserContext,
+        thread_id: str,
+        event_type: EventType,
+        data: JSONObject,
+        *,
+        run_id: str | None = None,
+    ) -> None:
+        """Publish an ephemeral event: no transaction, no number, not stored. Call it only
+        after the durable events that precede it were emitted."""
+        if event_type not in EPHEMERAL:
+            raise ValueError(f"{event_type} is durable: emit it in a transaction")
+        await self._bus.publish_ephemeral(
+            Event(
+                type=event_type,
+                thread_id=thread_id,
+                user_id=ctx.user_id,
+                seq=0,  # placed by the bus (`EventBus.publish_ephemeral`)
+                data=data,
+                run_id=run_id,
+                ts=datetime.now(UTC),
+            )
+        )
 
     async def publish_deleted(self, ctx: UserContext, thread_id: str, seq: int) -> None:
         """`thread_deleted` cannot be stored: the thread and its log are gone."""

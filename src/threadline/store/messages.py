@@ -83,7 +83,8 @@ class MessageStore:
         self._max_chars = max_message_chars
         self._max_metadata_bytes = max_metadata_bytes
 
-    def _check(self, new: NewMessage) -> None:
+    def check(self, new: NewMessage) -> None:
+        """Refuse `new` as `append` would, without writing anything."""
         if len(new.content) > self._max_chars:
             raise InvalidInputError(
                 f"content is {len(new.content)} characters; the limit is {self._max_chars}",
@@ -105,7 +106,7 @@ class MessageStore:
         self, conn: AsyncConnection, ctx: UserContext, thread_id: str, new: NewMessage
     ) -> Message:
         """Append one message, move the thread's activity, and title an untitled thread."""
-        self._check(new)
+        self.check(new)
         now = datetime.now(UTC)
         position = await self._claim_position(conn, ctx, thread_id, new, now)
         message = Message(
@@ -285,7 +286,7 @@ class MessageStore:
         message and the last reserved sequence number."""
         if new.role is MessageRole.USER or events < 1:
             raise ValueError("append_announced is for a run's messages and at least one event")
-        self._check(new)
+        self.check(new)
         now = datetime.now(UTC)
         row = (
             await conn.execute(
