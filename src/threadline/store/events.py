@@ -72,9 +72,6 @@ class EventStore:
         """Hand out the thread's next sequence number (`reserve` of one)."""
         return await self.reserve(conn, ctx, thread_id)
 
-    async def insert(self, conn: AsyncConnection, event: Event) -> None:
-        await self.insert_many(conn, [event])
-
     async def insert_many(self, conn: AsyncConnection, batch: Sequence[Event]) -> None:
         """Store `batch` with one statement (one row: an execute; more: an executemany)."""
         rows = [
