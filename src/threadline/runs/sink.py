@@ -16,8 +16,8 @@ announced call of the loop is then skipped. Nothing live waits behind a model ca
 Text deltas are coalesced at the leading edge: a chunk goes out at once unless another went out
 less than `delta_flush_seconds` ago; then it waits for the next chunk after that interval or for
 the next event. A slow model's text is never held back, and a fast one costs a few events per
-answer instead of one database round trip per token. A pending delta is always flushed before
-any later event, so nothing is reordered.
+answer instead of one per token. Deltas touch no database (`EventPublisher.publish_ephemeral`).
+A pending delta is always flushed before any later event, so nothing is reordered.
 """
 
 from __future__ import annotations
