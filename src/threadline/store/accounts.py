@@ -102,9 +102,16 @@ class AccountStore:
         self, conn: AsyncConnection, user_id: str, *, lock: bool = False
     ) -> str | None:
         """The user's stored plan; `lock` takes the user's row lock until the transaction
-        ends, which serializes the quota checks of one user (SQLite serializes all writers)."""
+        ends, which serializes the quota checks of one user (SQLite serializes all writers).
+
+        The lock is `FOR NO KEY UPDATE`, not `FOR UPDATE`: it excludes the other quota checks
+        all the same, but not the key-share lock that every insert of a row referencing the
+        user takes (its messages, events, usage). With `FOR UPDATE`, a run's transaction that
+        updated the thread's row and then inserted an event waited for a request that held
+        the user and waited for the thread's row: a deadlock."""
         query = sa.select(users.c.plan).where(users.c.id == user_id)
-        row = (await conn.execute(query.with_for_update() if lock else query)).first()
+        locked = query.with_for_update(key_share=True)
+        row = (await conn.execute(locked if lock else query)).first()
         if row is None:
             raise NotFoundError("user", user_id)
         plan: str | None = row.plan
