@@ -45,6 +45,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+# Importing the driver module registers its dialect under DRIVER_NAME.
 from threadline.store._sqlite_driver import DRIVER_NAME
 from threadline.store.errors import DatabaseBusyError
 
