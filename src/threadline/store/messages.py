@@ -78,6 +78,24 @@ def _message(row: sa.Row[tuple[object, ...]]) -> Message:
     )
 
 
+# Hot-path statements, built once (building one costs more than sending it); each call binds
+# its values. Bind names differ from column names, which SQLAlchemy reserves in UPDATE.
+_INSERT = messages.insert()
+_TAKE_POSITION = (
+    threads.update()
+    .where(threads.c.id == sa.bindparam("w_id"), threads.c.user_id == sa.bindparam("w_user_id"))
+    .values(message_count=threads.c.message_count + 1, last_activity_at=sa.bindparam("w_now"))
+    .returning(threads.c.message_count)
+)
+# A user's message also titles an untitled thread, and cannot go to an archived one.
+_TAKE_USER_POSITION = _TAKE_POSITION.where(
+    threads.c.status != ThreadStatus.ARCHIVED.value
+).values(title=sa.func.coalesce(threads.c.title, sa.bindparam("w_title")))
+_THREAD_EXISTS = sa.select(threads.c.id).where(
+    threads.c.id == sa.bindparam("w_id"), threads.c.user_id == sa.bindparam("w_user_id")
+)
+
+
 class MessageStore:
     def __init__(self, *, max_message_chars: int, max_metadata_bytes: int) -> None:
         self._max_chars = max_message_chars
@@ -121,19 +139,20 @@ class MessageStore:
             tool_call_id=new.tool_call_id,
         )
         await conn.execute(
-            messages.insert().values(
-                id=message.id,
-                thread_id=thread_id,
-                user_id=ctx.user_id,
-                position=position,
-                role=new.role.value,
-                content=new.content,
-                metadata=message.metadata,
-                tool_calls=new.tool_calls,
-                tool_call_id=new.tool_call_id,
-                run_id=new.run_id,
-                created_at=now,
-            )
+            _INSERT,
+            {
+                "id": message.id,
+                "thread_id": thread_id,
+                "user_id": ctx.user_id,
+                "position": position,
+                "role": new.role.value,
+                "content": new.content,
+                "metadata": message.metadata,
+                "tool_calls": new.tool_calls,
+                "tool_call_id": new.tool_call_id,
+                "run_id": new.run_id,
+                "created_at": now,
+            },
         )
         return message
 
@@ -147,32 +166,17 @@ class MessageStore:
     ) -> int:
         if not is_valid_id(thread_id, IdPrefix.THREAD):
             raise NotFoundError("thread", thread_id)
-        values: dict[str, object] = {
-            "message_count": threads.c.message_count + 1,
-            "last_activity_at": now,
-        }
-        if new.role is MessageRole.USER:
-            values["title"] = sa.func.coalesce(threads.c.title, title_from(new.content))
-        conditions = [threads.c.id == thread_id, threads.c.user_id == ctx.user_id]
+        params: dict[str, object] = {"w_id": thread_id, "w_user_id": ctx.user_id, "w_now": now}
+        statement = _TAKE_POSITION
         if new.role is MessageRole.USER:
             # Users cannot write to an archived thread; a run started before it was archived
             # may still finish (and its tool calls must still get their results).
-            conditions.append(threads.c.status != ThreadStatus.ARCHIVED.value)
-        row = (
-            await conn.execute(
-                threads.update()
-                .where(*conditions)
-                .values(**values)
-                .returning(threads.c.message_count)
-            )
-        ).first()
+            statement = _TAKE_USER_POSITION
+            params["w_title"] = title_from(new.content)
+        row = (await conn.execute(statement, params)).first()
         if row is not None:
             return int(row.message_count)
-        exists = await conn.scalar(
-            sa.select(threads.c.id).where(
-                threads.c.id == thread_id, threads.c.user_id == ctx.user_id
-            )
-        )
+        exists = await conn.scalar(_THREAD_EXISTS, {"w_id": thread_id, "w_user_id": ctx.user_id})
         if exists is None:
             raise NotFoundError("thread", thread_id)
         raise ConflictError(
