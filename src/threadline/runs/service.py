@@ -22,8 +22,8 @@ from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
 from threadline.statuses import MultitaskStrategy as MultitaskStrategy  # re-exported
-from threadline.store.db import read_transaction
 from threadline.store.accounts import Standing
+from threadline.store.db import read_transaction
 from threadline.store.messages import Message, MessageRole, MessageStore, NewMessage
 from threadline.store.runs import Run, RunStatus, RunStore
 from threadline.store.threads import ThreadStatus, ThreadStore
@@ -127,9 +127,7 @@ class RunService:
         if run is not None:
             active_runs = await self._runs.count_active_for_user(conn, ctx)
             if self._quotas is not None:
-                await self._quotas.check_run(
-                    conn, ctx, standing=standing, active_runs=active_runs
-                )
+                await self._quotas.check_run(conn, ctx, standing=standing, active_runs=active_runs)
             if active_runs >= self._max_active_per_user:
                 raise RateLimitedError(
                     f"At most {self._max_active_per_user} runs may be queued or running per user",

@@ -88,9 +88,9 @@ _TAKE_POSITION = (
     .returning(threads.c.message_count)
 )
 # A user's message also titles an untitled thread, and cannot go to an archived one.
-_TAKE_USER_POSITION = _TAKE_POSITION.where(
-    threads.c.status != ThreadStatus.ARCHIVED.value
-).values(title=sa.func.coalesce(threads.c.title, sa.bindparam("w_title")))
+_TAKE_USER_POSITION = _TAKE_POSITION.where(threads.c.status != ThreadStatus.ARCHIVED.value).values(
+    title=sa.func.coalesce(threads.c.title, sa.bindparam("w_title"))
+)
 _THREAD_EXISTS = sa.select(threads.c.id).where(
     threads.c.id == sa.bindparam("w_id"), threads.c.user_id == sa.bindparam("w_user_id")
 )

@@ -191,9 +191,7 @@ class RunQueue:
         }
         skipped: list[str] = []
         for _ in range(_MAX_CLAIM_TRIES):
-            row = (
-                await conn.execute(statements.candidate, {**params, "skipped": skipped})
-            ).first()
+            row = (await conn.execute(statements.candidate, {**params, "skipped": skipped})).first()
             if row is None:
                 return None
             run_id, user_id = str(row[0]), str(row[1])
