@@ -39,6 +39,9 @@ class RevocationUnavailableError(ThreadlineError):
 
 
 class RevocationList(Protocol):
+    in_database: bool
+    """Whether the list is a table: then it is read in the request's transaction."""
+
     async def revoke(self, jti: str, *, expires_at: datetime) -> None: ...
 
     async def is_revoked(self, jti: str, *, conn: AsyncConnection | None = None) -> bool:
@@ -48,6 +51,8 @@ class RevocationList(Protocol):
 
 
 class RedisRevocationList:
+    in_database = False
+
     def __init__(self, redis: Redis, *, prefix: str, timeout_seconds: float = 2.0) -> None:
         self._redis = redis
         self._prefix = f"{prefix}:revoked:"
@@ -74,6 +79,8 @@ _REVOKED = sa.select(revoked_tokens.c.jti).where(revoked_tokens.c.jti == sa.bind
 
 
 class DatabaseRevocationList:
+    in_database = True
+
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 

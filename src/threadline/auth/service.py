@@ -112,8 +112,10 @@ class AuthService:
         return claims
 
     async def verify(self, token: str, *, act_as: str | None = None) -> TokenClaims:
-        """The token's own checks (signature, expiry, issuer), not yet its revocation nor its
-        account: `check_account` does those in the transaction the request uses anyway.
+        """The token's own checks (signature, expiry, issuer) and, with Redis, its revocation;
+        not yet its account, nor a revocation list kept in the database: `check_account` reads
+        those in the transaction the request uses anyway. (A Redis lookup is done here, before
+        any database connection is taken, so a slow Redis holds none.)
 
         The token is Threadline's own, an external issuer's (`auth/oidc.py`), or a service
         key acting for the user `act_as` (`auth/service_keys.py`, which checks the key and
@@ -125,20 +127,29 @@ class AuthService:
                 "Only a service key may act for another user", code="act_as_not_allowed"
             )
         if self._external is not None and self._external.is_external(token):
-            return await self._external.validate(token)
-        return self._tokens.decode(token)
+            claims = await self._external.validate(token)
+        else:
+            claims = self._tokens.decode(token)
+        if not self._revocations.in_database:
+            await self._check_not_revoked(claims)
+        return claims
+
+    async def _check_not_revoked(
+        self, claims: TokenClaims, conn: AsyncConnection | None = None
+    ) -> None:
+        if await self._revocations.is_revoked(claims.jti, conn=conn):
+            raise AuthError("The token was revoked (signed out)", code="token_revoked")
 
     async def check_account(
         self, conn: AsyncConnection, claims: TokenClaims, *, lock: bool = False
     ) -> Standing:
-        """Within `conn`'s transaction: the token is not revoked and its account exists and is
-        enabled; returns the account's standing (`lock`: under the user's row lock). A
-        well-signed token of an account that no longer exists (the database was reset, the
-        signing key kept) is `token_user_not_found`, on every endpoint."""
-        if claims.service_key_id is None and await self._revocations.is_revoked(
-            claims.jti, conn=conn
-        ):
-            raise AuthError("The token was revoked (signed out)", code="token_revoked")
+        """Within `conn`'s transaction: the token is not revoked (a list kept in the database;
+        `verify` checked one in Redis) and its account exists and is enabled. Returns the
+        account's standing (`lock`: under the user's row lock). A well-signed token of an
+        account that no longer exists (the database was reset, the signing key kept) is
+        `token_user_not_found`, on every endpoint."""
+        if claims.service_key_id is None and self._revocations.in_database:
+            await self._check_not_revoked(claims, conn)
         standing = await self._accounts.standing(conn, claims.user_id, lock=lock)
         if standing.state is AccountState.MISSING:
             raise AuthError(
