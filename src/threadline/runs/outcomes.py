@@ -106,9 +106,6 @@ class RunFinisher:
         ctx = UserContext.create(run.user_id, thread_id=run.thread_id, run_id=run.id)
         if outcome.status is not RunStatus.COMPLETED:
             await close_unanswered_tool_calls(conn, self._messages, ctx, run=run)
-        await self._publisher.emit(
-            conn, ctx, run.thread_id, outcome.event, outcome.data, run_id=run.id
-        )
         usage = outcome.usage or Usage()
         if self._usage is not None and (run.started_at is not None or outcome.usage):
             await self._usage.record(conn, run, status=outcome.status, usage=usage)
@@ -116,5 +113,10 @@ class RunFinisher:
         if self._webhooks is not None and webhook_event is not None:
             data = webhook_payloads.run_finished(run, outcome, usage=usage)
             await self._webhooks.enqueue(conn, webhook_event, data)  # the outbox: same commit
+        # Last before the commit, as `EventPublisher.emit` asks: the event is published before
+        # the commit, so a client that reads the run on seeing it must not wait for more writes.
+        await self._publisher.emit(
+            conn, ctx, run.thread_id, outcome.event, outcome.data, run_id=run.id
+        )
         self._metrics.runs_finished.labels(outcome.status.value).inc()
         return True
