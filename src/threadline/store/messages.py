@@ -94,6 +94,35 @@ _TAKE_USER_POSITION = _TAKE_POSITION.where(threads.c.status != ThreadStatus.ARCH
 _THREAD_EXISTS = sa.select(threads.c.id).where(
     threads.c.id == sa.bindparam("w_id"), threads.c.user_id == sa.bindparam("w_user_id")
 )
+_RECENT = (
+    sa.select(messages)
+    .where(
+        messages.c.thread_id == sa.bindparam("w_thread_id"),
+        messages.c.user_id == sa.bindparam("w_user_id"),
+    )
+    .order_by(messages.c.position.desc())
+    .limit(sa.bindparam("w_limit", type_=sa.Integer()))
+)
+_later = messages.alias("later")
+# A message's position and how many messages of other runs' output came after it: one read.
+_PLACEMENT = sa.select(
+    messages.c.position,
+    sa.select(sa.func.count())
+    .select_from(_later)
+    .where(
+        _later.c.thread_id == messages.c.thread_id,
+        _later.c.user_id == messages.c.user_id,
+        _later.c.position > messages.c.position,
+        _later.c.run_id.is_not(None),
+        _later.c.run_id != sa.bindparam("w_run_id"),
+    )
+    .scalar_subquery()
+    .label("overtaken"),
+).where(
+    messages.c.id == sa.bindparam("w_id"),
+    messages.c.thread_id == sa.bindparam("w_thread_id"),
+    messages.c.user_id == sa.bindparam("w_user_id"),
+)
 
 
 class MessageStore:
@@ -227,26 +256,16 @@ class MessageStore:
         its message moves to the end, so the stored conversation reads in the order it happened.
         Returns (position, moved), or None if the message is gone.
         """
-        position = await conn.scalar(
-            sa.select(messages.c.position).where(
-                messages.c.id == message_id,
-                messages.c.thread_id == thread_id,
-                messages.c.user_id == ctx.user_id,
-            )
-        )
-        if position is None:
+        params = {
+            "w_id": message_id,
+            "w_thread_id": thread_id,
+            "w_user_id": ctx.user_id,
+            "w_run_id": run_id,
+        }
+        row = (await conn.execute(_PLACEMENT, params)).first()
+        if row is None:
             return None
-        overtaken = await conn.scalar(
-            sa.select(sa.func.count())
-            .select_from(messages)
-            .where(
-                messages.c.thread_id == thread_id,
-                messages.c.user_id == ctx.user_id,
-                messages.c.position > position,
-                messages.c.run_id.is_not(None),
-                messages.c.run_id != run_id,
-            )
-        )
+        position, overtaken = row
         if not overtaken:
             return int(position), False
         new_position = await conn.scalar(
@@ -264,12 +283,6 @@ class MessageStore:
         self, conn: AsyncConnection, ctx: UserContext, thread_id: str, *, window: int
     ) -> list[Message]:
         """The last `window` messages in conversation order (an agent run's context)."""
-        rows = (
-            await conn.execute(
-                sa.select(messages)
-                .where(messages.c.thread_id == thread_id, messages.c.user_id == ctx.user_id)
-                .order_by(messages.c.position.desc())
-                .limit(window)
-            )
-        ).all()
+        params = {"w_thread_id": thread_id, "w_user_id": ctx.user_id, "w_limit": window}
+        rows = (await conn.execute(_RECENT, params)).all()
         return [_message(row) for row in reversed(rows)]
