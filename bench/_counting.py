@@ -1,9 +1,12 @@
 """Database transactions and round trips per run, counted (issue 11 item 5).
 
 Two sources, read at the same two moments around a measured phase:
-- the server's counting hook (`THREADLINE_DEBUG_COUNT_STATEMENTS=true`, store/counting.py),
-  scraped from /metrics: statements, commits, rollbacks, pre-pings; exact and immediate, on
-  both backends;
+- the server's counting hook (`THREADLINE_DEBUG_COUNT_STATEMENTS=true`, store/counting.py):
+  statements, commits, rollbacks, pre-pings; exact and immediate, on both backends, **summed
+  over every server process** (a supervisor's children, a `threadline worker` that serves no
+  HTTP): the benchmark runs the servers with `PROMETHEUS_MULTIPROC_DIR` set, so
+  prometheus_client keeps every process's counters in files there, and reads them all with its
+  `MultiProcessCollector` (one process's /metrics would show only that process's share);
 - on PostgreSQL, `pg_stat_database` for the benchmark's own database (`xact_commit`,
   `xact_rollback`), read over a connection to another database so that reading does not count.
   A backend reports its counts to the statistics system at most about once a second, and an
@@ -21,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import httpx
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 PG_STATS_SETTLE_S = 11.0
 IDLE_SAMPLE_S = 3.0
@@ -52,24 +57,30 @@ def parse_hook(metrics_text: str) -> dict[str, float]:
     missing = set(_HOOK) - set(values)
     if missing:
         raise RuntimeError(
-            f"/metrics lacks {sorted(missing)}: is THREADLINE_DEBUG_COUNT_STATEMENTS on?"
+            f"no {sorted(missing)} in the metrics: is THREADLINE_DEBUG_COUNT_STATEMENTS on?"
         )
     return values
 
 
-class Counts:
-    """Reads both sources; `pg_admin_dsn`/`database` only on PostgreSQL."""
+def summed_hook(metrics_dir: Path) -> dict[str, float]:
+    """The hook's counters summed over every process that wrote to `metrics_dir`."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    return parse_hook(generate_latest(registry).decode())
 
-    def __init__(self, http: httpx.AsyncClient, *, pg_admin_dsn: str | None = None,
+
+class Counts:
+    """Reads both sources; `pg_admin_dsn`/`database` only on PostgreSQL. `metrics_dir` is the
+    servers' `PROMETHEUS_MULTIPROC_DIR`."""
+
+    def __init__(self, metrics_dir: Path, *, pg_admin_dsn: str | None = None,
                  database: str | None = None) -> None:
-        self._http = http
+        self._metrics_dir = metrics_dir
         self._pg_admin_dsn = pg_admin_dsn
         self._database = database
 
     async def snapshot(self) -> Snapshot:
-        response = await self._http.get("/metrics")
-        response.raise_for_status()
-        hook = parse_hook(response.text)
+        hook = await asyncio.to_thread(summed_hook, self._metrics_dir)
         return Snapshot(time.perf_counter(), hook, await self._pg())
 
     async def _pg(self) -> dict[str, float] | None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
@@ -245,17 +246,19 @@ def server_env(database_url: str, workdir: Path, extra: dict[str, str]) -> dict[
 
 @contextmanager
 def server_process(
-    env: dict[str, str], workdir: Path, *, profile: Path | None = None
+    env: dict[str, str], workdir: Path, *, profile: Path | None = None,
+    args: Sequence[str] = (),
 ) -> Iterator[Server]:
-    """Start `threadline serve` on a free loopback port, wait until ready, always stop it.
+    """Start `threadline serve [args]` on a free loopback port, wait until ready, always stop it.
 
     The command is the server itself (no wrapper), so `Server.pid` is the process whose CPU time
-    and memory a benchmark may read. With `profile`, py-spy records the server into that file
+    and memory a benchmark may read (with `--workers N`: the supervisor, whose children do the
+    work; see `process_tree`). With `profile`, py-spy records the server into that file
     (collapsed stacks) and wraps it: then `Server.pid` is py-spy's and `Server.profiled` is set.
     """
     port = free_port()
     command = [sys.executable, "-m", "threadline", "serve", "--host", "127.0.0.1",
-               "--port", str(port)]
+               "--port", str(port), *args]
     if profile is not None:
         # Collapsed stacks: flamegraph.pl and speedscope read them, and so does `sort | uniq`.
         # --gil: sample only the thread holding the GIL, i.e. where Python CPU time goes (the
@@ -280,6 +283,58 @@ def server_process(
             stop(process)
             if failed:
                 print(f"--- server log (tail) ---\n{tail(log_path)}", file=sys.stderr)
+
+
+@contextmanager
+def worker_process(env: dict[str, str], workdir: Path, *, args: Sequence[str] = ()
+                   ) -> Iterator[subprocess.Popen[bytes]]:
+    """Start `threadline worker [args]` (not waited for: runs queue until it claims them),
+    always stop it (SIGINT, as `stop`); its log's tail is printed if it failed."""
+    log_path = workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "threadline", "worker", *args], env=env, cwd=workdir,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        yield process
+    finally:
+        stop(process)
+        if process.returncode not in (0, None):
+            print(f"--- worker log (tail) ---\n{tail(log_path)}", file=sys.stderr)
+
+
+def process_tree(pids: Sequence[int]) -> list[psutil.Process]:
+    """The processes `pids` and all their descendants (a supervisor and its children)."""
+    roots = [psutil.Process(pid) for pid in pids]
+    return [p for root in roots for p in (root, *root.children(recursive=True))]
+
+
+def connection_owner(processes: Sequence[psutil.Process], client_port: int) -> int | None:
+    """The pid of the process holding the server end of the client's loopback connection."""
+    for process in processes:
+        for conn in process.net_connections(kind="tcp"):
+            if conn.raddr and conn.raddr.port == client_port:
+                return process.pid
+    return None
+
+
+def wait_all_accepting(port: int, processes: Sequence[psutil.Process]) -> None:
+    """Connect to `port` until every one of `processes` has accepted a connection: several
+    processes accepting on one socket, each ready (a benchmark's sockets then spread over all)."""
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    waiting = {p.pid for p in processes}
+    while waiting and time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            local = conn.getsockname()[1]
+            while time.monotonic() < deadline:
+                owner = connection_owner(processes, local)
+                if owner is not None:
+                    waiting.discard(owner)
+                    break
+                time.sleep(0.02)
+    if waiting:
+        raise BenchError(f"processes {sorted(waiting)} accepted no connection on port {port}")
 
 
 def wait_ready(base_url: str, process: subprocess.Popen[bytes], log: Path) -> None:

@@ -2,7 +2,8 @@
 on real WebSockets.
 
     python bench/runs.py --backend sqlite|postgres|both --out bench/results/runs.json \
-        [--users 1,32] [--runs-per-user N] [--idle-sockets 1000]
+        [--topology serve,serve-workers-2,api1-worker1] [--users 1,32] [--runs-per-user N] \
+        [--idle-sockets 1000] [--profile DIR]
 
 Each simulated user has its own account, thread and WebSocket (authenticated with the first
 message, subscribed to its thread). It posts "what is 12*7?" with `"run": {"agent": "demo"}`
@@ -10,7 +11,16 @@ message, subscribed to its thread). It posts "what is 12*7?" with `"run": {"agen
 `--send ws`) and posts the next message only after `agent_completed` arrived on its socket. The
 demo model answers at once (delay 0): one calculator tool call, then a short streamed answer.
 
-Measured per backend and per number of concurrent users, after a warm-up:
+Topologies (`--topology`, comma-separated; SQLite runs only `serve`, the one process it can
+have):
+- `serve` (the default): one `threadline serve` process, its embedded worker executing the runs;
+- `serve-workers-2`: `threadline serve --workers 2`, a supervisor and two API processes on one
+  port, each with its embedded worker (the benchmark waits until both accept connections, so
+  the users' sockets and HTTP connections spread over both);
+- `api1-worker1`: one `threadline serve` with its embedded worker off and one
+  `threadline worker`: HTTP and sockets in one process, runs in the other.
+
+Measured per backend, topology and number of concurrent users, after a warm-up:
 - runs per second: completed runs / wall time of the measured phase;
 - from just before posting to (a) the first event of that run on the socket, of any kind: the
   user's `message_created` (no run id; matched by message id) or `run_queued` normally come
@@ -19,13 +29,21 @@ Measured per backend and per number of concurrent users, after a warm-up:
 - emit-to-socket latency: client receive time - the event's `ts` (the server's clock when it was
   emitted; same machine, same clock). `ts` is truncated to the millisecond, so a measured value
   is 0-1 ms above the true one (0.5 ms on average);
-- server CPU (user + system, psutil) over the measured phase, per completed run;
+- server CPU (user + system, psutil) over the measured phase, per completed run, summed over
+  every server process (a supervisor and its children, API and worker processes), each one's
+  share beside it;
 - database transactions and round trips per completed run, counted (`--count-statements`, on
-  by default): the server's counting hook (THREADLINE_DEBUG_COUNT_STATEMENTS, read from
-  /metrics) on both backends, and on PostgreSQL also `pg_stat_database`'s xact_commit and
+  by default): the server's counting hook (THREADLINE_DEBUG_COUNT_STATEMENTS) summed over every
+  server process, on both backends, and on PostgreSQL also `pg_stat_database`'s xact_commit and
   xact_rollback of the benchmark's own database (see bench/_counting.py for how and when);
-- server RSS before and after `--idle-sockets` authenticated, subscribed, idle sockets (each on a
-  thread of its own), per socket.
+- the machine's load average after each level (the machine is shared: read the numbers beside
+  it), and how the client's connections spread over the server processes;
+- server RSS (summed over the processes) before and after `--idle-sockets` authenticated,
+  subscribed, idle sockets (each on a thread of its own), per socket.
+
+`--profile DIR` records every process that does the work (not an idle supervisor) with py-spy
+attached by pid (`--gil`, 200 Hz, raw collapsed stacks), one file per process, named
+`<backend>-<topology>-<pid>.txt`, from start-up to the end of the topology's levels.
 
 The server is a subprocess on a free loopback port: SQLite in a temporary directory, or a fresh
 PostgreSQL database (dropped afterwards) plus Redis under a unique key prefix (deleted
@@ -37,15 +55,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
 import resource
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +92,7 @@ from _support import (
     migrate,
     postgres_database,
     postgres_version,
+    process_tree,
     redis_version,
     register_many,
     report_failures,
@@ -77,6 +100,8 @@ from _support import (
     server_env,
     server_process,
     summarize,
+    wait_all_accepting,
+    worker_process,
     write_results,
 )
 from websockets.asyncio.client import ClientConnection, connect
@@ -94,12 +119,19 @@ SETTLE_SECONDS = 1.0
 # client that has seen nothing yet may send anyway.
 SUBSCRIBE_AFTER_SEQ = 0
 TERMINAL = frozenset({"agent_completed", "agent_failed", "run_cancelled"})
-TARGETS = {  # for PostgreSQL
-    "runs_per_second_at_32": 200.0, "first_event_p50_ms": 15.0, "first_event_p99_ms": 50.0,
-    "emit_to_socket_p99_ms": 10.0, "idle_socket_kb": 100.0,
+# Issue 11's targets, at 32 users on this 2-core machine.
+TARGETS = {
+    "postgres": {"runs_per_second_at_32": 90.0, "server_cpu_ms_per_run": 10.0},
+    "sqlite": {"runs_per_second_at_32": 60.0, "server_cpu_ms_per_run": 15.0},
+    "transactions_per_run": 6.0, "round_trips_per_run": 40.0,
+    "first_event_p99_ms": 50.0, "completed_p99_ms": 400.0,
 }
-REFERENCE_PEER = {"runs_per_second": 30.0, "first_event_ms": 1000.0,
-                  "server_cpu_ms_per_run": [17.0, 30.0]}
+# The best-known open peer's dev server on this machine, same workload (in memory, nothing
+# durable): the reference for ratios.
+REFERENCE_PEER = {"runs_per_second": 30.0, "server_cpu_ms_per_run": 28.0}
+TOPOLOGIES = ("serve", "serve-workers-2", "api1-worker1")
+SQLITE_TOPOLOGIES = ("serve",)  # SQLite refuses several processes (one writer, in-process bus)
+PROFILE_STOP_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +147,8 @@ class Options:
     send: str
     ws_compression: bool
     count_statements: bool
+    topologies: tuple[str, ...]
+    profile: Path | None
 
     def runs_for(self, users: int) -> int:
         # Enough runs at one user for a p99, and ~640 runs at 32 users: a few seconds each.
@@ -139,6 +173,86 @@ class RunSample:
     agent_started_ms: float | None
     completed_ms: float
     emit_ms: list[tuple[str, float]]
+
+
+# --- The server processes -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deployment:
+    server: Server
+    """Where clients connect (with `--workers 2`, the supervisor's pid and port)."""
+    processes: list[psutil.Process]
+    """Every server process, the supervisor included: CPU and memory are summed over them."""
+
+    @property
+    def port(self) -> int:
+        return int(self.server.base_url.rsplit(":", 1)[1])
+
+
+@contextlib.contextmanager
+def deploy(topology: str, env: dict[str, str], workdir: Path) -> Iterator[Deployment]:
+    """Start `topology`'s processes, ready; always stop them."""
+    with contextlib.ExitStack() as stack:
+        if topology == "api1-worker1":
+            api_env = {**env, "THREADLINE_EMBEDDED_WORKER": "false"}
+            server = stack.enter_context(server_process(api_env, workdir))
+            worker = stack.enter_context(worker_process(env, workdir))
+            roots = [server.pid, worker.pid]
+        else:
+            args = ("--workers", "2") if topology == "serve-workers-2" else ()
+            server = stack.enter_context(server_process(env, workdir, args=args))
+            roots = [server.pid]
+        processes = process_tree(roots)
+        deployment = Deployment(server, processes)
+        if topology == "serve-workers-2":
+            children = [p for p in processes if p.pid != server.pid]
+            if len(children) != 2:
+                raise BenchError(f"serve --workers 2 has children {children}")
+            # Both children accept before the users connect, so the sockets spread over both.
+            wait_all_accepting(deployment.port, children)
+        yield deployment
+
+
+@contextlib.contextmanager
+def profiled(processes: list[psutil.Process], directory: Path | None, label: str
+             ) -> Iterator[None]:
+    """py-spy attached to every process that has no children (the ones doing the work), one
+    raw file each; written when py-spy gets SIGINT at the end."""
+    if directory is None:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    spies = [
+        subprocess.Popen(
+            ["py-spy", "record", "--pid", str(p.pid), "--gil", "--rate", "200", "--format",
+             "raw", "--output", str(directory / f"{label}-{p.pid}.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        for p in processes if not p.children()
+    ]
+    try:
+        yield
+    finally:
+        for spy in spies:
+            with contextlib.suppress(ProcessLookupError):
+                spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            try:
+                spy.wait(timeout=PROFILE_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+
+
+def connections_by_process(deployment: Deployment) -> dict[str, int]:
+    """Established client connections each server process holds on the server's port."""
+    counts = {}
+    for process in deployment.processes:
+        held = [c for c in process.net_connections(kind="tcp")
+                if c.laddr and c.laddr.port == deployment.port and c.status == "ESTABLISHED"]
+        if held:
+            counts[str(process.pid)] = len(held)
+    return counts
 
 
 # --- The client's sockets -------------------------------------------------------------------------
@@ -284,33 +398,48 @@ async def sequential_runs(sock: EventSocket, http: httpx.AsyncClient, count: int
     return [await sock.one_run(http, send) for _ in range(count)]
 
 
-async def run_level(server: Server, http: httpx.AsyncClient, sockets: list[EventSocket],
+async def run_level(deployment: Deployment, http: httpx.AsyncClient, sockets: list[EventSocket],
                     options: Options, counts: Counts | None) -> dict[str, object]:
     runs = options.runs_for(len(sockets))
-    server_proc, client_proc = psutil.Process(server.pid), psutil.Process()
+    servers, client_proc = deployment.processes, psutil.Process()
     async with asyncio.timeout(LEVEL_TIMEOUT):
         async with asyncio.TaskGroup() as group:
             for sock in sockets:
                 group.create_task(sequential_runs(sock, http, options.warmup, options.send))
         if counts is not None:
             idle, before = await idle_rate(counts)
-        server_cpu, client_cpu = _cpu(server_proc), _cpu(client_proc)
+        load_before = os.getloadavg()
+        server_cpu, client_cpu = [_cpu(p) for p in servers], _cpu(client_proc)
         started = time.perf_counter()
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(sequential_runs(sock, http, runs, options.send))
                      for sock in sockets]
         wall = time.perf_counter() - started
-        server_cpu, client_cpu = _cpu(server_proc) - server_cpu, _cpu(client_proc) - client_cpu
+        server_cpu = [_cpu(p) - before for p, before in zip(servers, server_cpu, strict=True)]
+        client_cpu = _cpu(client_proc) - client_cpu
+        spread = connections_by_process(deployment)
         if counts is not None:
             await asyncio.sleep(counts.settle_s)  # pg_stat_database lags behind (_counting.py)
             after = await counts.snapshot()
     samples = [sample for task in tasks for sample in task.result()]
     result = level_result(samples, users=len(sockets), runs=runs, warmup=options.warmup,
-                          wall=wall, server_cpu=server_cpu, client_cpu=client_cpu)
+                          wall=wall, server_cpu=sum(server_cpu), client_cpu=client_cpu)
+    result["server_cpu_ms_per_run_by_process"] = {
+        f"{p.pid} {_role(p, deployment)}": round(cpu / len(samples) * 1000, 3)
+        for p, cpu in zip(servers, server_cpu, strict=True)
+    }
+    result["connections_by_process"] = spread
+    result["load_average_before"] = [round(x, 2) for x in load_before]
     if counts is not None:
         result["database"] = per_run(before, after, idle, len(samples),
                                      postgres=counts.postgres)
     return result
+
+
+def _role(process: psutil.Process, deployment: Deployment) -> str:
+    if process.pid == deployment.server.pid:
+        return "supervisor" if len(deployment.processes) > 1 and process.children() else "serve"
+    return "worker" if "worker" in process.cmdline() else "serve child"
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -346,9 +475,12 @@ def level_result(samples: list[RunSample], *, users: int, runs: int, warmup: int
     }
 
 
-async def idle_socket_memory(server: Server, http: httpx.AsyncClient, users: list[BenchUser],
-                             count: int, *, compression: bool) -> dict[str, object]:
-    """RSS before and after `count` authenticated, subscribed sockets, each on its own thread."""
+async def idle_socket_memory(deployment: Deployment, http: httpx.AsyncClient,
+                             users: list[BenchUser], count: int, *, compression: bool
+                             ) -> dict[str, object]:
+    """RSS (summed over the server processes) before and after `count` authenticated,
+    subscribed sockets, each on its own thread."""
+    server = deployment.server
     owners = [users[i % len(users)] for i in range(count)]
     threads = await _bounded([lambda u=u: create_thread(http, u, "idle") for u in owners], 16)
     pairs = list(zip(owners, threads, strict=True))
@@ -359,15 +491,14 @@ async def idle_socket_memory(server: Server, http: httpx.AsyncClient, users: lis
     # A few first, so that what is set up once (lazy imports, caches) is not counted per socket.
     for ws in await _bounded([opener(u, t) for u, t in pairs[:20]], 20):
         await ws.close()
-    process = psutil.Process(server.pid)
     await asyncio.sleep(SETTLE_SECONDS)
-    rss_before, fds_before = process.memory_info().rss, process.num_fds()
+    rss_before, fds_before = _memory(deployment)
     started = time.perf_counter()
     sockets = await _bounded([opener(u, t) for u, t in pairs], 50)
     opened_s = time.perf_counter() - started
     try:
         await asyncio.sleep(SETTLE_SECONDS)
-        rss_after, fds_after = process.memory_info().rss, process.num_fds()
+        rss_after, fds_after = _memory(deployment)
         extensions = [type(e).__name__ for e in sockets[0].protocol.extensions]
     finally:
         await _bounded([lambda ws=ws: ws.close() for ws in sockets], 100)
@@ -381,9 +512,15 @@ async def idle_socket_memory(server: Server, http: httpx.AsyncClient, users: lis
         "server_fds_after": fds_after,
         "rss_before_mb": round(rss_before / 2**20, 2),
         "rss_after_mb": round(rss_after / 2**20, 2),
-        "rss_after_close_mb": round(process.memory_info().rss / 2**20, 2),
+        "rss_after_close_mb": round(_memory(deployment)[0] / 2**20, 2),
         "kb_per_socket": round((rss_after - rss_before) / 1024 / count, 2),
     }
+
+
+def _memory(deployment: Deployment) -> tuple[int, int]:
+    """RSS and open files, summed over the server processes."""
+    rss = sum(p.memory_info().rss for p in deployment.processes)
+    return rss, sum(p.num_fds() for p in deployment.processes)
 
 
 async def _bounded(factories: list, limit: int) -> list:  # type: ignore[type-arg]
@@ -402,10 +539,12 @@ async def _bounded(factories: list, limit: int) -> list:  # type: ignore[type-ar
 # --- Per backend ----------------------------------------------------------------------------------
 
 
-async def drive(server: Server, options: Options, *, pg_database: str | None = None
-                ) -> dict[str, object]:
-    """Every level on one server; `pg_database`: the PostgreSQL database it uses, whose
-    pg_stat_database row is read (over `options.postgres_url`'s database) around each level."""
+async def drive(deployment: Deployment, options: Options, *, metrics_dir: Path,
+                pg_database: str | None = None) -> dict[str, object]:
+    """Every level on one deployment; `metrics_dir`: its processes' PROMETHEUS_MULTIPROC_DIR;
+    `pg_database`: the PostgreSQL database it uses, whose pg_stat_database row is read (over
+    `options.postgres_url`'s database) around each level."""
+    server = deployment.server
     most = max(options.users)
     limits = httpx.Limits(max_connections=most + 8, max_keepalive_connections=most + 8)
     async with httpx.AsyncClient(base_url=server.base_url, limits=limits, timeout=HTTP_TIMEOUT,
@@ -413,7 +552,7 @@ async def drive(server: Server, options: Options, *, pg_database: str | None = N
         counts = None
         if options.count_statements:
             admin = _asyncpg_dsn(options.postgres_url) if pg_database else None
-            counts = Counts(http, pg_admin_dsn=admin, database=pg_database)
+            counts = Counts(metrics_dir, pg_admin_dsn=admin, database=pg_database)
         async with asyncio.timeout(LEVEL_TIMEOUT):
             users = await register_many(http, most, with_thread=True)
             sockets = [EventSocket(await open_socket(server, u.token, u.thread_id,
@@ -424,7 +563,7 @@ async def drive(server: Server, options: Options, *, pg_database: str | None = N
         levels = []
         try:
             for count in options.users:
-                result = await run_level(server, http, sockets[:count], options, counts)
+                result = await run_level(deployment, http, sockets[:count], options, counts)
                 levels.append(result)
                 print_level(result)
                 print_database(result)
@@ -433,49 +572,63 @@ async def drive(server: Server, options: Options, *, pg_database: str | None = N
                 await sock.aclose()
         idle = None
         if options.idle_sockets:
-            idle = await idle_socket_memory(server, http, users, options.idle_sockets,
+            idle = await idle_socket_memory(deployment, http, users, options.idle_sockets,
                                             compression=options.ws_compression)
             print_idle(idle)
     return {"levels": levels, "idle_sockets": idle}
 
 
-def _server_extra(options: Options) -> dict[str, str]:
-    return {"THREADLINE_MAX_CONCURRENT_RUNS_PER_USER": "1000",
-            "THREADLINE_DEMO_DELAY_SECONDS": "0",
-            "THREADLINE_DEBUG_COUNT_STATEMENTS": str(options.count_statements).lower()}
+def _server_extra(options: Options, workdir: Path) -> dict[str, str]:
+    extra = {"THREADLINE_MAX_CONCURRENT_RUNS_PER_USER": "1000",
+             "THREADLINE_DEMO_DELAY_SECONDS": "0",
+             "THREADLINE_DEBUG_COUNT_STATEMENTS": str(options.count_statements).lower()}
+    if options.count_statements:  # every process's counters in files there (_counting.py)
+        (workdir / "metrics").mkdir()
+        extra["PROMETHEUS_MULTIPROC_DIR"] = str(workdir / "metrics")
+    return extra
 
 
-async def run_sqlite(options: Options) -> dict[str, object]:
+async def _measure(topology: str, env: dict[str, str], workdir: Path, options: Options, *,
+                   label: str, pg_database: str | None = None) -> dict[str, object]:
+    with deploy(topology, env, workdir) as deployment, \
+            profiled(deployment.processes, options.profile, label):
+        return await drive(deployment, options, metrics_dir=workdir / "metrics",
+                           pg_database=pg_database)
+
+
+async def run_sqlite(options: Options, topology: str) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="threadline-bench-") as tmp:
         workdir = Path(tmp)
-        env = server_env(f"sqlite:///{workdir / 'bench.db'}", workdir, _server_extra(options))
-        with server_process(env, workdir) as server:
-            result = await drive(server, options)
+        env = server_env(f"sqlite:///{workdir / 'bench.db'}", workdir,
+                         _server_extra(options, workdir))
+        result = await _measure(topology, env, workdir, options, label=f"sqlite-{topology}")
     import sqlite3
 
-    return {"services": {"database": f"SQLite {sqlite3.sqlite_version}"}, **result}
+    return {"topology": topology, "services": {"database": f"SQLite {sqlite3.sqlite_version}"},
+            **result}
 
 
-async def run_postgres(options: Options) -> dict[str, object]:
+async def run_postgres(options: Options, topology: str) -> dict[str, object]:
     require_loopback(options.postgres_url, "--postgres-url")
     require_loopback(options.redis_url, "--redis-url")
     prefix = f"threadline-bench-runs-{uuid.uuid4().hex[:10]}"
-    extra = {**_server_extra(options), "THREADLINE_REDIS_URL": options.redis_url,
-             "THREADLINE_REDIS_PREFIX": prefix}
     with tempfile.TemporaryDirectory(prefix="threadline-bench-") as tmp:
         workdir = Path(tmp)
+        extra = {**_server_extra(options, workdir), "THREADLINE_REDIS_URL": options.redis_url,
+                 "THREADLINE_REDIS_PREFIX": prefix}
         async with postgres_database(options.postgres_url, label="runs") as database_url:
             env = server_env(database_url, workdir, extra)
             try:
                 await asyncio.to_thread(migrate, env, workdir)
-                with server_process(env, workdir) as server:
-                    result = await drive(server, options,
-                                         pg_database=urlsplit(database_url).path.lstrip("/"))
+                result = await _measure(
+                    topology, env, workdir, options, label=f"postgres-{topology}",
+                    pg_database=urlsplit(database_url).path.lstrip("/"),
+                )
                 services = {"database": await postgres_version(database_url),
                             "redis": await redis_version(options.redis_url)}
             finally:
                 await delete_redis_prefix(options.redis_url, prefix)
-    return {"services": services, **result}
+    return {"topology": topology, "services": services, **result}
 
 
 # --- Output ---------------------------------------------------------------------------------------
@@ -489,12 +642,18 @@ def print_level(r: dict[str, object]) -> None:
     print(f"{r['users']:>5}{r['completed_runs']:>6}{r['runs_per_second']:>8.1f}"
           f"{r['server_cpu_ms_per_run']:>9.2f}{r['client_cpu_ms_per_run']:>9.2f}  {p('post_ms')}"
           f"{p('first_event_ms')}{p('agent_started_ms')}{p('agent_completed_ms')}"
-          f"{p('emit_to_socket_ms')}", flush=True)
+          f"{p('emit_to_socket_ms')}  load {r['load_average_before'][0]}->"  # type: ignore[index]
+          f"{r['load_average_after'][0]}", flush=True)  # type: ignore[index]
+    shares = r.get("server_cpu_ms_per_run_by_process")
+    if isinstance(shares, dict) and len(shares) > 1:
+        print(f"      server CPU ms/run by process: {shares}; client connections by process: "
+              f"{r['connections_by_process']}", flush=True)
 
 
 HEADER = (f"{'users':>5}{'runs':>6}{'runs/s':>8}{'srv CPU':>9}{'cli CPU':>9}  "
           f"{'post p50/p99':<18}{'1st event':<18}{'started':<18}{'completed':<18}"
-          f"{'emit->socket':<18}\n{'':>19}{'ms/run':>9}{'ms/run':>9}  (all times in ms)")
+          f"{'emit->socket':<18}{'load (1 min)'}\n{'':>19}{'ms/run':>9}{'ms/run':>9}"
+          "  (all times in ms)")
 
 
 def print_database(r: dict[str, object]) -> None:
@@ -518,40 +677,47 @@ def print_idle(r: dict[str, object]) -> None:
           f"{r['rss_after_mb']} MB = {r['kb_per_socket']} KB per socket", flush=True)
 
 
-def comparison(backend: str, result: dict[str, object]) -> list[str]:
-    """Lines comparing the results with the targets and the reference peer."""
+def comparison(backend: str, topology: str, result: dict[str, object]) -> list[str]:
+    """Lines comparing the results with issue 11's targets and the reference peer."""
     levels: list[dict] = result["levels"]  # type: ignore[assignment,type-arg]
-    top = max(levels, key=lambda r: r["users"])
-    t, peer = TARGETS, REFERENCE_PEER
+    t, peer, own = TARGETS, REFERENCE_PEER, TARGETS[backend]
 
     def mark(ok: bool) -> str:
         return "PASS" if ok else "MISS"
 
-    lines = [f"[{backend}] vs targets (set for PostgreSQL) and the reference peer:"]
-    rate = top["runs_per_second"]
-    lines.append(f"  {mark(top['users'] >= 32 and rate >= t['runs_per_second_at_32'])} runs/s at "
-                 f"{top['users']} users: {rate} (target >= {t['runs_per_second_at_32']:.0f} at "
-                 f"32; peer ~{peer['runs_per_second']:.0f}, x{rate / peer['runs_per_second']:.1f})")
+    lines = [f"[{backend} / {topology}] vs issue 11's targets and the reference peer "
+             f"(~{peer['runs_per_second']:.0f} runs/s, ~{peer['server_cpu_ms_per_run']:.0f} ms "
+             "CPU/run):"]
     for r in levels:
-        first, started, emit = r["first_event_ms"], r["agent_started_ms"], r["emit_to_socket_ms"]
-        ok = first["p50"] < t["first_event_p50_ms"] and first["p99"] < t["first_event_p99_ms"]
-        ok_started = (started["p50"] < t["first_event_p50_ms"]
-                      and started["p99"] < t["first_event_p99_ms"])
-        lines += [
-            f"  {mark(ok)} {r['users']} users, first event (any, mostly "
-            f"{max(r['first_event_types'], key=r['first_event_types'].get)}) p50/p99: "
-            f"{first['p50']}/{first['p99']} ms (target < 15/50; peer ~1000)",
-            f"  {mark(ok_started)} {r['users']} users, agent_started p50/p99: "
-            f"{started['p50']}/{started['p99']} ms (same target)",
-            f"  {mark(emit['p99'] < t['emit_to_socket_p99_ms'])} {r['users']} users, "
-            f"emit->socket p99: {emit['p99']} ms (target < 10; ms resolution)",
-            f"  info {r['users']} users, server CPU per run: {r['server_cpu_ms_per_run']} ms "
-            f"(peer 17-30 ms)",
-        ]
+        users, rate, cpu = r["users"], r["runs_per_second"], r["server_cpu_ms_per_run"]
+        at = f"  {r['users']} users (load {r['load_average_after'][0]}):"
+        if users >= 32:
+            lines.append(f"{at} {mark(rate >= own['runs_per_second_at_32'])} runs/s {rate} "
+                         f"(target >= {own['runs_per_second_at_32']:.0f}"
+                         f"{' with the best 2-core topology' if backend == 'postgres' else ''}; "
+                         f"x{rate / peer['runs_per_second']:.2f} the peer's)")
+        else:
+            lines.append(f"{at} info runs/s {rate}")
+        lines.append(f"{at} {mark(cpu <= own['server_cpu_ms_per_run'])} server CPU/run {cpu} ms "
+                     f"(target <= {own['server_cpu_ms_per_run']:.0f}; "
+                     f"x{cpu / peer['server_cpu_ms_per_run']:.2f} the peer's)")
+        counted = r.get("database")
+        if isinstance(counted, dict):
+            each = counted["per_run"]
+            lines.append(
+                f"{at} {mark(each['transactions'] <= t['transactions_per_run'])} transactions/run "
+                f"{each['transactions']} (target <= {t['transactions_per_run']:.0f}); "
+                f"{mark(each['round_trips'] <= t['round_trips_per_run'])} round trips/run "
+                f"{each['round_trips']} (target <= {t['round_trips_per_run']:.0f})")
+        first, done = r["first_event_ms"], r["agent_completed_ms"]
+        lines.append(
+            f"{at} {mark(first['p99'] < t['first_event_p99_ms'])} first event p50/p99 "
+            f"{first['p50']}/{first['p99']} ms (target p99 < {t['first_event_p99_ms']:.0f}); "
+            f"{mark(done['p99'] < t['completed_p99_ms'])} completion p50/p99 "
+            f"{done['p50']}/{done['p99']} ms (target p99 < {t['completed_p99_ms']:.0f})")
     idle = result.get("idle_sockets")
     if idle:
-        lines.append(f"  {mark(idle['kb_per_socket'] < t['idle_socket_kb'])} idle socket: "  # type: ignore[index]
-                     f"{idle['kb_per_socket']} KB each (target < 100)")  # type: ignore[index]
+        lines.append(f"  info idle socket: {idle['kb_per_socket']} KB each")  # type: ignore[index]
     return lines
 
 
@@ -589,7 +755,15 @@ def parse_options(argv: list[str] | None = None) -> Options:
                              "(THREADLINE_DEBUG_COUNT_STATEMENTS; default on)")
     parser.add_argument("--ws-compression", choices=["on", "off"], default="on",
                         help="offer permessage-deflate, as browsers do (default on)")
+    parser.add_argument("--topology", default="serve",
+                        help=f"comma-separated, of {', '.join(TOPOLOGIES)} (default serve; "
+                             "SQLite runs serve only)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="py-spy raw profiles, one file per working server process")
     args = parser.parse_args(argv)
+    topologies = tuple(dict.fromkeys(t.strip() for t in args.topology.split(",") if t.strip()))
+    if not topologies or set(topologies) - set(TOPOLOGIES):
+        parser.error(f"--topology takes some of {', '.join(TOPOLOGIES)}")
     users = tuple(sorted({int(n) for n in args.users.split(",") if n.strip()}))
     if not users or users[0] < 1 or args.warmup < 0 or args.idle_sockets < 0 \
             or (args.runs_per_user is not None and args.runs_per_user < 1):
@@ -599,20 +773,27 @@ def parse_options(argv: list[str] | None = None) -> Options:
         out=args.out, postgres_url=args.postgres_url, redis_url=args.redis_url, users=users,
         runs_per_user=args.runs_per_user, warmup=args.warmup, idle_sockets=args.idle_sockets,
         send=args.send, ws_compression=args.ws_compression == "on",
-        count_statements=args.count_statements == "on",
+        count_statements=args.count_statements == "on", topologies=topologies,
+        profile=args.profile.resolve() if args.profile else None,
     )
 
 
 async def run(options: Options, open_files: dict[str, int]) -> dict[str, object]:
-    backends: dict[str, dict[str, object]] = {}
+    measured: dict[tuple[str, str], dict[str, object]] = {}
     started = time.perf_counter()
     for backend in options.backends:
-        print(f"\n[{backend}] posting via {options.send}\n{HEADER}", flush=True)
-        runner = run_sqlite if backend == "sqlite" else run_postgres
-        backends[backend] = await runner(options)
+        allowed = SQLITE_TOPOLOGIES if backend == "sqlite" else TOPOLOGIES
+        skipped = [t for t in options.topologies if t not in allowed]
+        if skipped:
+            print(f"\n[{backend}] skips {', '.join(skipped)}: SQLite runs in one process "
+                  "(serve refuses --workers above 1 on it)", flush=True)
+        for topology in (t for t in options.topologies if t in allowed):
+            print(f"\n[{backend} / {topology}] posting via {options.send}\n{HEADER}", flush=True)
+            runner = run_sqlite if backend == "sqlite" else run_postgres
+            measured[backend, topology] = await runner(options, topology)
     print()
-    for backend, result in backends.items():
-        print("\n".join(comparison(backend, result)))
+    for (backend, topology), result in measured.items():
+        print("\n".join(comparison(backend, topology, result)))
     config = {k: v for k, v in asdict(options).items() if k != "out"}
     config["postgres_url"] = options.postgres_url.split("@")[-1]  # no credentials in results
     config["runs_per_user_by_level"] = {str(n): options.runs_for(n) for n in options.users}
@@ -627,8 +808,11 @@ async def run(options: Options, open_files: dict[str, int]) -> dict[str, object]
         "machine": {**machine_info(("psutil",)), "client_event_loop": _loop_name(),
                     "open_files": open_files},
         "config": config,
-        "targets": {"postgres": TARGETS, "reference_peer": REFERENCE_PEER},
-        "backends": backends,
+        "targets": {**TARGETS, "reference_peer": REFERENCE_PEER},
+        # As before: each backend's `serve` result (levels, idle_sockets, services)...
+        "backends": {b: r for (b, t), r in measured.items() if t == "serve"},
+        # ...and every backend and topology measured, `serve` included.
+        "topologies": {f"{b}/{t}": r for (b, t), r in measured.items()},
     }
 
 

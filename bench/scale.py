@@ -31,13 +31,11 @@ import argparse
 import asyncio
 import contextlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,9 +60,8 @@ from _support import (
     require_loopback,
     server_env,
     server_process,
-    stop,
     summarize,
-    tail,
+    worker_process,
     write_results,
 )
 from runs import CONNECT_TIMEOUT, TERMINAL, EventSocket, open_socket
@@ -104,22 +101,6 @@ class TrackedSocket(EventSocket):
         super()._dispatch(item, recv_perf, recv_wall)
 
 
-@contextlib.contextmanager
-def worker_process(env: dict[str, str], workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
-    log_path = workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "threadline", "worker"], env=env, cwd=workdir, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        yield process
-    finally:
-        stop(process)
-        if process.returncode not in (0, None):
-            print(f"--- worker log (tail) ---\n{tail(log_path)}", file=sys.stderr)
-
-
 async def stored_log(server: Server, user: BenchUser) -> list[tuple[int, str, str | None]]:
     """Every durable event of the user's thread, replayed by `server` from the database."""
     seen: list[tuple[int, str, str | None]] = []
@@ -149,7 +130,7 @@ def integrity(received: list[tuple[int, str, str | None]],
     durable = [e for e in received if e[1] != "message_delta"]
     counts = Counter(seq for seq, _, _ in durable)
     stored_seqs = {seq for seq, _, _ in stored}
-    seqs = [seq for seq, _, _ in received]
+    seqs = [seq for seq, _, _ in durable]  # deltas carry the seq of the event they follow
     ends = Counter(run for _, kind, run in stored if kind in TERMINAL)
     runs = {run for _, kind, run in stored if kind == "run_queued"}
     return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from typing import Annotated
 import click
 import typer
 import uvicorn
+from pydantic import SecretStr
 from sqlalchemy.exc import DBAPIError
 
 from threadline.cli_admin import admin
@@ -35,6 +37,7 @@ app = typer.Typer(
     help="Threadline server and tools.",
 )
 _DEFAULTS = Settings.model_fields
+_GRACEFUL_SHUTDOWN_SECONDS = 30  # uvicorn's bound on open connections at shutdown
 app.add_typer(admin, name="admin")
 
 
@@ -104,6 +107,19 @@ def _settings(*, app_dir: Path | None = None, **overrides: object) -> Settings:
     return settings
 
 
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        metavar="N",
+        help=_help(
+            "API processes to run on this one port, each with its embedded worker unless "
+            "THREADLINE_EMBEDDED_WORKER=false; more than 1 needs PostgreSQL and Redis.",
+            "workers",
+        ),
+    ),
+]
+
+
 @app.command()
 def serve(
     host: Annotated[
@@ -116,33 +132,97 @@ def serve(
     ] = None,
     agents: AgentsOption = None,
     app_dir: AppDirOption = Path("."),
+    workers: WorkersOption = None,
 ) -> None:
     """Run the API server. With no configuration: SQLite file, in-process worker, demo agent."""
-    from threadline.api.app import create_app
-
-    settings = _settings(app_dir=app_dir, host=host, port=port, agents=agents or None)
+    settings = _settings(
+        app_dir=app_dir, host=host, port=port, agents=agents or None, workers=workers
+    )
     # Before anything is created (database, secret key) or printed: a second server on the
     # same port fails here, in one line.
     listener = _bind(settings.host, settings.port)
     _check_database(settings)
+    if settings.workers > 1:
+        settings = _prepare_processes(settings)
     configure_logging(settings.log_level, json_lines=settings.log_json)
+    bound_port = listener.getsockname()[1]
+    shown_host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
+    processes = f" ({settings.workers} API processes)" if settings.workers > 1 else ""
+    _announce(settings, f"Threadline on http://{shown_host}:{bound_port}{processes}")
+    _announce(settings, f"Database: {_redacted(settings.database_url)}")
+    if settings.workers == 1:
+        _serve_in_process(settings, listener)
+        return
+    _supervise(settings, "API process", settings.workers, _serve_child, listener=listener)
+
+
+def _serve_in_process(settings: Settings, listener: socket.socket) -> None:
+    from threadline.api.app import create_app
+
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(settings),
-            log_config=None,  # configure_logging above formats uvicorn's lines like ours
+            log_config=None,  # configure_logging formats uvicorn's lines like ours
             log_level=settings.log_level.lower(),
             proxy_headers=True,
-            timeout_graceful_shutdown=30,
+            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_SECONDS,
             # Events are small JSON; compression state costs ~40 KB per idle socket
             # (bench/runs.py measured 91 KB with it, 49 KB without).
             ws_per_message_deflate=False,
         )
     )
-    bound_port = listener.getsockname()[1]
-    shown_host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0") else settings.host
-    _announce(settings, f"Threadline on http://{shown_host}:{bound_port}")
-    _announce(settings, f"Database: {_redacted(settings.database_url)}")
     server.run(sockets=[listener])
+
+
+def _serve_child(settings: Settings, listener: socket.socket) -> None:
+    """One of `serve --workers N`'s processes: the same server, on the shared socket."""
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    _serve_in_process(settings, listener)
+
+
+def _prepare_processes(settings: Settings) -> Settings:
+    """What several processes must share, settled once before they start: Redis answers, and
+    one token-signing key (in development each process would otherwise make its own)."""
+    from threadline.runtime import check_redis, resolve_secret
+
+    try:
+        asyncio.run(check_redis(settings))
+    except ThreadlineError as exc:
+        raise _fail("Configuration error", exc) from exc
+    if settings.secret_key is not None:
+        return settings
+    return settings.model_copy(update={"secret_key": SecretStr(resolve_secret(settings))})
+
+
+def _supervise(
+    settings: Settings,
+    name: str,
+    count: int,
+    target: Callable[..., object],
+    *,
+    listener: socket.socket | None = None,
+) -> None:
+    """Run `count` processes of `target(settings[, listener])` until a signal or a failure.
+    Exits 1 after a failure; after a stop signal, re-raises it for an API server (as uvicorn
+    does for a lone one) and returns for workers (a lone worker exits 0)."""
+    from threadline.supervisor import Supervisor
+
+    supervisor = Supervisor(
+        name=name,
+        count=count,
+        target=target,
+        args=(settings,),
+        sockets=[listener] if listener is not None else [],
+        # Past every child's own bounds (the runs' grace, then uvicorn's): only a stuck child
+        # is killed.
+        stop_timeout_seconds=settings.shutdown_grace_seconds + _GRACEFUL_SHUTDOWN_SECONDS + 10,
+        report=lambda line: _announce(settings, line),
+    )
+    outcome = supervisor.run()
+    if outcome.failed:
+        raise typer.Exit(1)
+    if outcome.signal is not None and listener is not None:
+        signal.raise_signal(outcome.signal)
 
 
 def _announce(settings: Settings, line: str) -> None:
@@ -178,14 +258,34 @@ def _bind(host: str, port: int) -> socket.socket:
 def worker(
     agents: AgentsOption = None,
     app_dir: AppDirOption = Path("."),
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help=_help(
+                "Worker processes to run; more than 1 needs PostgreSQL and Redis.",
+                "worker_processes",
+            ),
+        ),
+    ] = None,
 ) -> None:
     """Run agents from the queue, without serving HTTP (start API processes with
     THREADLINE_EMBEDDED_WORKER=false when workers run apart)."""
-    from threadline.runs.standalone import run_worker
-
-    settings = _settings(app_dir=app_dir, agents=agents or None, embedded_worker=True)
+    settings = _settings(
+        app_dir=app_dir, agents=agents or None, embedded_worker=True, worker_processes=processes
+    )
     _check_database(settings)
+    if settings.worker_processes > 1:
+        settings = _prepare_processes(settings)
     configure_logging(settings.log_level, json_lines=settings.log_json)
+    if settings.worker_processes == 1:
+        _work_in_process(settings)
+        return
+    _supervise(settings, "Worker process", settings.worker_processes, _work_child)
+
+
+def _work_in_process(settings: Settings) -> None:
+    from threadline.runs.standalone import run_worker
 
     def ready(worker_id: str) -> None:  # announced once it works, so a failure is one line
         _announce(settings, f"Threadline worker {worker_id} on {_redacted(settings.database_url)}")
@@ -194,6 +294,15 @@ def worker(
         asyncio.run(run_worker(settings, on_ready=ready))  # SIGINT and SIGTERM stop it gracefully
     except (ThreadlineError, OSError, DBAPIError) as exc:  # Redis or PostgreSQL unreachable
         raise _fail("Worker cannot start", " ".join(str(exc).split())) from exc
+
+
+def _work_child(settings: Settings) -> None:
+    """One of `worker --processes N`'s processes."""
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    try:
+        _work_in_process(settings)
+    except typer.Exit as exc:  # no click here to turn it into the exit status
+        sys.exit(exc.exit_code)
 
 
 @app.command()

@@ -53,6 +53,12 @@ class Metrics:
             "Events not delivered because a connection's queue overflowed (it was closed)",
             registry=self.registry,
         )
+        self.deltas_out_of_place = Counter(
+            "threadline_deltas_out_of_place_total",
+            "Text deltas not sent to a connection because it had not got, or had passed, the "
+            "durable event they follow (their text arrives in message_created)",
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -121,6 +121,7 @@ async def open_runtime(
             pool_size=settings.database_pool_size,
             connect_timeout_seconds=settings.database_connect_timeout_seconds,
             statement_timeout_seconds=settings.database_statement_timeout_seconds,
+            pool_timeout_seconds=settings.database_pool_timeout_seconds,
         )
         stack.push_async_callback(engine.dispose)
         if settings.is_sqlite:
@@ -193,6 +194,12 @@ def resolve_secret(settings: Settings) -> str:
     path.chmod(0o600)
     logger.info("Generated a token-signing key in %s", path)
     return secret
+
+
+async def check_redis(settings: Settings) -> None:
+    """Raise `ConfigurationError` (one line) if `THREADLINE_REDIS_URL` does not answer."""
+    if settings.redis_url is not None:
+        await (await _connect_redis(settings.redis_url)).aclose()
 
 
 async def _connect_redis(url: str) -> Redis:

@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     """How long to wait for PostgreSQL to accept a connection and answer before failing."""
     database_statement_timeout_seconds: float = Field(default=60.0, ge=0)
     """PostgreSQL cancels any one statement that runs longer than this; 0 turns it off."""
+    database_pool_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    """How long a request or a run waits for a free pooled connection before it is answered
+    503 `database_unavailable` (or handed back); a warning names the pool's state."""
     redis_url: str | None = None
     """When set, live events, control messages (cancel, logout), token revocations and
     rate-limit counters go through Redis, shared by every process."""
@@ -208,6 +211,12 @@ class Settings(BaseSettings):
     """Model of the built-in agent: `demo`, `openai:<model>` or `anthropic:<model>`."""
     demo_delay_seconds: float = Field(default=0.0, ge=0)
     """Pause between the demo model's chunks, to watch streaming happen."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """API processes `threadline serve` runs on its one host and port (`--workers`), each with
+    its embedded worker unless that is off. More than 1 needs PostgreSQL and Redis."""
+    worker_processes: int = Field(default=1, ge=1, le=64)
+    """Processes `threadline worker` runs (`--processes`). More than 1 needs PostgreSQL and
+    Redis."""
     embedded_worker: bool = True
     """Run agents inside the API process. Turn off when `threadline worker` processes run them."""
     worker_concurrency: int = Field(default=32, ge=1, le=1000)
@@ -324,6 +333,31 @@ class Settings(BaseSettings):
             raise ConfigurationError(
                 "THREADLINE_PASSWORD_AUTH", "is off but no THREADLINE_OIDC_ISSUERS is configured"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> Settings:
+        for setting, option, count in (
+            ("THREADLINE_WORKERS", "--workers", self.workers),
+            ("THREADLINE_WORKER_PROCESSES", "--processes", self.worker_processes),
+        ):
+            if count == 1:
+                continue
+            if self.is_sqlite:
+                raise ConfigurationError(
+                    setting,
+                    f"{option} {count} needs PostgreSQL and Redis: an SQLite file takes one "
+                    "writer at a time and the in-process event bus cannot be shared between "
+                    f"processes (use {option} 1, or set THREADLINE_DATABASE_URL and "
+                    "THREADLINE_REDIS_URL)",
+                )
+            if self.redis_url is None:
+                raise ConfigurationError(
+                    setting,
+                    f"{option} {count} needs THREADLINE_REDIS_URL: without Redis each process "
+                    "has its own in-process event bus, and a user connected to one would miss "
+                    "the events of runs executed by another",
+                )
         return self
 
     @property

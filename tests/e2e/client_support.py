@@ -30,6 +30,7 @@ from tests.e2e.sockets_support import (
     _wait_ready,
     free_port,
 )
+from tests.live_order import assert_ordered
 from threadline.client import AsyncThreadline, Event
 
 PASSWORD = "correct horse battery staple"
@@ -140,8 +141,13 @@ def seqs(events: list[Event]) -> list[int]:
 
 
 def assert_no_duplicate_or_reorder(events: list[Event]) -> None:
-    numbers = seqs(events)
-    assert numbers == sorted(set(numbers)), f"duplicated or reordered seqs: {numbers}"
+    """Durable seqs only go up, each once; each delta right after the durable event it
+    follows (`tests/live_order.py`)."""
+    wire = [{"type": e.type, "seq": e.seq, "ephemeral": e.ephemeral} for e in events]
+    try:
+        assert_ordered(wire)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {[(e.seq, e.type) for e in events]}") from exc
 
 
 class RestartableServer:

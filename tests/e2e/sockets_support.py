@@ -42,6 +42,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests import services as test_services
+from tests.live_order import assert_ordered
 
 # Generous: a loaded two-core machine starts a server (imports, migrations) in several seconds.
 SERVER_START_TIMEOUT = 90.0
@@ -604,19 +605,19 @@ def durable(events: list[JSON]) -> list[JSON]:
     return [e for e in events if e["type"] not in EPHEMERAL]
 
 
-def seqs_by_thread(messages: list[JSON]) -> dict[str, list[int]]:
-    by_thread: dict[str, list[int]] = defaultdict(list)
+def assert_strictly_increasing(messages: list[JSON], *, after_seq: int | None = None) -> None:
+    """Within each thread, the durable events' seq numbers only go up (no reorder, no
+    duplicate; above `after_seq` if given), and each delta carries the seq of the durable
+    event right before it (`tests/live_order.py`)."""
+    by_thread: dict[str, list[JSON]] = defaultdict(list)
     for message in messages:
         if "seq" in message:
-            by_thread[str(message["thread_id"])].append(int(message["seq"]))
-    return by_thread
-
-
-def assert_strictly_increasing(messages: list[JSON]) -> None:
-    """Within each thread, the events' seq numbers only go up (no reorder, no duplicate)."""
-    for thread_id, seqs in seqs_by_thread(messages).items():
-        bad = [(a, b) for a, b in zip(seqs, seqs[1:], strict=False) if b <= a]
-        assert not bad, f"thread {thread_id}: seq went {bad[:5]} in {seqs}"
+            by_thread[str(message["thread_id"])].append(message)
+    for thread_id, events in by_thread.items():
+        try:
+            assert_ordered(events, after_seq=after_seq)
+        except AssertionError as exc:
+            raise AssertionError(f"thread {thread_id}: {exc} in {compact(events)}") from exc
 
 
 def assert_run_lifecycle(events: list[JSON], run_id: str) -> None:

@@ -304,6 +304,7 @@ def test_version_and_help(tmp_path: Path):
         ("--port", "8000"),
         ("--agents", "none"),
         ("--app-dir", "."),
+        ("--workers", "THREADLINE_WORKERS, else 1"),
     ):
         entry = help_text[help_text.index(option) :]
         entry = entry[: entry.index("\n  --", 1)] if "\n  --" in entry[1:] else entry

@@ -176,3 +176,51 @@ async def test_stream_resumes_across_a_server_restart(tmp_path: Path, transport:
             assert _durable(received) == _durable(await _stored(client, thread.id, start))
     finally:
         await asyncio.to_thread(server.stop)
+
+
+@pytest.fixture(scope="module")
+def streaming_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableServer]:
+    """The demo model slowed down, so that an answer streams as many deltas."""
+    with running_server(
+        tmp_path_factory.mktemp("resume-deltas"), demo_delay_seconds=0.03
+    ) as started:
+        yield started
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+async def test_a_stream_cut_among_many_deltas_resumes_without_gap_or_duplicate(
+    streaming_server: RestartableServer, transport: Transport
+) -> None:
+    """Deltas take no sequence number and are not stored: a client cut while they stream
+    resumes from its last durable event, gets every later durable event once (their numbers
+    without a gap) and further deltas only in their place; the stored log has none."""
+    server = streaming_server
+    question = " ".join(f"word{n}" for n in range(24))  # echoed back word by word
+    async with (
+        asyncio.timeout(90),
+        CuttableProxy(server.port) as proxy,
+        new_user(server.base_url) as direct,
+    ):
+        behind_proxy = AsyncThreadline(proxy.url, token=direct.token, reconnect_timeout=30)
+        thread = await direct.create_thread()
+        received: list[Event] = []
+        async with behind_proxy, behind_proxy.events(thread.id, transport=transport) as stream:
+            start = stream.last_seq[thread.id]
+            await direct.post_message(thread.id, question, agent="demo")
+            reader = asyncio.create_task(_read_run(stream, received))
+            try:
+                await _until(lambda: sum(e.ephemeral for e in received) >= 3, "three deltas")
+                proxy.cut()
+                async with asyncio.timeout(WAIT):
+                    await reader
+            finally:
+                reader.cancel()
+            assert stream.reconnects == 1
+        stored = await _stored(direct, thread.id, start)
+
+    assert not any(e.ephemeral for e in stored)
+    assert_no_duplicate_or_reorder(received)
+    numbers = [e.seq for e in received if not e.ephemeral]
+    assert numbers == list(range(start + 1, start + 1 + len(numbers)))  # no gap
+    assert _durable(received) == _durable(stored)
+    assert sum(e.ephemeral for e in received) >= 3

@@ -118,7 +118,7 @@ async def test_clients_of_a_killed_api_process_resume_on_the_other(two_apis: Clu
                     await sock.subscribe(thread_id, after_seq=last_seq)
                     await sock.until_type("agent_completed", run_id=run_id, within=120)
                     after = sock.events
-                assert all(int(e["seq"]) > last_seq for e in after)
+                assert_strictly_increasing(after, after_seq=last_seq)
                 log = await replay(survivor, user, thread_id, start_seq)
                 _assert_exactly_the_log([*before, *after], log, run_id)
     except BaseException:

@@ -28,6 +28,7 @@ from tests.e2e.sockets_support import (
     register,
     server_factory,
 )
+from tests.live_order import assert_ordered
 from threadline.ids import IdPrefix, new_id
 
 pytestmark = pytest.mark.e2e
@@ -77,8 +78,7 @@ def check_demo_run(events: list[dict[str, object]], run_id: str) -> None:
     )
     assert streamed == ANSWER
     assert run[done]["data"]["text"] == ANSWER  # type: ignore[index]
-    seqs = [int(e["seq"]) for e in run]  # type: ignore[call-overload]
-    assert seqs == sorted(set(seqs)), seqs
+    assert_ordered(run)
 
 
 async def test_first_conversation_is_streamed_to_its_owner_only(server: ServerProcess) -> None:

@@ -29,6 +29,7 @@ from tests.e2e.sockets_support import (
     register,
     server_factory,
 )
+from tests.live_order import assert_in_place
 
 pytestmark = pytest.mark.e2e
 DELAY = 0.05
@@ -111,8 +112,8 @@ async def test_socket_killed_mid_run_resumes_without_loss(server: ServerProcess)
         received: list[JSON] = []
         for after_seq, events in connections:
             assert events, f"a connection resumed after {after_seq} received nothing"
-            assert all(int(e["seq"]) > after_seq for e in events), (after_seq, compact(events))
-            assert_strictly_increasing(events)
+            # Durable events after `after_seq`; a delta may follow `after_seq` itself.
+            assert_strictly_increasing(events, after_seq=after_seq)
             received += durable(events)
         # Every stored event exactly once, in order, across the four connections.
         assert compact(received) == compact(log)
@@ -151,8 +152,7 @@ async def test_sse_reconnects_with_last_event_id_without_loss(server: ServerProc
         log = await _stored_log(server, user, thread_id, start_seq)
         received: list[JSON] = []
         for after_seq, events in streams:
-            assert all(int(e["seq"]) > after_seq for e in events)
-            assert_strictly_increasing(events)
+            assert_strictly_increasing(events, after_seq=after_seq)
             received += durable(events)
         assert compact(received) == compact(log)
         assert len(streams) >= 2
@@ -188,10 +188,44 @@ async def test_resuming_over_and_over_during_a_run_loses_nothing(server: ServerP
         log = await _stored_log(server, user, thread_id, 0)
         received: list[JSON] = []
         for after_seq, events in connections:
-            assert all(int(e["seq"]) > after_seq for e in events)
-            assert_strictly_increasing(events)
+            assert_strictly_increasing(events, after_seq=after_seq)
             received += durable(events)
         assert compact(received) == compact(log), f"{len(connections)} connections"
+
+
+async def test_deltas_arrive_in_place_on_a_socket_and_on_sse(server: ServerProcess) -> None:
+    """A run's text deltas take no sequence number: on both transports they arrive between
+    the durable events they belong between (after `agent_started`, before the answer's
+    `message_created`), each carrying the seq of the durable event before it; the durable
+    numbers have no gap, and the stored log the deltas are not part of replays without
+    them."""
+    async with asyncio.timeout(90), http_client(server) as http:
+        user = await register(http)
+        thread_id = await create_thread(http, user)
+        async with (
+            open_socket(server, user.token) as sock,
+            open_sse(http, user, thread_id) as sse,
+        ):
+            start = int((await sock.subscribe(thread_id))["last_seq"])
+            assert int((await sse.next())["data"]["last_seq"]) == start
+            run_id = (await post_message(http, user, thread_id, LONG_QUESTION, agent="demo"))[
+                "run"
+            ]["id"]
+            await sock.until_type("agent_completed", run_id=run_id)
+            await sse.until(lambda f: f["event"] == "agent_completed")
+        for events in (sock.events, sse.events):
+            assert_in_place(events, after_seq=start)
+            kinds = [e["type"] for e in events if e["run_id"] == run_id]
+            deltas = [i for i, kind in enumerate(kinds) if kind == "message_delta"]
+            assert len(deltas) >= 10, kinds  # the demo model streams word by word
+            answer = kinds.index("message_created", deltas[0])
+            assert kinds.index("agent_started") < deltas[0] and deltas[-1] < answer, kinds
+            text = "".join(e["data"]["text"] for e in events if e["type"] == "message_delta")
+            assert text == next(e for e in events if e["type"] == "agent_completed")["data"]["text"]
+        # An SSE delta's id is its seq, the durable event it follows: resuming from it is right.
+        assert all(int(f["id"]) == f["data"]["seq"] for f in sse.frames if f["id"] is not None)
+        log = await _stored_log(server, user, thread_id, start)
+        assert compact(log) == compact(durable(sock.events)) == compact(durable(sse.events))
 
 
 FAR_BEHIND = 1100  # more stored events than two replay pages (500 each)

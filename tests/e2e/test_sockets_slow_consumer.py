@@ -39,6 +39,7 @@ from tests.e2e.sockets_support import (
     server_factory,
     wait_for_metrics,
 )
+from tests.live_order import assert_in_place
 
 pytestmark = pytest.mark.e2e
 QUEUE_SIZE = 8
@@ -83,9 +84,9 @@ async def _replay(sock: EventSocket, thread_id: str, after_seq: int) -> list[JSO
 
 
 def assert_contiguous(events: list[JSON], after_seq: int) -> None:
-    """A live consumer sees every number: ephemeral deltas are numbered and sent live too."""
-    seqs = [int(e["seq"]) for e in events]
-    assert seqs == list(range(after_seq + 1, after_seq + 1 + len(seqs))), seqs
+    """A live consumer sees every durable number, and each ephemeral delta (not numbered)
+    right after the durable event it follows."""
+    assert_in_place(events, after_seq=after_seq)
 
 
 @dataclass

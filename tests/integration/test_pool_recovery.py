@@ -19,8 +19,10 @@ from tests.integration.test_runs_support import Harness, run_settings, running_a
 from threadline.store import db
 from threadline.store.wakeup import asyncpg_dsn
 
-pytestmark = [pytest.mark.integration, pytest.mark.parametrize("backend", ["postgres"],
-                                                                indirect=True)]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.parametrize("backend", ["postgres"], indirect=True),
+]
 
 _POOLED = """
 SELECT pid FROM pg_stat_activity
@@ -106,3 +108,22 @@ async def test_a_dead_connection_the_driver_had_not_noticed_costs_at_most_one_50
 
         assert await _terminate_pooled(asyncpg_dsn(settings.database_url)) >= 2
         _at_most_one_503_then_success(await _requests_after_the_kill(h, user))
+
+
+async def test_an_exhausted_pool_answers_503_within_the_pool_timeout(settings_factory):
+    """Every pooled connection held elsewhere: a request waits THREADLINE_DATABASE_POOL_TIMEOUT_
+    SECONDS, not SQLAlchemy's 30 s (as long as many clients wait for a whole answer), then gets
+    a clear 503 it may retry; once a connection is free again, requests work."""
+    settings = run_settings(
+        settings_factory, database_pool_size=1, database_pool_timeout_seconds=0.5
+    )
+    async with running_app(settings) as h:
+        user = await h.user()
+        engine = h.services.engine
+        async with engine.connect(), engine.connect():  # pool of 1, overflow of 1: all taken
+            answer = await asyncio.wait_for(
+                h.client.get("/v1/threads", headers=user.headers), timeout=10
+            )
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "database_unavailable"
+        assert (await h.client.get("/v1/threads", headers=user.headers)).status_code == 200

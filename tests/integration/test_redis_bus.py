@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tests.private_redis import PrivateRedis, private_redis
 from threadline.api.live.gateway import Connection, Gateway, settled_reader
@@ -116,6 +117,133 @@ async def test_redis_refuses_an_out_of_order_or_duplicate_append(
             await client.aclose()
     assert got == [5, 6]
     assert ids == [b"5-0", b"6-0"]
+
+
+def _delta(thread_id: str, text: str) -> Event:
+    """A text delta as the publisher hands it over: the bus gives it its place (`seq`)."""
+    return Event(
+        type=EventType.MESSAGE_DELTA,
+        thread_id=thread_id,
+        user_id="usr_test",
+        seq=0,
+        data={"message_id": "msg_1", "text": text},
+    )
+
+
+async def _entry_ids(url: str, key: str) -> list[bytes]:
+    client = Redis.from_url(url)
+    try:
+        return [entry_id for entry_id, _ in await client.xrange(key)]
+    finally:
+        await client.aclose()
+
+
+async def test_deltas_go_after_the_durable_event_they_follow_without_numbers(
+    shared_redis: str, prefix: str
+) -> None:
+    got: list[tuple[int, str]] = []
+    async with _bus(shared_redis, prefix) as publisher, _bus(shared_redis, prefix) as reader:
+        reader.subscribe("thr_d", lambda e: got.append((e.seq, e.type.value)))
+        await reader.ready("thr_d")
+        await publisher.publish(_event("thr_d", 1))
+        for text in ("a", "b"):
+            await publisher.publish_ephemeral(_delta("thr_d", text))
+        await publisher.publish(_event("thr_d", 2))
+        await publisher.publish_ephemeral(_delta("thr_d", "c"))
+        await publisher.flush()
+        await _until(lambda: len(got) == 5)
+    assert got == [
+        (1, "thread_updated"),
+        (1, "message_delta"),
+        (1, "message_delta"),
+        (2, "thread_updated"),
+        (2, "message_delta"),
+    ]
+    assert await _entry_ids(shared_redis, f"{prefix}:events:thr_d") == [
+        b"1-0",
+        b"1-1",
+        b"1-2",
+        b"2-0",
+        b"2-1",
+    ]
+
+
+async def test_a_delta_goes_after_a_later_event_another_process_appended_first(
+    shared_redis: str, prefix: str
+) -> None:
+    """Process A published durable 1 and streams; process B appends durable 2 (a user's
+    message on the same thread). A's next delta is placed after 2, not refused or dropped."""
+    got: list[tuple[int, str]] = []
+    async with (
+        _bus(shared_redis, prefix) as a,
+        _bus(shared_redis, prefix) as b,
+        _bus(shared_redis, prefix) as reader,
+    ):
+        reader.subscribe("thr_r", lambda e: got.append((e.seq, e.type.value)))
+        await reader.ready("thr_r")
+        await a.publish(_event("thr_r", 1))
+        await a.publish_ephemeral(_delta("thr_r", "a"))
+        await a.flush()
+        await b.publish(_event("thr_r", 2))
+        await b.flush()
+        await a.publish_ephemeral(_delta("thr_r", "b"))
+        await a.flush()
+        await _until(lambda: len(got) == 4)
+    assert got == [(1, "thread_updated"), (1, "message_delta"), (2, "thread_updated"),
+                   (2, "message_delta")]  # fmt: skip
+    assert await _entry_ids(shared_redis, f"{prefix}:events:thr_r") == [
+        b"1-0",
+        b"1-1",
+        b"2-0",
+        b"2-1",
+    ]
+
+
+async def test_a_reader_never_repeats_a_delta(shared_redis: str, prefix: str) -> None:
+    """Two watches of one thread in one process (a second subscriber re-positions it), many
+    deltas after one durable event: each arrives once per listener."""
+    first: list[str] = []
+    second: list[str] = []
+    async with _bus(shared_redis, prefix) as publisher, _bus(shared_redis, prefix) as reader:
+        reader.subscribe("thr_n", lambda e: first.append(str(e.data.get("text", e.seq))))
+        await reader.ready("thr_n")
+        await publisher.publish(_event("thr_n", 1))
+        for n in range(50):
+            await publisher.publish_ephemeral(_delta("thr_n", str(n)))
+        await publisher.flush()
+        await _until(lambda: len(first) == 51)
+        reader.subscribe("thr_n", lambda e: second.append(str(e.data.get("text", e.seq))))
+        await reader.ready("thr_n")
+        await publisher.publish_ephemeral(_delta("thr_n", "last"))
+        await publisher.flush()
+        await _until(lambda: "last" in second)
+    assert first == ["1", *map(str, range(50)), "last"]
+    assert second == ["last"]
+
+
+async def test_a_batch_retried_on_a_dead_connection_leaves_its_deltas_out(
+    shared_redis: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first append of a batch may have reached Redis before its connection died: the
+    durable events are appended again (their ids make that idempotent), the deltas not
+    (Redis chose their ids, a second append would deliver them twice)."""
+    appended: list[list[str]] = []
+    async with _bus(shared_redis, prefix, start=False) as bus:
+        real_append = bus._append
+
+        async def append(batch: list[Event]) -> list[object]:
+            appended.append([event.type.value for event in batch])
+            if len(appended) == 1:
+                raise RedisConnectionError("connection closed by server")
+            return await real_append(batch)
+
+        monkeypatch.setattr(bus, "_append", append)
+        await bus._send([_event("thr_t", 1), _delta("thr_t", "a"), _event("thr_t", 2)])
+    assert appended == [
+        ["thread_updated", "message_delta", "thread_updated"],
+        ["thread_updated", "thread_updated"],
+    ]
+    assert await _entry_ids(shared_redis, f"{prefix}:events:thr_t") == [b"1-0", b"2-0"]
 
 
 async def test_a_reader_behind_the_trim_point_sees_the_jump(shared_redis: str, prefix: str) -> None:

@@ -467,3 +467,19 @@ def test_log_format_text_in_development_json_in_production(
 ) -> None:
     settings = load_settings(environment=environment, log_format=log_format, secret_key="x" * 40)
     assert settings.log_json is json_lines
+
+
+@pytest.mark.parametrize(
+    ("field", "setting"),
+    [("workers", "THREADLINE_WORKERS"), ("worker_processes", "THREADLINE_WORKER_PROCESSES")],
+)
+def test_several_processes_need_postgres_and_redis(field: str, setting: str) -> None:
+    postgres, redis = "postgresql://u@db/app", "redis://cache:6379/0"
+    assert getattr(load_settings(**{field: 1}), field) == 1  # the default: one process, SQLite
+    with pytest.raises(ConfigurationError, match=f"^{setting}: .*SQLite.*one writer.*event bus"):
+        load_settings(**{field: 2})
+    with pytest.raises(ConfigurationError, match=f"^{setting}: .*needs THREADLINE_REDIS_URL"):
+        load_settings(database_url=postgres, **{field: 2})
+    assert getattr(load_settings(database_url=postgres, redis_url=redis, **{field: 3}), field) == 3
+    with pytest.raises(ConfigurationError, match=f"^{setting}: "):
+        load_settings(database_url=postgres, redis_url=redis, **{field: 0})

@@ -3,8 +3,10 @@
 //
 // Resuming: for every watched thread it remembers the highest `seq` handed on. After a drop it
 // reconnects (with back-off, at once when the browser comes back online) and subscribes again
-// with `after_seq`, so the server replays exactly what was missed; anything at or below the
-// remembered seq is dropped here too, so a listener never sees an event twice.
+// with `after_seq`, so the server replays exactly what was missed; a durable event at or below
+// the remembered seq is dropped here too, so a listener never sees an event twice. Streamed
+// text (`message_delta`, `ephemeral: true`) is not numbered: its `seq` is that of the durable
+// event it follows, so it is handed on only right after that event and never moves the seq.
 
 // The server closes with these when the token is refused or the session was signed out.
 const SESSION_ENDED = new Set([4001, 4003]);
@@ -76,7 +78,9 @@ export class LiveSocket {
     if (message.type === 'pong') return;
     const watch = message.thread_id ? this.threads.get(message.thread_id) : null;
     if (!watch) return;
-    if (typeof message.seq === 'number') {
+    if (message.ephemeral) {
+      if (message.seq !== watch.lastSeq) return; // out of place (the server sends none such)
+    } else if (typeof message.seq === 'number') {
       if (watch.lastSeq !== null && message.seq <= watch.lastSeq) return; // already seen
       watch.lastSeq = message.seq;
     } else if (message.type === 'snapshot' && watch.lastSeq === null) {

@@ -46,15 +46,16 @@ const DEMO_RUN = [
     is_error: false,
     duration_ms: 0.3,
   }),
-  event(9, 'message_delta', { text: '12*7 ' }),
-  event(10, 'message_delta', { text: '= 84.' }),
-  event(11, 'message_created', {
+  // Deltas are not numbered: they carry the seq of the durable event they follow.
+  { ...event(8, 'message_delta', { text: '12*7 ' }), ephemeral: true },
+  { ...event(8, 'message_delta', { text: '= 84.' }), ephemeral: true },
+  event(9, 'message_created', {
     message_id: 'msg_b',
     role: 'assistant',
     content: '12*7 = 84.',
     tool_calls: [],
   }),
-  event(12, 'agent_completed', { message_id: 'msg_b', text: '12*7 = 84.' }),
+  event(10, 'agent_completed', { message_id: 'msg_b', text: '12*7 = 84.' }),
 ];
 
 function apply(state, events) {
@@ -150,7 +151,7 @@ test('a message queued behind a run moves below that run when its own run starts
       { message_id: 'msg_q', role: 'user', content: 'next', position: 3 },
       null,
     ),
-    ...DEMO_RUN.slice(7).map((e, i) => ({ ...e, seq: 14 + i })),
+    ...DEMO_RUN.slice(7).map((e) => ({ ...e, seq: e.seq + 6 })),
     event(30, 'message_moved', { message_id: 'msg_q', position: 5 }, 'run_2'),
   ]);
   assert.deepEqual(

@@ -30,6 +30,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
+from threadline.api.protocols import chats
+from threadline.api.schemas import TEXT_PATTERN
+
 # Query parameters whose value is JSON, with the schema of what the server accepts.
 _INT64 = 2**63 - 1
 JSON_QUERY_PARAMETERS: dict[str, dict[str, Any]] = {
@@ -76,6 +79,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         schemas.pop("HTTPValidationError", None)
         schemas.pop("ValidationError", None)
         _metadata_without_nul(schemas)
+        _agui_input_as_checked(schemas)
         _this_deployment(app, spec)
         app.openapi_schema = spec
     return app.openapi_schema
@@ -116,6 +120,63 @@ def _metadata_without_nul(schemas: dict[str, Any]) -> None:
                 option["additionalProperties"] = {"$ref": "#/components/schemas/MetadataValue"}
 
 
+def _agui_input_as_checked(schemas: dict[str, Any]) -> None:
+    """AG-UI's `RunAgentInput` as `POST /v1/agui/{agent}` checks it. The protocol's published
+    schema says less than its validators and this server check:
+    - a tagged union is told apart by its tag (a message's `role`, a part's `type`), which
+      each member's schema gives a default instead of requiring;
+    - the client ids the server stores have no control character (`chats.check_client_id`);
+    - a user message, stored as its text, needs some text besides whitespace and no NUL
+      (`MessageStore.check`): a string, or parts of which one is such a text part."""
+    for schema in schemas.values():
+        _require_tags(schema, schemas)
+    client_id = {"type": "string", "pattern": chats.CLIENT_ID_PATTERN}
+    run_input = schemas.get("RunAgentInput", {}).get("properties", {})
+    if "threadId" in run_input:
+        run_input["threadId"] = {**run_input["threadId"], **client_id}
+    union = run_input.get("messages", {}).get("items", {}).get("discriminator", {})
+    for ref in union.get("mapping", {}).values():
+        properties = schemas.get(ref.rsplit("/", 1)[-1], {}).get("properties", {})
+        if "id" in properties:
+            properties["id"] = {**properties["id"], **client_id}
+    content = schemas.get("UserMessage", {}).get("properties", {}).get("content", {})
+    for option in content.get("anyOf", []):
+        if option.get("type") == "string":
+            option["pattern"] = TEXT_PATTERN
+        elif option.get("type") == "array":
+            option["contains"] = _SOME_TEXT_PART
+            option["items"] = {"allOf": [option["items"], _TEXT_PART_WITHOUT_NUL]}
+
+
+_SOME_TEXT_PART = {
+    "type": "object",
+    "properties": {"type": {"const": "text"}, "text": {"type": "string", "pattern": TEXT_PATTERN}},
+    "required": ["type", "text"],
+}
+_TEXT_PART_WITHOUT_NUL = {
+    "if": {"properties": {"type": {"const": "text"}}, "required": ["type"]},
+    "then": {"properties": {"text": {"type": "string", **_NO_NUL}}},
+}
+
+
+def _require_tags(schema: object, schemas: dict[str, Any]) -> None:
+    """Every member of every tagged union under `schema` requires its tag."""
+    if isinstance(schema, list):
+        for item in schema:
+            _require_tags(item, schemas)
+    if not isinstance(schema, dict):
+        return
+    discriminator = schema.get("discriminator")
+    if isinstance(discriminator, dict):
+        tag = discriminator.get("propertyName")
+        for ref in discriminator.get("mapping", {}).values():
+            member = schemas.get(ref.rsplit("/", 1)[-1])
+            if member is not None and tag not in member.setdefault("required", []):
+                member["required"].append(tag)
+    for value in schema.values():
+        _require_tags(value, schemas)
+
+
 def _this_deployment(app: FastAPI, spec: dict[str, Any]) -> None:
     """What depends on the running server's configuration: the agents a run may name and the
     longest message. (Known once the lifespan has started, as it has when a client asks.)"""
@@ -136,6 +197,10 @@ def _this_deployment(app: FastAPI, spec: dict[str, Any]) -> None:
     content = schemas.get("MessageCreate", {}).get("properties", {}).get("content")
     if content is not None:
         content["maxLength"] = runtime.settings.max_message_chars
+    agui_content = schemas.get("UserMessage", {}).get("properties", {}).get("content", {})
+    for option in agui_content.get("anyOf", []):
+        if option.get("type") == "string":
+            option["maxLength"] = runtime.settings.max_message_chars
 
 
 def _name_agents(schema: dict[str, Any], names: list[str]) -> None:

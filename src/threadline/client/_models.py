@@ -28,7 +28,14 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     type: str
-    seq: int = Field(description="Per-thread sequence number: resume after the last one seen")
+    seq: int = Field(
+        description="Per-thread sequence number of a durable event (resume after the last one "
+        "seen); for an ephemeral one, that of the durable event it follows"
+    )
+    ephemeral: bool = Field(
+        default=False,
+        description="Not stored and not numbered (`message_delta`): not replayed on resume",
+    )
     thread_id: str
     run_id: str | None = None
     ts: datetime

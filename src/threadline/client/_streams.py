@@ -7,11 +7,13 @@ the stream reconnects with backoff and resubscribes every thread with `after_seq
 the server replays the stored events after it, then goes live.
 
 Invariants:
-- No event twice: an event at or below its thread's `last_seq` is dropped, so an overlap
-  between the replay and what was already received never reaches the caller.
+- No event twice: a durable event at or below its thread's `last_seq` is dropped, so an
+  overlap between the replay and what was already received never reaches the caller.
 - No durable event skipped: the server replays everything stored after `after_seq`.
-  `message_delta` events are not stored, so deltas sent while disconnected are lost; the full
-  text arrives in `message_created` and `agent_completed`.
+  `message_delta` events are ephemeral (`Event.ephemeral`): not stored, so deltas sent while
+  disconnected are lost; the full text arrives in `message_created` and `agent_completed`.
+  A delta's `seq` is that of the durable event it follows; it is handed on only if that is
+  the thread's `last_seq` (where the server places it), and never moves `last_seq`.
 - Every network wait has a deadline: opening (`open_timeout`), SSE reads (the server sends a
   comment every 15 s; `_SSE_READ_TIMEOUT` is three of those), WebSocket reads (websockets'
   keep-alive pings; an unanswered ping drops the connection, which then resumes).
@@ -178,6 +180,10 @@ class EventStream(ABC):
         event = Event.model_validate(message)
         if event.thread_id not in self._threads:
             return None  # unsubscribed (or deleted) meanwhile
+        if event.ephemeral:
+            # Not deduplicated by `seq` (deltas share it) and no resume point; one that does
+            # not follow the last durable event handed on is out of place.
+            return event if event.seq == self.last_seq.get(event.thread_id) else None
         if event.seq <= self.last_seq.get(event.thread_id, -1):
             return None
         self.last_seq[event.thread_id] = event.seq

@@ -7,16 +7,23 @@ on bounded per-connection queues. A bus never reorders events for a listener and
 purpose; slow consumers are the gateway's business. A bus that may have lost events on the way
 (the Redis bus after a connection loss) says so by calling the subscription's `on_reset`; the
 listener then reads what it missed from the events table (`api/live/gateway.py`). A listener
-can also see a jump in `seq` (an event the bus never carried) and do the same.
+can also see a jump in a durable `seq` (an event the bus never carried) and do the same.
+
+Ephemeral events (text deltas, `EPHEMERAL`) go through `publish_ephemeral`: no database work
+happened for them, so they have no number; the bus gives each the `seq` of the thread's last
+durable event it knows of (`events/positions.py`) and carries it in the same order as the
+durable ones, so a listener sees it after the durable event it follows and before the next.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
 from threadline.events.control import CancelRun, SessionEnded
-from threadline.events.types import Event
+from threadline.events.positions import ThreadPositions
+from threadline.events.types import Event, EventType
 
 EventListener = Callable[[Event], None]
 ResetListener = Callable[[], None]
@@ -27,7 +34,16 @@ Unsubscribe = Callable[[], None]
 class EventBus(Protocol):
     async def publish(self, event: Event) -> None:
         """Carry `event` to the thread's listeners. Never raises for a transport failure: the
-        event is already numbered (and, if durable, stored), and listeners catch up."""
+        event is already numbered (and, unless `thread_deleted`, stored), and listeners catch
+        up."""
+        ...
+
+    async def publish_ephemeral(self, event: Event) -> None:
+        """Carry an ephemeral event (its `seq` is ignored) to the thread's listeners, placed
+        after the last durable event of the thread published before it: its `seq` is set to
+        that event's. Call it only once the durable events that precede it were published.
+        Does not wait for a transport; never raises for a transport failure (the event is
+        lost: the finished text is in a durable event)."""
         ...
 
     def subscribe(
@@ -56,8 +72,26 @@ class MemoryBus:
     def __init__(self) -> None:
         self._listeners: dict[str, list[EventListener]] = {}
         self._control: list[ControlListener] = []
+        # Every event of the deployment passes here, in seq order (the publisher publishes
+        # under the thread's row lock), so this is exactly where each thread's log stands.
+        self._positions = ThreadPositions()
 
     async def publish(self, event: Event) -> None:
+        if event.type is EventType.THREAD_DELETED:
+            self._positions.forget(event.thread_id)
+        else:
+            self._positions.advance(event.thread_id, event.seq)
+        self._deliver(event)
+
+    async def publish_ephemeral(self, event: Event) -> None:
+        if event.thread_id not in self._listeners:
+            return  # nobody to show it to
+        seq = self._positions.get(event.thread_id)
+        if seq is None:
+            return  # no durable event of the thread passed lately: it cannot be placed
+        self._deliver(dataclasses.replace(event, seq=seq))
+
+    def _deliver(self, event: Event) -> None:
         for listener in tuple(self._listeners.get(event.thread_id, ())):
             listener(event)
 

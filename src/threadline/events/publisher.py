@@ -12,6 +12,11 @@ Invariants:
   effects were rolled back (a database failure between two statements); clients that reload
   state on reconnect recover, and the gap in durable sequence numbers shows it.
 - Durable events are stored in the same transaction as the change they announce.
+- Ephemeral events (text deltas) touch no database: `publish_ephemeral` hands them to the bus,
+  which places each after the last durable event of its thread (`events/bus.py`). Durable
+  numbers stay gapless; a delta's order relative to its run's durable events holds because a
+  run's events are emitted one at a time by its sink (`runs/sink.py`): the durable events
+  before a delta are published before it, the ones after it later.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from threadline.context import UserContext
 from threadline.events import payloads
 from threadline.events.bus import EventBus
-from threadline.events.types import Event, EventType, JSONObject
+from threadline.events.types import EPHEMERAL, Event, EventType, JSONObject
 from threadline.store.events import EventStore
 
 
@@ -71,6 +76,31 @@ class EventPublisher:
         """Emit in a transaction of its own (for events that announce no other write)."""
         async with self._engine.begin() as conn:
             return await self.emit(conn, ctx, thread_id, event_type, data, run_id=run_id)
+
+    async def publish_ephemeral(
+        self,
+        ctx: UserContext,
+        thread_id: str,
+        event_type: EventType,
+        data: JSONObject,
+        *,
+        run_id: str | None = None,
+    ) -> None:
+        """Publish an ephemeral event: no transaction, no number, not stored. Call it only
+        after the durable events that precede it were emitted."""
+        if event_type not in EPHEMERAL:
+            raise ValueError(f"{event_type} is durable: emit it in a transaction")
+        await self._bus.publish_ephemeral(
+            Event(
+                type=event_type,
+                thread_id=thread_id,
+                user_id=ctx.user_id,
+                seq=0,  # placed by the bus (`EventBus.publish_ephemeral`)
+                data=data,
+                run_id=run_id,
+                ts=datetime.now(UTC),
+            )
+        )
 
     async def publish_deleted(self, ctx: UserContext, thread_id: str, seq: int) -> None:
         """`thread_deleted` cannot be stored: the thread and its log are gone."""

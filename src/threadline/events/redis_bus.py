@@ -11,6 +11,20 @@ Model:
   another process's later event that got there first after a wait ran out): each stream is in
   `seq` order whatever the publishers do, and a refused durable event reaches listeners from
   the database (below).
+- Ephemeral events (text deltas) have no number: the sender appends each with a small script
+  (`_APPEND_EPHEMERAL`) at `<k>-<n>`, where `k` is the later of the last durable seq this
+  process published on the thread (`events/positions.py`) and the `seq` of the stream's last
+  entry, and `n` counts the deltas after it (`k-1`, `k-2`, ...: the `-0` ids are the durable
+  events'), so the stream stays one total order and a delta's entry says which durable event
+  it follows (readers set its `seq` to `k`). If another process appended durable `k+1` first
+  (another run, or a user's message, on the same thread), the delta goes after it, at
+  `(k+1)-1`, rather than being dropped: dropping would leave a hole in the text a user is
+  watching, while appending after the top keeps every promise (it is still after its run's
+  earlier durable events, which are at or below the top, and before its run's next one,
+  which this process's sender appends after it; the script is atomic, so nothing lands
+  between reading the top and appending). A delta is appended once: a batch retried after a
+  dead connection carries only its durable events (the script chose the delta's id, so a
+  second append would deliver it twice).
   Each append trims the stream to about `max_len` entries (`MAXLEN ~`) and re-arms the key's
   expiry, so a thread's stream disappears `ttl_seconds` after its last event (the ids are
   sequence numbers, not times, so age cannot trim by `MINID`). A failed append is logged and
@@ -26,7 +40,9 @@ Model:
 - Loss: when a reader's connection fails, the shard reconnects with back-off and then calls
   `on_reset` of every subscription it carries (events may have been published while it could
   not read, or Redis restarted empty). A reader that fell behind the trim point sees the next
-  entry's `seq` jump; the gateway treats that as a reset too (`api/live/gateway.py`).
+  durable entry's `seq` jump; the gateway treats that as a reset too (`api/live/gateway.py`).
+  Positions are whole entry ids (`<seq>-<n>`), so a reader resumes after the last delta it
+  delivered, never repeating one.
 - Control messages (`events/control.py`) travel by pub/sub on one more connection: a few
   milliseconds to every process. If Redis cannot take one, it is delivered in this process only
   (the run's row records a cancel for the worker's heartbeat either way).
@@ -38,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import uuid
@@ -54,6 +71,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from threadline.events.bus import ControlListener, EventListener, ResetListener, Unsubscribe
 from threadline.events.control import CancelRun, SessionEnded, decode_control, encode_control
+from threadline.events.positions import ThreadPositions
 from threadline.events.types import Event, EventType
 
 logger = logging.getLogger(__name__)
@@ -72,6 +90,26 @@ _SEND_BATCH = 256
 # How long `publish` waits for its append (inside the recording transaction) before letting
 # the transaction go on; normally the append takes a round trip, well under this.
 _PUBLISH_WAIT_SECONDS = 0.1
+# Appends an ephemeral event after the thread's last durable one (see the module docstring).
+# KEYS[1]: the stream; ARGV: the last durable seq this process published (0: none known), the
+# entry, the stream's max length, its expiry in seconds. The id is computed here rather than
+# with `XADD <k>-*`, which Redis 6.2 lacks. EVAL (not EVALSHA) so that a Redis restarted empty
+# needs no reload in the middle of a pipeline.
+_APPEND_EPHEMERAL = """
+local after, n = tonumber(ARGV[1]), 1
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if top[1] then
+  local top_seq, top_n = string.match(top[1][1], '^(%d+)-(%d+)$')
+  top_seq, top_n = tonumber(top_seq), tonumber(top_n)
+  if top_seq >= after then
+    after, n = top_seq, top_n + 1
+  end
+end
+local id = string.format('%d-%d', after, n)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], id, 'e', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return id
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,14 +132,19 @@ class RedisBusConfig:
     """Pooled connections for publishing, positioning and control (pub/sub holds one)."""
 
 
+_EntryId = tuple[int, int]
+"""A stream entry id `<seq>-<n>` as numbers: durable events are `(seq, 0)`, ephemeral ones
+`(k, n)` with n >= 1 after durable `k`."""
+
+
 @dataclass(eq=False)
 class _Watch:
     thread_id: str
     key: bytes
     listeners: list[EventListener] = field(default_factory=list)
     resets: list[ResetListener] = field(default_factory=list)
-    position: int | None = None
-    """The `seq` of the last entry read (0: from the start); None until positioned."""
+    position: _EntryId | None = None
+    """The id of the last entry read ((0, 0): from the start); None until positioned."""
     late: bool = False
     """`ready()` could not position it: reset its subscribers once the reader does."""
 
@@ -136,13 +179,15 @@ def _encode(event: Event) -> bytes:
     ).encode()
 
 
-def _decode(raw: bytes) -> Event:
+def _decode(raw: bytes, *, seq: int) -> Event:
+    """The entry's event; `seq` comes from its id (an ephemeral event's place may be later
+    than the one its publisher knew: the script puts it after the stream's last entry)."""
     wire = json.loads(raw)
     return Event(
         type=EventType(wire["type"]),
         thread_id=wire["thread_id"],
         user_id=wire["user_id"],
-        seq=int(wire["seq"]),
+        seq=seq,
         data=dict(wire["data"]),
         run_id=wire["run_id"],
         ts=datetime.fromisoformat(wire["ts"]),
@@ -152,14 +197,19 @@ def _decode(raw: bytes) -> Event:
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
-def _seq_of(entry_id: bytes) -> int:
-    return int(entry_id.split(b"-", 1)[0])
+def _stream_id(position: _EntryId) -> str:
+    return f"{position[0]}-{position[1]}"
 
 
-def _top_seq(entries: object) -> int:
-    """The `seq` of the last entry of an `XREVRANGE … COUNT 1` reply (0: an empty stream)."""
+def _id_of(entry_id: bytes) -> _EntryId:
+    seq, _, n = entry_id.partition(b"-")
+    return int(seq), int(n or 0)
+
+
+def _top_id(entries: object) -> _EntryId:
+    """The id of the last entry of an `XREVRANGE … COUNT 1` reply ((0, 0): an empty stream)."""
     top = cast(_Entries, entries)
-    return _seq_of(top[0][0]) if top else 0
+    return _id_of(top[0][0]) if top else (0, 0)
 
 
 class RedisBus:
@@ -188,9 +238,10 @@ class RedisBus:
         self._watches: dict[str, _Watch] = {}
         self._control: list[ControlListener] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._outbox: asyncio.Queue[tuple[Event, asyncio.Future[None]]] = asyncio.Queue(
+        self._outbox: asyncio.Queue[tuple[Event, asyncio.Future[None] | None]] = asyncio.Queue(
             maxsize=_OUTBOX_SIZE
         )
+        self._positions = ThreadPositions()
         self._outbox_full = False
         self._publish_failing = False
 
@@ -230,7 +281,21 @@ class RedisBus:
         """Queue `event` for the sender and wait (briefly, see the module docstring) until it
         is appended: while the caller's transaction still holds the thread's row lock, so the
         next event of the thread, from any process, is appended after it."""
+        if event.type is EventType.THREAD_DELETED:
+            self._positions.forget(event.thread_id)
+        else:
+            self._positions.advance(event.thread_id, event.seq)
         sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._queue(event, sent) and not self._publish_failing:
+            await asyncio.wait({sent}, timeout=_PUBLISH_WAIT_SECONDS)
+
+    async def publish_ephemeral(self, event: Event) -> None:
+        """Queue `event` for the sender, which places it after the thread's last durable
+        event (see the module docstring); nothing waits for it: no transaction is held."""
+        after = self._positions.get(event.thread_id) or 0
+        self._queue(dataclasses.replace(event, seq=after), None)
+
+    def _queue(self, event: Event, sent: asyncio.Future[None] | None) -> bool:
         try:
             self._outbox.put_nowait((event, sent))
         except asyncio.QueueFull:
@@ -240,10 +305,9 @@ class RedisBus:
                     "Redis publish queue full (%d events); dropping live events", _OUTBOX_SIZE
                 )
             self._outbox_full = True
-            return
+            return False
         self._outbox_full = False
-        if not self._publish_failing:
-            await asyncio.wait({sent}, timeout=_PUBLISH_WAIT_SECONDS)
+        return True
 
     async def flush(self) -> None:
         """Return once every event queued so far was sent (or given up on). Bounded."""
@@ -261,7 +325,7 @@ class RedisBus:
                 await self._send([event for event, _ in batch])
             finally:
                 for _, sent in batch:
-                    if not sent.done():
+                    if sent is not None and not sent.done():
                         sent.set_result(None)
                     self._outbox.task_done()
 
@@ -272,7 +336,12 @@ class RedisBus:
                     results = await self._append(batch)
                 except RedisConnectionError:
                     # A pooled connection that a Redis restart left dead fails at first use;
-                    # the pool drops it. Appending again is safe: the ids make it idempotent.
+                    # the pool drops it. Appending the durable events again is safe: their
+                    # ids make it idempotent. Redis chose the ephemeral ones' ids, so those
+                    # might be appended twice: they are left out.
+                    batch = [event for event in batch if event.durable]
+                    if not batch:
+                        raise
                     results = await self._append(batch)
         except _TRANSPORT_ERRORS as exc:
             logger.debug("Publishing %d events failed: %s", len(batch), exc)
@@ -288,7 +357,7 @@ class RedisBus:
         if self._publish_failing:
             logger.info("Publishing to Redis again")
             self._publish_failing = False
-        for event, result in zip(batch, results[::2], strict=True):
+        for event, result in zip(batch, results, strict=True):
             if isinstance(result, ResponseError):
                 # Redis refused the id: an event of this thread with this or a later seq is
                 # already on the stream. The stream stays in order; this one is not carried
@@ -298,20 +367,35 @@ class RedisBus:
                 )
 
     async def _append(self, batch: list[Event]) -> list[object]:
-        """XADD and EXPIRE per event, in order, on one connection; per-command results."""
+        """Each event's append, in order, on one connection; one result per event (its
+        entry id, or the error)."""
         config = self._config
+        appends: list[int] = []  # the index of each event's append among the pipe's commands
         async with self._redis.pipeline(transaction=False) as pipe:
             for event in batch:
                 key = self._key(event.thread_id)
-                pipe.xadd(
-                    key,
-                    {b"e": _encode(event)},
-                    id=f"{event.seq}-0",
-                    maxlen=config.max_len,
-                    approximate=True,
-                )
-                pipe.expire(key, config.ttl_seconds)
-            return list(await pipe.execute(raise_on_error=False))
+                appends.append(len(pipe))
+                if event.durable:
+                    pipe.xadd(
+                        key,
+                        {b"e": _encode(event)},
+                        id=f"{event.seq}-0",
+                        maxlen=config.max_len,
+                        approximate=True,
+                    )
+                    pipe.expire(key, config.ttl_seconds)
+                else:  # the script expires the key itself
+                    pipe.eval(
+                        _APPEND_EPHEMERAL,
+                        1,
+                        key,
+                        event.seq,
+                        _encode(event),
+                        config.max_len,
+                        config.ttl_seconds,
+                    )
+            results = list(await pipe.execute(raise_on_error=False))
+        return [results[index] for index in appends]
 
     def subscribe(
         self, thread_id: str, listener: EventListener, *, on_reset: ResetListener | None = None
@@ -348,7 +432,7 @@ class RedisBus:
             watch.late = True
             return
         if watch.position is None:
-            watch.position = _top_seq(top)
+            watch.position = _top_id(top)
             self._wake(self._shard(watch.key))
 
     def _shard(self, key: bytes) -> _Shard:
@@ -420,7 +504,7 @@ class RedisBus:
         streams: dict[bytes | str | memoryview, int | bytes | str | memoryview] = {
             shard.wake_key: shard.wake_position
         }
-        streams.update({w.key: f"{w.position}-0" for w in placed})
+        streams.update({w.key: _stream_id(w.position) for w in placed if w.position is not None})
         async with asyncio.timeout(config.block_seconds + config.timeout_seconds):
             reply = await reader.xread(streams, count=_READ_COUNT, block=block_ms)
         for key, entries in cast(list[tuple[bytes, _Entries]], reply or []):
@@ -433,12 +517,12 @@ class RedisBus:
 
     def _deliver(self, watch: _Watch, entries: _Entries) -> None:
         for entry_id, fields in entries:
-            seq = _seq_of(entry_id)
-            if watch.position is not None and seq <= watch.position:
+            position = _id_of(entry_id)
+            if watch.position is not None and position <= watch.position:
                 continue  # read for an earlier watch of the same thread
-            watch.position = seq
+            watch.position = position
             try:
-                event = _decode(fields[b"e"])
+                event = _decode(fields[b"e"], seq=position[0])
             except (KeyError, ValueError, TypeError) as exc:
                 logger.warning("Skipping a malformed entry %r of %r: %s", entry_id, watch.key, exc)
                 continue
@@ -455,7 +539,7 @@ class RedisBus:
             async with asyncio.timeout(self._config.timeout_seconds):
                 top = await reader.xrevrange(watch.key, count=1)
             if watch.position is None:
-                watch.position = _top_seq(top)
+                watch.position = _top_id(top)
             if watch.late:
                 watch.late = False
                 watch.reset()

@@ -28,14 +28,21 @@ class EventType(StrEnum):
 
 
 # Streamed text is only worth something live: the finished message is stored and announced by
-# `message_created`, so deltas are numbered and published but never written to the events table.
+# `message_created`, so deltas are published but neither numbered nor stored: they cost no
+# database work at all (`EventPublisher.publish_ephemeral`).
 EPHEMERAL = frozenset({EventType.MESSAGE_DELTA})
 TERMINAL = frozenset({EventType.AGENT_COMPLETED, EventType.AGENT_FAILED, EventType.RUN_CANCELLED})
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One event on a thread. `seq` increases by one per event within the thread."""
+    """One event on a thread.
+
+    A durable event's `seq` is its own number, +1 per durable event within the thread. An
+    ephemeral event has no number of its own: its `seq` is that of the thread's last durable
+    event before it (it "belongs after seq k"), set by the bus that carries it, so several
+    ephemeral events share one `seq` and a listener can place them between durable ones.
+    """
 
     type: EventType
     thread_id: str
@@ -50,8 +57,9 @@ class Event:
         return self.type not in EPHEMERAL
 
     def to_wire(self) -> JSONObject:
-        """The client-facing form. The owner's user id stays server-side."""
-        return {
+        """The client-facing form. The owner's user id stays server-side. An ephemeral event
+        says so (`"ephemeral": true`): its `seq` is a position, not a number to deduplicate on."""
+        wire: JSONObject = {
             "type": self.type.value,
             "seq": self.seq,
             "thread_id": self.thread_id,
@@ -59,3 +67,6 @@ class Event:
             "ts": self.ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "data": self.data,
         }
+        if not self.durable:
+            wire["ephemeral"] = True
+        return wire

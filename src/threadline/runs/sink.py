@@ -140,7 +140,8 @@ class RunEventSink:
         self._last_flush = time.monotonic()
         message_id = self._message_id or new_id(IdPrefix.MESSAGE)
         self._message_id = message_id
-        await self._publisher.emit_now(
+        # No database work: a delta is published, placed after the run's last durable event.
+        await self._publisher.publish_ephemeral(
             self._ctx,
             self._thread_id,
             EventType.MESSAGE_DELTA,

@@ -43,12 +43,15 @@ def create_engine(
     echo: bool = False,
     connect_timeout_seconds: float = 5.0,
     statement_timeout_seconds: float = 0.0,
+    pool_timeout_seconds: float = 10.0,
 ) -> AsyncEngine:
     """Create the async engine for a normalized URL (see `settings.normalize_database_url`).
 
     On PostgreSQL, `connect_timeout_seconds` bounds opening a connection (TCP, TLS, start-up
     and authentication: a server that accepts but never answers fails within it), and a
-    non-zero `statement_timeout_seconds` becomes the session's `statement_timeout`."""
+    non-zero `statement_timeout_seconds` becomes the session's `statement_timeout`. A checkout
+    waits at most `pool_timeout_seconds` for a free connection (SQLAlchemy's default, 30 s, is
+    as long as many clients wait for a whole answer)."""
     if database_url.startswith("sqlite"):
         return _create_sqlite_engine(database_url, echo=echo)
     server_settings = {"application_name": APPLICATION_NAME}
@@ -62,6 +65,7 @@ def create_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=pool_size,
+        pool_timeout=pool_timeout_seconds,
         # No pre-ping: it cost every checkout a transaction of its own (BEGIN; ; ROLLBACK,
         # three round trips). A dead connection is handled without it:
         # - one whose socket the driver already saw close (a terminated backend, a restarted

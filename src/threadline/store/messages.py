@@ -130,7 +130,8 @@ class MessageStore:
         self._max_chars = max_message_chars
         self._max_metadata_bytes = max_metadata_bytes
 
-    def _check(self, new: NewMessage) -> None:
+    def check(self, new: NewMessage) -> None:
+        """Refuse `new` as `append` would, without writing anything."""
         if len(new.content) > self._max_chars:
             raise InvalidInputError(
                 f"content is {len(new.content)} characters; the limit is {self._max_chars}",
@@ -152,7 +153,7 @@ class MessageStore:
         self, conn: AsyncConnection, ctx: UserContext, thread_id: str, new: NewMessage
     ) -> Message:
         """Append one message, move the thread's activity, and title an untitled thread."""
-        self._check(new)
+        self.check(new)
         now = datetime.now(UTC)
         position = await self._claim_position(conn, ctx, thread_id, new, now)
         message = Message(

@@ -16,7 +16,18 @@ Model:
   then the snapshot is read (waiting for a publisher's transaction still in flight, so every
   event published before the attach is in the store) and the stored events are replayed page
   by page; the buffer is then flushed, skipping what the replay already covered, and from then
-  on events go straight through, and any `seq` at or below the last one sent is dropped.
+  on events go straight through, and any durable `seq` at or below the last one sent is
+  dropped.
+- Ephemeral events (text deltas) carry the `seq` of the durable event they follow
+  (`events/bus.py`). A subscription sends one only *in place*: when the last durable event it
+  sent (or the point its replay started from) is exactly that one. So a delta never reaches a
+  client before the durable event it follows, nor after a later one (its message's
+  `message_created` included); one that does not fit is dropped (its text arrives in
+  `message_created`) and counted (`threadline_deltas_out_of_place_total`). Deltas are never
+  deduplicated by `seq`, never count as a gap, never move `last_seq`, and never trigger a
+  catch-up; the bus carries each once, so none is sent twice. While a subscription buffers
+  (replaying, catching up) its deltas are held with the durable events, in bus order, and
+  sent after the replay by the same rule.
 - The buffer is bounded: while a long replay is under way, a busy thread's live events could
   otherwise pile up without limit. When it overflows it is emptied and `missed_to` remembers
   the highest durable `seq` thrown away; the replay then reads the store again until it has
@@ -143,6 +154,10 @@ class Connection:
         self.overflow.set()
         self._drained.set()  # wake a waiting `put`, which then gives up
 
+    def skip_deltas(self, count: int = 1) -> None:
+        """`count` deltas were not sent: they did not fit where this connection stands."""
+        self._metrics.deltas_out_of_place.inc(count)
+
     def end_session(self) -> None:
         """Its token was revoked: close it with `CLOSE_SESSION_ENDED`, sending nothing more."""
         if self.overflowed:
@@ -186,6 +201,12 @@ class ThreadSubscription:
         if self.buffering:
             self._hold(event)
             return
+        if not event.durable:
+            if event.seq == self.last_seq:  # in place: see the module docstring
+                self.connection.offer(event.to_wire())
+            else:
+                self.connection.skip_deltas()
+            return
         if event.seq <= self.last_seq:
             return
         if self.on_gap is not None and event.seq > max(self.last_seq, self.synced_to) + 1:
@@ -215,9 +236,14 @@ class ThreadSubscription:
         self.missed_to = max([self.missed_to, *(e.seq for e in held if e.durable)])
 
     def take_buffered(self, *, after_seq: int) -> list[Event]:
-        """Empty the buffer; return what it held with `seq > after_seq`, in order."""
+        """Empty the buffer; return, in order, the durable events it held with
+        `seq > after_seq` and the ephemeral ones in place among them."""
         held, self._buffer = self._buffer, []
-        return [event for event in held if event.seq > after_seq]
+        kept = in_place(held, after_seq=after_seq)
+        skipped = sum(not e.durable for e in held) - sum(not e.durable for e in kept)
+        if skipped:
+            self.connection.skip_deltas(skipped)
+        return kept
 
     def go_live(self, *, after_seq: int) -> None:
         """Everything up to `after_seq` was sent: flush the buffer and go live, unless a reset
@@ -230,6 +256,21 @@ class ThreadSubscription:
         self.buffering = False
         for event in self.take_buffered(after_seq=self.last_seq):
             self.offer(event)  # a gap flips `buffering` back on; the rest is held again
+
+
+def in_place(events: list[Event], *, after_seq: int) -> list[Event]:
+    """The durable events with `seq > after_seq`, and each ephemeral event that follows
+    exactly the last durable one kept before it (or `after_seq`, for those before any)."""
+    kept: list[Event] = []
+    position = after_seq
+    for event in events:
+        if event.durable:
+            if event.seq > position:
+                kept.append(event)
+                position = event.seq
+        elif event.seq == position:
+            kept.append(event)
+    return kept
 
 
 class Gateway:

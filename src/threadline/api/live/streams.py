@@ -24,6 +24,10 @@ Invariants (`cursor` is the highest seq handed to the caller):
   publisher publishes just before commit): the replay polls for it up to
   `_COMMIT_WAIT_SECONDS`, then gives up on the connection (the client is told to resume)
   rather than go live over a hole.
+- Ephemeral events (text deltas) are never in the store: those that arrive while replaying
+  are held in the buffer and sent after the stored pages, only in place (after exactly the
+  durable event they follow, `gateway.in_place`); the others are dropped, their text being
+  in the `message_created` the replay sends. The cursor stays on durable events.
 """
 
 from __future__ import annotations

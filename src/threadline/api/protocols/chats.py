@@ -15,6 +15,7 @@ new, and the run that answers.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -33,6 +34,11 @@ from threadline.store.threads import Thread, ThreadFilter
 THREAD_KEY = "client_thread_id"
 MESSAGE_KEY = "client_message_id"
 _MAX_CLIENT_ID = 200
+# A protocol client's own id for a thread or a message: 1 to 200 characters, none a control
+# character (C0, DEL or C1: they would corrupt logs and terminals). A pattern, not
+# `str.isprintable`, so that the OpenAPI document can state exactly the same rule.
+CLIENT_ID_PATTERN = rf"^[^\x00-\x1f\x7f-\x9f]{{1,{_MAX_CLIENT_ID}}}$"
+_CLIENT_ID = re.compile(CLIENT_ID_PATTERN)
 # How far back a resent message is looked for; older ones are not resent by the clients.
 _KNOWN_WINDOW = 1000
 
@@ -55,13 +61,23 @@ def check_agent(services: Runtime, name: str) -> None:
 
 
 def check_client_id(value: str, *, field: str) -> str:
-    if not value or len(value) > _MAX_CLIENT_ID or not value.isprintable():
+    if _CLIENT_ID.fullmatch(value) is None:
         raise InvalidInputError(
-            f"{field} must be 1 to {_MAX_CLIENT_ID} printable characters",
+            f"{field} must be 1 to {_MAX_CLIENT_ID} characters, none a control character",
             code="invalid_client_id",
             field=field,
         )
     return value
+
+
+def check_messages(services: Runtime, messages: list[ClientMessage]) -> None:
+    """Refuse the request's user messages as storing them would (empty, too long, a NUL, a bad
+    client id), before anything is written, the thread included. Every one is checked, also
+    those the thread already has: whether a request is valid does not depend on the thread."""
+    for message in messages:
+        if message.id is not None:
+            check_client_id(message.id, field="messages.id")
+        services.messages.check(NewMessage(role=MessageRole.USER, content=message.content))
 
 
 async def find_thread(services: Runtime, ctx: UserContext, client_id: str) -> Thread | None:

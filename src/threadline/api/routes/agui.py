@@ -62,8 +62,11 @@ async def run_agent(
     """Run `agent` on the thread `threadId` names (created on first use), with the input's
     new user messages; stream the run as AG-UI events."""
     client_thread = chats.check_client_id(body.thread_id, field="threadId")
+    for message in body.messages:
+        chats.check_client_id(message.id, field="messages.id")
     chats.check_agent(services, agent)
     messages = _user_messages(body)
+    chats.check_messages(services, messages)
     thread = await chats.open_thread(services, user, client_thread)
     opened = await open_protocol_subscription(services, gateway, user, thread.id, after_seq=None)
     try:

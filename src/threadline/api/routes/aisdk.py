@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from starlette.background import BackgroundTask
 
 from threadline.api.deps import CurrentUser, GatewayDep, MessageRateLimit, ServicesDep
@@ -27,8 +27,9 @@ from threadline.api.protocols.stream import (
     protocol_stream,
     sse_frame,
 )
-from threadline.api.schemas import ErrorOut, RunOut
+from threadline.api.schemas import TEXT_PATTERN, ErrorOut, RunOut
 from threadline.context import UserContext
+from threadline.errors import InvalidInputError
 from threadline.runs.service import MultitaskStrategy
 from threadline.runtime import Runtime
 
@@ -42,18 +43,52 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
+# Stated in the schema only: `chats.check_client_id` checks it, with its own error code.
+_CLIENT_ID: dict[str, JsonValue] = {"pattern": chats.CLIENT_ID_PATTERN}
+
+
+# What the server checks of a user message's parts, stated in its schema: a text part's `text`
+# is a string without NUL, and the message (stored as the join of its text parts) has some text
+# besides whitespace (`MessageStore.check`). Other roles' messages are not read.
+_TEXT_PART: dict[str, JsonValue] = {"properties": {"type": {"const": "text"}}, "required": ["type"]}
+_MESSAGE_PARTS: dict[str, JsonValue] = {
+    "if": {"properties": {"role": {"const": "user"}}, "required": ["role"]},
+    "then": {
+        "properties": {
+            "parts": {
+                "items": {
+                    "if": _TEXT_PART,
+                    "then": {"properties": {"text": {"type": "string", "pattern": "^[^\\x00]*$"}}},
+                },
+                "contains": {
+                    "properties": {
+                        "type": {"const": "text"},
+                        "text": {"type": "string", "pattern": TEXT_PATTERN},
+                    },
+                    "required": ["type", "text"],
+                },
+            }
+        },
+        "required": ["parts"],
+    },
+}
+
+
 class UIMessageIn(BaseModel):
     """A `UIMessage` as `useChat` sends it; only user messages' text parts are read."""
 
-    model_config = ConfigDict(extra="allow")
-    id: str = Field(min_length=1, max_length=200)
+    model_config = ConfigDict(extra="allow", json_schema_extra=_MESSAGE_PARTS)
+    id: str = Field(min_length=1, max_length=200, json_schema_extra=_CLIENT_ID)
     role: Literal["system", "user", "assistant"]
     parts: list[dict[str, object]] = Field(default_factory=list, max_length=1000)
 
     def text(self) -> str:
-        return "".join(
-            str(part.get("text", "")) for part in self.parts if part.get("type") == "text"
-        )
+        texts = [part.get("text", "") for part in self.parts if part.get("type") == "text"]
+        if not all(isinstance(text, str) for text in texts):
+            raise InvalidInputError(
+                "a text part's text must be a string", code="invalid_part", field="messages.parts"
+            )
+        return "".join(str(text) for text in texts)
 
 
 class ChatRequest(BaseModel):
@@ -61,7 +96,7 @@ class ChatRequest(BaseModel):
     them with the transport's `body` option)."""
 
     model_config = ConfigDict(extra="allow")
-    id: str = Field(min_length=1, max_length=200)
+    id: str = Field(min_length=1, max_length=200, json_schema_extra=_CLIENT_ID)
     messages: list[UIMessageIn] = Field(default_factory=list, max_length=10_000)
     trigger: Literal["submit-message", "regenerate-message"] = "submit-message"
     message_id: str | None = Field(default=None, alias="messageId")
@@ -91,15 +126,19 @@ async def send_messages(
     """Store the chat's new user messages and stream the agent's answer. With
     `trigger: regenerate-message` nothing is stored and the agent answers again."""
     name = agent or body.agent or DEFAULT_AGENT
-    chats.check_agent(services, name)
+    # The query names the agent when both do, but a body naming an unknown one is refused
+    # all the same: nothing in a request is silently ignored.
+    for named in (name, body.agent):
+        if named is not None:
+            chats.check_agent(services, named)
     chats.check_client_id(body.id, field="id")
-    messages = []
-    if body.trigger == "submit-message":
-        messages = [
-            chats.ClientMessage(id=m.id, content=m.text())
-            for m in body.messages
-            if m.role == "user"
-        ]
+    for message in body.messages:
+        chats.check_client_id(message.id, field="messages.id")
+    users = [
+        chats.ClientMessage(id=m.id, content=m.text()) for m in body.messages if m.role == "user"
+    ]
+    chats.check_messages(services, users)
+    messages = users if body.trigger == "submit-message" else []
     thread = await chats.open_thread(services, user, body.id)
     opened = await open_protocol_subscription(services, gateway, user, thread.id, after_seq=None)
     try:
