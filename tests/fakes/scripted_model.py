@@ -97,6 +97,11 @@ class RecordingSink:
     """An `AgentEventSink` that keeps every call, in order, as `(kind, *payload)` tuples."""
 
     events: list[tuple[object, ...]] = field(default_factory=list)
+    hints: list[tuple[str, bool]] = field(default_factory=list)
+    """What the loop said follows each write: ("final", …) and ("last", …), in order."""
+
+    async def step_started(self) -> None:
+        self.events.append(("step_started",))
 
     async def thinking(self, text: str) -> None:
         self.events.append(("thinking", text))
@@ -104,14 +109,16 @@ class RecordingSink:
     async def text_delta(self, text: str) -> None:
         self.events.append(("text_delta", text))
 
-    async def assistant_message(self, message: ChatMessage) -> None:
+    async def assistant_message(self, message: ChatMessage, *, final: bool) -> None:
         self.events.append(("assistant_message", message))
+        self.hints.append(("final", final))
 
     async def tool_executing(self, call: ToolCall) -> None:
         self.events.append(("tool_executing", call))
 
-    async def tool_completed(self, call: ToolCall, result: ToolResult) -> None:
+    async def tool_completed(self, call: ToolCall, result: ToolResult, *, last: bool) -> None:
         self.events.append(("tool_completed", call, result))
+        self.hints.append(("last", last))
 
     def kinds(self) -> list[str]:
         return [str(event[0]) for event in self.events]

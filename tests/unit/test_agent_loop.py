@@ -75,7 +75,7 @@ async def test_a_final_answer_streams_and_ends_the_run() -> None:
     outcome, sink = await run(make_agent(weather), model)
     assert outcome == AgentOutcome("It is sunny.", Usage(7, 3), 1)
     assert sink.events == [
-        ("thinking", "Thinking…"),
+        ("step_started",),
         ("thinking", "Hmm."),
         ("text_delta", "It "),
         ("text_delta", "is "),
@@ -98,14 +98,16 @@ async def test_tool_step_events_come_in_order_and_results_reach_the_model() -> N
 
     assert outcome == AgentOutcome("Sunny.", Usage(14, 2), 2)
     assert sink.kinds() == [
-        "thinking",
+        "step_started",
         "assistant_message",
         "tool_executing",
         "tool_completed",
-        "thinking",
+        "step_started",
         "text_delta",
         "assistant_message",
     ]
+    # Each write says what follows it: the tools, then (the last result) the next model call.
+    assert sink.hints == [("final", False), ("last", True), ("final", True)]
     assert sink.events[1] == ("assistant_message", ChatMessage(Role.ASSISTANT, "", (lookup,)))
     _, completed_call, result = sink.events[3]
     assert completed_call == lookup
@@ -142,6 +144,8 @@ async def test_tool_calls_of_one_step_run_concurrently() -> None:
         "tool_completed",
         "tool_completed",
     ]
+    # Only the second call to finish is the step's last one.
+    assert sink.hints[1:3] == [("last", False), ("last", True)]
     assert outcome.final_text == "Done."
 
 
@@ -194,8 +198,9 @@ async def test_max_steps_ends_the_run_without_running_the_last_tools() -> None:
         return "more"
 
     model = ScriptedModel([tool_calls(call("again", "c1")), tool_calls(call("again", "c2"))])
+    sink = RecordingSink()
     with pytest.raises(MaxStepsExceededError) as info:
-        await run(make_agent(again, max_steps=2), model)
+        await run(make_agent(again, max_steps=2), model, sink=sink)
     assert (info.value.code, info.value.max_steps, info.value.agent) == (
         "max_steps_exceeded",
         2,
@@ -203,6 +208,8 @@ async def test_max_steps_ends_the_run_without_running_the_last_tools() -> None:
     )
     assert runs == 1
     assert len(model.requests) == 2
+    # The last step's calls are never run: its message is the run's last write.
+    assert sink.hints[-1] == ("final", True)
 
 
 async def test_resume_runs_only_the_calls_missing_a_result() -> None:
@@ -226,7 +233,7 @@ async def test_resume_runs_only_the_calls_missing_a_result() -> None:
     assert sink.kinds() == [
         "tool_executing",
         "tool_completed",
-        "thinking",
+        "step_started",
         "text_delta",
         "text_delta",
         "text_delta",

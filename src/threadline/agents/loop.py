@@ -4,6 +4,9 @@ Model and invariants:
 - One step is one model call. Its text and reasoning stream to the sink as they arrive; when
   the response completes, the sink gets the whole assistant message (text and tool calls)
   BEFORE any tool runs, so the store never holds a tool result whose call it lacks.
+- The loop tells the sink what follows each write (`final`, `last`; see `AgentEventSink`), so
+  the sink can write a step's events together: tool results always lead to another model
+  call, and tools run only when a step is left to read their results.
 - The tool calls of one step run concurrently in a TaskGroup. Tool failures are results for
   the model, not exceptions, so the group only fails on cancellation or a sink error, and
   then it cancels the sibling calls too.
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from threadline.agents.agent import Agent
 from threadline.agents.context import RunContext
 from threadline.agents.errors import MaxStepsExceededError
-from threadline.agents.events import AgentEventSink
+from threadline.agents.events import THINKING, AgentEventSink
 from threadline.agents.history import pending_tool_calls, repair_history, tool_message
 from threadline.agents.tools import ToolResult
 from threadline.llm.types import (
@@ -44,12 +47,17 @@ from threadline.llm.types import (
     Usage,
 )
 
-__all__ = ["DEFAULT_MODEL_IDLE_TIMEOUT_SECONDS", "AgentOutcome", "run_agent"]
+__all__ = [
+    "DEFAULT_MODEL_IDLE_TIMEOUT_SECONDS",
+    "THINKING",
+    "AgentOutcome",
+    "resumed_calls",
+    "run_agent",
+]
 
 # A model can think for a long time before its first token, but a stream silent for two
 # minutes is stuck; a deadline per event (not per response) allows long answers.
 DEFAULT_MODEL_IDLE_TIMEOUT_SECONDS = 120.0
-THINKING = "Thinking…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,20 +112,28 @@ async def run_agent(
         conversation.extend(await _run_tools(agent, pending, context, sink))
     usage = Usage()
     for step_number in range(1, agent.max_steps + 1):
-        await sink.thinking(THINKING)
+        await sink.step_started()
         request = ModelRequest(agent.instructions, tuple(conversation), agent.tool_specs)
         stream = provider.stream(request, model=model)
         step = await _consume(stream, provider.name, sink, model_idle_timeout_seconds)
         usage += step.usage
         message = step.message()
-        await sink.assistant_message(message)
+        # Running tools after the last step would be wasted: no step is left to read them.
+        final = not message.tool_calls or step_number == agent.max_steps
+        await sink.assistant_message(message, final=final)
         conversation.append(message)
         if not message.tool_calls:
             return AgentOutcome(final_text=message.content, usage=usage, steps=step_number)
-        if step_number == agent.max_steps:
-            break  # running these tools would be wasted: no step is left to read the results
+        if final:
+            break
         conversation.extend(await _run_tools(agent, message.tool_calls, context, sink))
     raise MaxStepsExceededError(agent=agent.name, max_steps=agent.max_steps)
+
+
+def resumed_calls(history: Sequence[ChatMessage]) -> tuple[ToolCall, ...]:
+    """The tool calls `run_agent` runs before its first model call: those an earlier attempt of
+    the run left unanswered at the end of `history` (none for a fresh run)."""
+    return pending_tool_calls(repair_history(history, keep_pending_tail=True))
 
 
 async def _consume(
@@ -167,13 +183,27 @@ async def _run_tools(
     agent: Agent, calls: Sequence[ToolCall], context: RunContext[object], sink: AgentEventSink
 ) -> list[ChatMessage]:
     """Run `calls` concurrently; return their TOOL messages in call order."""
+    running = _Running(len(calls))
     async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(_run_tool(agent, call, context, sink)) for call in calls]
+        tasks = [
+            group.create_task(_run_tool(agent, call, context, sink, running)) for call in calls
+        ]
     return [tool_message(call, task.result()) for call, task in zip(calls, tasks, strict=True)]
 
 
+@dataclass(slots=True)
+class _Running:
+    """How many calls of a step have not finished: the last one to finish says so."""
+
+    count: int
+
+
 async def _run_tool(
-    agent: Agent, call: ToolCall, context: RunContext[object], sink: AgentEventSink
+    agent: Agent,
+    call: ToolCall,
+    context: RunContext[object],
+    sink: AgentEventSink,
+    running: _Running,
 ) -> ToolResult:
     await sink.tool_executing(call)
     tool = agent.get_tool(call.name)
@@ -186,5 +216,6 @@ async def _run_tool(
         result = await tool.invoke(
             call.arguments, context, default_timeout_seconds=agent.tool_timeout_seconds
         )
-    await sink.tool_completed(call, result)
+    running.count -= 1
+    await sink.tool_completed(call, result, last=running.count == 0)
     return result

@@ -20,7 +20,7 @@ from rich.panel import Panel
 from rich.spinner import Spinner
 from rich.text import Text
 
-from threadline.agents.loop import THINKING
+from threadline.agents.events import THINKING
 from threadline.client import Event, EventType, MessageOut, MessageRole
 
 _MAX_RESULT_CHARS = 600

@@ -18,7 +18,7 @@ durable ones, so a listener sees it after the durable event it follows and befor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from threadline.events.control import CancelRun, SessionEnded
@@ -44,6 +44,11 @@ class EventBus(Protocol):
         that event's. Call it only once the durable events that precede it were published.
         Does not wait for a transport; never raises for a transport failure (the event is
         lost: the finished text is in a durable event)."""
+        ...
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        """`publish` each of `events`, in order, waiting once for the lot (a batch numbered in
+        one transaction)."""
         ...
 
     def subscribe(
@@ -94,6 +99,10 @@ class MemoryBus:
     def _deliver(self, event: Event) -> None:
         for listener in tuple(self._listeners.get(event.thread_id, ())):
             listener(event)
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        for event in events:
+            await self.publish(event)
 
     def subscribe(
         self, thread_id: str, listener: EventListener, *, on_reset: ResetListener | None = None

@@ -1,26 +1,35 @@
 """Numbering, storing and publishing events so that every thread's events arrive in order.
 
-Invariants:
-- A thread's sequence numbers come from its row (`threads.event_seq`), incremented in the
-  transaction that records the event, so numbers are unique across every process.
-- The event is published *inside* that transaction, just before it commits, while the row lock
-  is held: no other process can number (and so publish) the thread's next event until this one
-  is on the bus. Publication order is sequence order, across processes, without reordering
-  buffers in the gateway. (The Redis bus queues the event for its sender instead of waiting
-  for Redis; its stream ids keep the order, and listeners fill any hole from the store: see
-  `events/redis_bus.py`.) The price: if the commit then fails, a listener has seen an event whose
-  effects were rolled back (a database failure between two statements); clients that reload
-  state on reconnect recover, and the gap in durable sequence numbers shows it.
-- Durable events are stored in the same transaction as the change they announce.
+Invariants, for one event or a batch (`emit_many`: the consecutive events of one step of a run,
+written by one transaction):
+- A thread's sequence numbers come from its row (`threads.event_seq`): a batch of n events
+  takes n consecutive numbers with one row update (`event_seq = event_seq + n`), in the
+  transaction that records them, so numbers are unique across every process and a batch's
+  events are numbered in the order given, with nothing of another writer between them.
+- The events are published *inside* that transaction, in sequence order, just before it
+  commits, while the row lock is held: no other process can number (and so publish) the
+  thread's next event until this batch is on the bus. Publication order is sequence order,
+  across processes, without reordering buffers in the gateway. (The Redis bus queues the events
+  for its sender instead of waiting for Redis; its stream ids keep the order, and listeners
+  fill any hole from the store: see `events/redis_bus.py`.) The price: if the commit then
+  fails, a listener has seen events whose effects were rolled back (a database failure between
+  two statements); clients that reload state on reconnect recover, and the gap in durable
+  sequence numbers shows it.
+- Durable events are stored in the same transaction as the change they announce, a batch with
+  one statement: the whole batch commits or none of it, so a reader of the log (a resuming
+  subscriber, `after_seq` anywhere inside a batch) finds either all of it or nothing, never a
+  hole in its middle.
 - Ephemeral events (text deltas) touch no database: `publish_ephemeral` hands them to the bus,
   which places each after the last durable event of its thread (`events/bus.py`). Durable
   numbers stay gapless; a delta's order relative to its run's durable events holds because a
-  run's events are emitted one at a time by its sink (`runs/sink.py`): the durable events
-  before a delta are published before it, the ones after it later.
+  run's sink (`runs/sink.py`) emits its events one write at a time, under its lock: the
+  durable events before a delta (a whole batch) are published before it, the ones after it
+  later.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -30,6 +39,9 @@ from threadline.events import payloads
 from threadline.events.bus import EventBus
 from threadline.events.types import EPHEMERAL, Event, EventType, JSONObject
 from threadline.store.events import EventStore
+
+EventSpec = tuple[EventType, JSONObject]
+"""An event to emit: its type and its data (`events/payloads.py`)."""
 
 
 class EventPublisher:
@@ -49,20 +61,46 @@ class EventPublisher:
         run_id: str | None = None,
     ) -> Event:
         """Record and publish within the caller's transaction; call it last before commit."""
-        seq = await self._store.next_seq(conn, ctx, thread_id)
-        event = Event(
-            type=event_type,
-            thread_id=thread_id,
-            user_id=ctx.user_id,
-            seq=seq,
-            data=data,
-            run_id=run_id,
-            ts=datetime.now(UTC),
-        )
-        if event.durable:
-            await self._store.insert(conn, event)
-        await self._bus.publish(event)
+        (event,) = await self.emit_many(conn, ctx, thread_id, [(event_type, data)], run_id=run_id)
         return event
+
+    async def emit_many(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        specs: Sequence[EventSpec],
+        *,
+        run_id: str | None = None,
+        reserved: int | None = None,
+    ) -> list[Event]:
+        """Record and publish `specs`, in order, as one batch within the caller's transaction
+        (one numbering statement, one insert); call it last before commit. `reserved`: the
+        last of the batch's numbers, when this transaction reserved them already with the
+        update that placed the message they announce (`MessageStore.append_announced`)."""
+        if not specs:
+            return []
+        if any(event_type in EPHEMERAL for event_type, _ in specs):
+            raise ValueError("ephemeral events are not numbered: use publish_ephemeral")
+        if reserved is None:
+            reserved = await self._store.reserve(conn, ctx, thread_id, len(specs))
+        last = reserved
+        first, now = last - len(specs) + 1, datetime.now(UTC)
+        batch = [
+            Event(
+                type=event_type,
+                thread_id=thread_id,
+                user_id=ctx.user_id,
+                seq=first + n,
+                data=data,
+                run_id=run_id,
+                ts=now,
+            )
+            for n, (event_type, data) in enumerate(specs)
+        ]
+        await self._store.insert_many(conn, batch)
+        await self._bus.publish_many(batch)
+        return batch
 
     async def emit_now(
         self,

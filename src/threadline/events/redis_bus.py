@@ -59,7 +59,7 @@ import json
 import logging
 import uuid
 import zlib
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -281,12 +281,21 @@ class RedisBus:
         """Queue `event` for the sender and wait (briefly, see the module docstring) until it
         is appended: while the caller's transaction still holds the thread's row lock, so the
         next event of the thread, from any process, is appended after it."""
-        if event.type is EventType.THREAD_DELETED:
-            self._positions.forget(event.thread_id)
-        else:
-            self._positions.advance(event.thread_id, event.seq)
-        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._queue(event, sent) and not self._publish_failing:
+        await self.publish_many((event,))
+
+    async def publish_many(self, events: Sequence[Event]) -> None:
+        """`publish` for a batch: queued in order, one wait for the last (the sender appends
+        them in order, so the last one appended means all are)."""
+        sent: asyncio.Future[None] | None = None
+        for event in events:
+            if event.type is EventType.THREAD_DELETED:
+                self._positions.forget(event.thread_id)
+            else:
+                self._positions.advance(event.thread_id, event.seq)
+            sent = asyncio.get_running_loop().create_future()
+            if not self._queue(event, sent):
+                return
+        if sent is not None and not self._publish_failing:
             await asyncio.wait({sent}, timeout=_PUBLISH_WAIT_SECONDS)
 
     async def publish_ephemeral(self, event: Event) -> None:

@@ -12,6 +12,11 @@ Model:
 - Cancellation is task cancellation. The reason decides the outcome: a user's cancel, an
   interrupt, or its thread archived or deleted ends the run as cancelled; shutdown hands the
   run back to the queue for another worker, with no terminal event.
+- A run is written one transaction per step, not per event (`runs/sink.py`): the first
+  (`_start`) reads the token budget and the history, places the input message, and emits
+  `agent_started` with what the loop does first; the last is `RunFinisher.finish`, which also
+  stores the final answer (the outcome carries it unstored), so the answer and the run's end
+  commit together.
 - A lost database connection is not the run's fault either: `execute` lets the error through
   (`store/failures.is_database_unavailable`) and the worker hands the run back to be retried.
 """
@@ -25,17 +30,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from threadline.agents.agent import Agent
 from threadline.agents.context import DepsFactory, RunContext, RunInfo
 from threadline.agents.history import repair_history, window_history
-from threadline.agents.loop import AgentOutcome, run_agent
+from threadline.agents.loop import AgentOutcome, resumed_calls, run_agent
 from threadline.agents.registry import AgentRegistry
 from threadline.context import UserContext
 from threadline.errors import ThreadlineError
 from threadline.events import payloads
-from threadline.events.publisher import EventPublisher
+from threadline.events.publisher import EventPublisher, EventSpec
 from threadline.events.types import EventType
 from threadline.llm.providers import ProviderSet
 from threadline.llm.types import ChatMessage, Usage
@@ -44,7 +49,6 @@ from threadline.metrics import Metrics
 from threadline.runs.conversation import to_chat_history
 from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
 from threadline.runs.sink import RunEventSink
-from threadline.store.db import read_transaction
 from threadline.store.failures import is_database_unavailable
 from threadline.store.messages import Message, MessageRole, MessageStore
 from threadline.store.queue import RunQueue
@@ -158,9 +162,9 @@ class ExecutionEngine:
                 del self._slots[user_id]
 
     async def _guarded(self, run: Run, ctx: UserContext) -> Outcome | None:
-        """The run's outcome, with the tokens it used (the plan's budget stops it early)."""
-        budget = await self._quotas.token_budget(run.user_id) if self._quotas else None
-        meter = UsageMeter(budget=budget)
+        """The run's outcome, with the tokens it used (the plan's budget, read when the run
+        starts, stops it early)."""
+        meter = UsageMeter()
         outcome = await self._outcome(run, ctx, meter)
         return None if outcome is None else replace(outcome, usage=meter.usage)
 
@@ -169,13 +173,24 @@ class ExecutionEngine:
             db=self._db, publisher=self._publisher, messages=self._messages, ctx=ctx
         )
         try:
+            outcome = await self._ending(run, ctx, sink, meter)
+        finally:
+            # Counted however the run ends: a tool that ran in a cancelled run still ran.
+            self._metrics.tool_calls.inc(sink.tool_calls)
+        # The last step's message is not stored yet: it is stored with the outcome, in the
+        # transaction that ends the run (`RunFinisher.finish`).
+        return None if outcome is None else replace(outcome, message=sink.unsaved_answer)
+
+    async def _ending(
+        self, run: Run, ctx: UserContext, sink: RunEventSink, meter: UsageMeter
+    ) -> Outcome | None:
+        try:
             async with asyncio.timeout(self.config.run_timeout_seconds):
                 outcome = await self._run_agent(run, ctx, sink, meter)
             await sink.flush()
-            last = sink.last_assistant
             return Outcome.completed(
                 {
-                    "message_id": last.id if last else None,
+                    "message_id": sink.answer_id,
                     "text": outcome.final_text,
                     "usage": {
                         "input_tokens": outcome.usage.input_tokens,
@@ -204,35 +219,35 @@ class ExecutionEngine:
 
             logger.exception("Agent run failed")
             return Outcome.failed("agent_error", f"{type(exc).__name__}: {exc}")
-        finally:
-            # Counted however the run ends: a tool that ran in a cancelled run still ran.
-            self._metrics.tool_calls.inc(sink.tool_calls)
 
     async def _run_agent(
         self, run: Run, ctx: UserContext, sink: RunEventSink, meter: UsageMeter
     ) -> AgentOutcome:
-        await sink.emit(EventType.AGENT_STARTED, payloads.agent_started(run.agent, run.attempt))
-        agent = self.registry.build(run.agent)
-        provider, model = self.providers.resolve(agent.model)
-        provider = meter.wrap(provider)
-        input_position = await self._place_input_message(run, ctx)
-        stored = await self._stored(run, ctx, agent, input_position=input_position)
-        answered = _stored_answer(stored, run)
-        if answered is not None:
+        try:
+            agent = self.registry.build(run.agent)
+            provider, model = self.providers.resolve(agent.model)
+            deps = self._deps_for(run, ctx, agent)
+        except Exception:
+            # Announced even so: every run that executes starts before it ends.
+            await sink.emit(EventType.AGENT_STARTED, payloads.agent_started(run.agent, run.attempt))
+            raise
+        start = await self._start(run, ctx, agent, sink)
+        meter.budget = start.budget
+        if start.answered is not None:
             # An earlier attempt stored its final answer, then lost its worker or database
             # before the run was ended: end it with that answer rather than answer twice.
-            sink.last_assistant = answered
-            return AgentOutcome(final_text=answered.content, usage=Usage(), steps=0)
-        history = _history(stored, run, agent)
+            sink.last_assistant = start.answered
+            return AgentOutcome(final_text=start.answered.content, usage=Usage(), steps=0)
         context: RunContext[object] = RunContext(
-            user=ctx,
-            thread_id=run.thread_id,
-            run_id=run.id,
-            agent_name=agent.name,
-            deps=self._deps_for(run, ctx, agent),
+            user=ctx, thread_id=run.thread_id, run_id=run.id, agent_name=agent.name, deps=deps
         )
         return await run_agent(
-            agent, history=history, context=context, provider=provider, model=model, sink=sink
+            agent,
+            history=start.history,
+            context=context,
+            provider=meter.wrap(provider),
+            model=model,
+            sink=sink,
         )
 
     def _deps_for(self, run: Run, ctx: UserContext, agent: Agent) -> object:
@@ -241,42 +256,54 @@ class ExecutionEngine:
         info = RunInfo(user=ctx, thread_id=run.thread_id, run_id=run.id, agent_name=agent.name)
         return self._deps(info)
 
-    async def _place_input_message(self, run: Run, ctx: UserContext) -> int | None:
-        """The position of the message this run answers, after moving it behind the output of
-        runs that finished while it waited in the queue."""
+    async def _start(self, run: Run, ctx: UserContext, agent: Agent, sink: RunEventSink) -> _Start:
+        """The run's first transaction: the token budget, the input message placed after the
+        output of the runs it waited behind, the history read, and `agent_started` with what
+        the loop does first (its model call, or the calls a retried run resumes)."""
+        async with self._db.begin() as conn:
+            budget = await self._quotas.token_budget(conn, run.user_id) if self._quotas else None
+            stored, moved = await self._stored(conn, run, ctx, agent)
+            answered = _stored_answer(stored, run)
+            history = _history(stored, run, agent)
+            resumed = resumed_calls(history) if answered is None else ()
+            specs: list[EventSpec] = [
+                (EventType.AGENT_STARTED, payloads.agent_started(run.agent, run.attempt))
+            ]
+            if moved is not None:
+                specs.append((EventType.MESSAGE_MOVED, payloads.message_moved(*moved)))
+            await sink.write(
+                conn,
+                specs,
+                step_follows=answered is None and not resumed,
+                calls_follow=resumed,
+            )
+        return _Start(budget=budget, history=history, answered=answered)
+
+    async def _stored(
+        self, conn: AsyncConnection, run: Run, ctx: UserContext, agent: Agent
+    ) -> tuple[list[Message], tuple[str, int] | None]:
+        """The thread's recent messages up to the one this run answers (later questions belong
+        to later runs), plus this run's own output; and (message id, position) if the input
+        message had to move behind the output of runs that finished while it waited."""
+        window = agent.history_window * 2 + 8
+        stored = await self._messages.recent(conn, ctx, run.thread_id, window=window)
         message_id = run.input.get("message_id")
         if not isinstance(message_id, str):
-            return None
-        async with self._db.begin() as conn:
+            return stored, None
+        position, moved = _placement(stored, message_id, run.id), None
+        if position is None:
+            # Not in the window, or overtaken: the store decides and moves it (rare: a run
+            # that waited behind another one's output).
             placed = await self._messages.place_after_agent_output(
                 conn, ctx, run.thread_id, message_id, run_id=run.id
             )
             if placed is None:
-                return None
-            position, moved = placed
-            if moved:
-                await self._publisher.emit(
-                    conn,
-                    ctx,
-                    run.thread_id,
-                    EventType.MESSAGE_MOVED,
-                    payloads.message_moved(message_id, position),
-                    run_id=run.id,
-                )
-        return position
-
-    async def _stored(
-        self, run: Run, ctx: UserContext, agent: Agent, *, input_position: int | None
-    ) -> list[Message]:
-        """The thread's recent messages up to the one this run answers (later questions belong
-        to later runs), plus this run's own output."""
-        async with read_transaction(self._db) as conn:
-            stored = await self._messages.recent(
-                conn, ctx, run.thread_id, window=agent.history_window * 2 + 8
-            )
-        if input_position is not None:
-            stored = [m for m in stored if m.position <= input_position or m.run_id == run.id]
-        return stored
+                return stored, None  # the message is gone
+            position, was_moved = placed
+            if was_moved:
+                moved = (message_id, position)
+                stored = await self._messages.recent(conn, ctx, run.thread_id, window=window)
+        return [m for m in stored if m.position <= position or m.run_id == run.id], moved
 
     async def _finish(self, run: Run, outcome: Outcome) -> bool:
         async with self._db.begin() as conn:
@@ -290,6 +317,26 @@ class ExecutionEngine:
         else:
             logger.info("Run %s was already %s; outcome dropped", run.id, status.value)
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    budget: int | None
+    history: list[ChatMessage]
+    answered: Message | None
+
+
+def _placement(stored: list[Message], message_id: str, run_id: str) -> int | None:
+    """The input message's position when `stored` (the thread's most recent messages) shows
+    that it stays where it is: it is in the window, and no other run's output came after it.
+    None when the store must decide (`MessageStore.place_after_agent_output`)."""
+    for n, message in enumerate(stored):
+        if message.id == message_id:
+            later = stored[n + 1 :]
+            if any(m.run_id is not None and m.run_id != run_id for m in later):
+                return None
+            return message.position
+    return None
 
 
 def _history(stored: list[Message], run: Run, agent: Agent) -> list[ChatMessage]:

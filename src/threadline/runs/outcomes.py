@@ -5,9 +5,13 @@ dead, a cancel of a queued run, the archive or deletion of its thread).
 In the caller's transaction, it:
 1. writes the terminal status, conditional on the run being exactly as the caller saw it (the
    lease of the attempt that ends it, or still queued), so a run gets one outcome;
-2. only if that applied: gives every unanswered tool call of the run a synthetic error result
-   (the history stays valid for every provider), emits the single terminal event
-   (`agent_completed`, `agent_failed` or `run_cancelled`) and counts the metric.
+2. only if that applied: stores the run's final assistant message when the outcome carries one
+   (the engine's last step is written here, not in a transaction of its own: the answer and
+   the run's end commit together, so a run is never left answered but unfinished), gives every
+   unanswered tool call of the run a synthetic error result (the history stays valid for every
+   provider), records usage and the webhook outbox rows, and emits that message's
+   `message_created` and the single terminal event (`agent_completed`, `agent_failed` or
+   `run_cancelled`) as one batch, last, and counts the metric.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from threadline.context import UserContext
 from threadline.events import payloads
-from threadline.events.publisher import EventPublisher
+from threadline.events.publisher import EventPublisher, EventSpec
 from threadline.events.types import EventType
 from threadline.llm.types import Usage
 from threadline.metrics import Metrics
 from threadline.runs.conversation import close_unanswered_tool_calls
-from threadline.store.messages import MessageStore
+from threadline.store.messages import MessageStore, NewMessage
 from threadline.store.queue import RunQueue
 from threadline.store.runs import Run, RunStatus
 from threadline.usage.store import UsageStore
@@ -55,6 +59,8 @@ class Outcome:
     error: JSONObject | None = None
     usage: Usage | None = None
     """The model tokens this attempt used, recorded with the run's duration."""
+    message: NewMessage | None = None
+    """The run's final assistant message, not stored yet: stored with the outcome."""
 
     @classmethod
     def completed(cls, result: JSONObject) -> Outcome:
@@ -104,6 +110,15 @@ class RunFinisher:
         if not applied:
             return False
         ctx = UserContext.create(run.user_id, thread_id=run.thread_id, run_id=run.id)
+        specs: list[EventSpec] = []
+        reserved = None
+        if outcome.message is not None:
+            # Its position and the numbers of its message_created and the terminal event come
+            # from one update of the thread's row.
+            stored, reserved = await self._messages.append_announced(
+                conn, ctx, run.thread_id, outcome.message, events=2
+            )
+            specs.append((EventType.MESSAGE_CREATED, payloads.message_created(stored)))
         if outcome.status is not RunStatus.COMPLETED:
             await close_unanswered_tool_calls(conn, self._messages, ctx, run=run)
         usage = outcome.usage or Usage()
@@ -113,10 +128,9 @@ class RunFinisher:
         if self._webhooks is not None and webhook_event is not None:
             data = webhook_payloads.run_finished(run, outcome, usage=usage)
             await self._webhooks.enqueue(conn, webhook_event, data)  # the outbox: same commit
-        # Last before the commit, as `EventPublisher.emit` asks: the event is published before
-        # the commit, so a client that reads the run on seeing it must not wait for more writes.
-        await self._publisher.emit(
-            conn, ctx, run.thread_id, outcome.event, outcome.data, run_id=run.id
+        specs.append((outcome.event, outcome.data))
+        await self._publisher.emit_many(
+            conn, ctx, run.thread_id, specs, run_id=run.id, reserved=reserved
         )
         self._metrics.runs_finished.labels(outcome.status.value).inc()
         return True

@@ -1,10 +1,23 @@
 """The engine's side of the agent loop: persist what the run produces and publish its events.
 
+One transaction per step of the loop, not per event. Each write carries the events of what it
+stores plus those of what the loop said comes right after it (`AgentEventSink`), numbered as
+one batch (`EventPublisher.emit_many`):
+- the run's start (the engine's transaction: `agent_started`, the input message's placement,
+  the history read) announces the first model call (`agent_thinking`), or the calls a
+  retried run resumes (`tool_executing`);
+- an assistant message that asks for tools: `message_created` and each `tool_executing`;
+- a tool result: `tool_completed`, and for the step's last one the next model call;
+- the final assistant message is not written here: the run's outcome carries it
+  (`unsaved_answer`) and `RunFinisher.finish` stores it with the terminal status and event.
+An announced event goes out with the write just before its moment, never after it: the
+announced call of the loop is then skipped. Nothing live waits behind a model call or a tool.
+
 Text deltas are coalesced at the leading edge: a chunk goes out at once unless another went out
 less than `delta_flush_seconds` ago; then it waits for the next chunk after that interval or for
 the next event. A slow model's text is never held back, and a fast one costs a few events per
-answer instead of one database round trip per token. A pending delta is always flushed before
-any later event, so nothing is reordered.
+answer instead of one per token. Deltas touch no database (`EventPublisher.publish_ephemeral`).
+A pending delta is always flushed before any later event, so nothing is reordered.
 """
 
 from __future__ import annotations
@@ -12,18 +25,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from threadline.agents.events import THINKING
 from threadline.agents.tools import ToolResult
 from threadline.context import UserContext
 from threadline.events import payloads
-from threadline.events.publisher import EventPublisher
+from threadline.events.publisher import EventPublisher, EventSpec
 from threadline.events.types import EventType
 from threadline.ids import IdPrefix, new_id
 from threadline.llm.types import ChatMessage, ToolCall
 from threadline.runs.conversation import assistant_message, tool_result_message
-from threadline.store.messages import Message, MessageStore
+from threadline.store.messages import Message, MessageStore, NewMessage
 
 
 class RunEventSink:
@@ -52,8 +67,79 @@ class RunEventSink:
         self._last_flush = float("-inf")
         # Tools run concurrently; their events must still be numbered one at a time.
         self._lock = asyncio.Lock()
+        # What the last write announced ahead of the loop's call for it.
+        self._step_announced = False
+        self._calls_announced: set[str] = set()
         self.last_assistant: Message | None = None
+        """An answer an earlier attempt stored (the engine ends the run with it)."""
+        self.unsaved_answer: NewMessage | None = None
+        """The run's final assistant message, for `RunFinisher.finish` to store."""
         self.tool_calls = 0
+
+    @property
+    def answer_id(self) -> str | None:
+        if self.unsaved_answer is not None:
+            return self.unsaved_answer.id
+        return self.last_assistant.id if self.last_assistant else None
+
+    async def write(
+        self,
+        conn: AsyncConnection,
+        specs: Sequence[EventSpec],
+        *,
+        step_follows: bool = False,
+        calls_follow: Sequence[ToolCall] = (),
+    ) -> None:
+        """Emit `specs` in the caller's transaction (last before commit), announcing what the
+        loop does right after: a model call, or these tool calls."""
+        batch = [*specs, *self._announcements(step_follows, calls_follow)]
+        await self._publisher.emit_many(
+            conn, self._ctx, self._thread_id, batch, run_id=self._run_id
+        )
+        self._announced(step_follows, calls_follow)
+
+    async def _store_and_emit(
+        self,
+        new: NewMessage,
+        spec: Callable[[Message], EventSpec],
+        *,
+        step_follows: bool = False,
+        calls_follow: Sequence[ToolCall] = (),
+    ) -> Message:
+        """One transaction: store `new` and emit its event `spec(stored)` with what follows;
+        the message's position and the batch's numbers come from one update of the thread."""
+        announcements = self._announcements(step_follows, calls_follow)
+        async with self._db.begin() as conn:
+            stored, last = await self._messages.append_announced(
+                conn, self._ctx, self._thread_id, new, events=1 + len(announcements)
+            )
+            await self._publisher.emit_many(
+                conn,
+                self._ctx,
+                self._thread_id,
+                [spec(stored), *announcements],
+                run_id=self._run_id,
+                reserved=last,
+            )
+        self._announced(step_follows, calls_follow)
+        return stored
+
+    @staticmethod
+    def _announcements(step_follows: bool, calls_follow: Sequence[ToolCall]) -> list[EventSpec]:
+        batch: list[EventSpec] = []
+        if step_follows:
+            batch.append((EventType.AGENT_THINKING, payloads.agent_thinking(THINKING)))
+        for call in calls_follow:
+            data = payloads.tool_executing(
+                tool=call.name, call_id=call.call_id, arguments=call.arguments
+            )
+            batch.append((EventType.TOOL_EXECUTING, data))
+        return batch
+
+    def _announced(self, step_follows: bool, calls_follow: Sequence[ToolCall]) -> None:
+        # Recorded once the batch is out: a write that failed announced nothing.
+        self._step_announced = self._step_announced or step_follows
+        self._calls_announced.update(call.call_id for call in calls_follow)
 
     async def emit(self, event_type: EventType, data: dict[str, object]) -> None:
         async with self._lock:
@@ -61,6 +147,12 @@ class RunEventSink:
             await self._publisher.emit_now(
                 self._ctx, self._thread_id, event_type, data, run_id=self._run_id
             )
+
+    async def step_started(self) -> None:
+        if self._step_announced:
+            self._step_announced = False
+            return
+        await self.emit(EventType.AGENT_THINKING, payloads.agent_thinking(THINKING))
 
     async def thinking(self, text: str) -> None:
         await self.emit(EventType.AGENT_THINKING, payloads.agent_thinking(text))
@@ -73,61 +165,55 @@ class RunEventSink:
             if time.monotonic() - self._last_flush >= self._flush_after:
                 await self._flush()
 
-    async def assistant_message(self, message: ChatMessage) -> None:
+    async def assistant_message(self, message: ChatMessage, *, final: bool) -> None:
         async with self._lock:
             await self._flush()
             new = assistant_message(message, run_id=self._run_id)
-            new, self._message_id = dataclasses.replace(new, id=self._message_id), None
-            async with self._db.begin() as conn:
-                stored = await self._messages.append(conn, self._ctx, self._thread_id, new)
-                await self._publisher.emit(
-                    conn,
-                    self._ctx,
-                    self._thread_id,
-                    EventType.MESSAGE_CREATED,
-                    payloads.message_created(stored),
-                    run_id=self._run_id,
-                )
-            self.last_assistant = stored
+            message_id, self._message_id = self._message_id or new_id(IdPrefix.MESSAGE), None
+            new = dataclasses.replace(new, id=message_id)
+            if final:
+                # The run ends right after: stored with its outcome, in one transaction.
+                self.unsaved_answer = new
+                return
+            await self._store_and_emit(
+                new,
+                lambda stored: (EventType.MESSAGE_CREATED, payloads.message_created(stored)),
+                calls_follow=message.tool_calls,
+            )
 
     async def tool_executing(self, call: ToolCall) -> None:
+        if call.call_id in self._calls_announced:
+            self._calls_announced.discard(call.call_id)
+            return
         await self.emit(
             EventType.TOOL_EXECUTING,
             payloads.tool_executing(tool=call.name, call_id=call.call_id, arguments=call.arguments),
         )
 
-    async def tool_completed(self, call: ToolCall, result: ToolResult) -> None:
+    async def tool_completed(self, call: ToolCall, result: ToolResult, *, last: bool) -> None:
         self.tool_calls += 1
         async with self._lock:
             await self._flush()
-            async with self._db.begin() as conn:
-                stored = await self._messages.append(
-                    conn,
-                    self._ctx,
-                    self._thread_id,
-                    tool_result_message(
-                        call,
-                        content=result.content,
-                        is_error=result.is_error,
-                        duration_ms=result.duration_ms,
-                        run_id=self._run_id,
-                    ),
+            new = tool_result_message(
+                call,
+                content=result.content,
+                is_error=result.is_error,
+                duration_ms=result.duration_ms,
+                run_id=self._run_id,
+            )
+
+            def completed(stored: Message) -> EventSpec:
+                data = payloads.tool_completed(
+                    tool=call.name,
+                    call_id=call.call_id,
+                    message_id=stored.id,
+                    content=result.content,
+                    is_error=result.is_error,
+                    duration_ms=result.duration_ms,
                 )
-                await self._publisher.emit(
-                    conn,
-                    self._ctx,
-                    self._thread_id,
-                    EventType.TOOL_COMPLETED,
-                    payloads.tool_completed(
-                        tool=call.name,
-                        call_id=call.call_id,
-                        message_id=stored.id,
-                        content=result.content,
-                        is_error=result.is_error,
-                        duration_ms=result.duration_ms,
-                    ),
-                    run_id=self._run_id,
-                )
+                return EventType.TOOL_COMPLETED, data
+
+            await self._store_and_emit(new, completed, step_follows=last)
 
     async def flush(self) -> None:
         async with self._lock:

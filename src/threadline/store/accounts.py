@@ -56,7 +56,9 @@ _STANDING = sa.select(users.c.disabled_at, users.c.plan).where(
 )
 # FOR NO KEY UPDATE, not FOR UPDATE: it serializes the user's quota checks and plan changes,
 # yet does not block the rows that only reference the user (their foreign-key check takes
-# FOR KEY SHARE), such as a worker's event and usage inserts for that user.
+# FOR KEY SHARE), such as a worker's message, event and usage inserts for that user. With FOR
+# UPDATE, a run's transaction that updated the thread's row and then inserted an event waited
+# for a request that held the user and waited for the thread's row: a deadlock.
 _STANDING_LOCKED = _STANDING.with_for_update(key_share=True)
 
 
@@ -129,7 +131,8 @@ class AccountStore:
         self, conn: AsyncConnection, user_id: str, *, lock: bool = False
     ) -> str | None:
         """The user's stored plan; `lock` takes the user's row lock until the transaction
-        ends, which serializes the quota checks of one user (SQLite serializes all writers)."""
+        ends, which serializes the quota checks of one user (SQLite serializes all writers).
+        The lock is `FOR NO KEY UPDATE` (see `_STANDING_LOCKED`)."""
         standing = await self.standing(conn, user_id, lock=lock)
         if standing.state is AccountState.MISSING:
             raise NotFoundError("user", user_id)

@@ -287,3 +287,74 @@ class MessageStore:
         params = {"w_thread_id": thread_id, "w_user_id": ctx.user_id, "w_limit": window}
         rows = (await conn.execute(_RECENT, params)).all()
         return [_message(row) for row in reversed(rows)]
+
+    async def append_announced(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        new: NewMessage,
+        *,
+        events: int,
+    ) -> tuple[Message, int]:
+        """`append` for a run's own message (assistant or tool) that `events` events will
+        announce: one update of the thread's row gives the message its position and reserves
+        the events' numbers (as `EventStore.reserve` does), one insert stores it. Returns the
+        message and the last reserved sequence number."""
+        if new.role is MessageRole.USER or events < 1:
+            raise ValueError("append_announced is for a run's messages and at least one event")
+        self.check(new)
+        now = datetime.now(UTC)
+        row = (
+            await conn.execute(
+                _CLAIM_AND_RESERVE,
+                {"b_thread_id": thread_id, "b_user_id": ctx.user_id, "b_now": now, "b_n": events},
+            )
+        ).first()
+        if row is None:
+            raise NotFoundError("thread", thread_id)
+        message = Message(
+            id=new.id or new_id(IdPrefix.MESSAGE),
+            thread_id=thread_id,
+            position=int(row.message_count),
+            role=new.role,
+            content=new.content,
+            metadata=dict(new.metadata),
+            created_at=now,
+            run_id=new.run_id,
+            tool_calls=new.tool_calls,
+            tool_call_id=new.tool_call_id,
+        )
+        await conn.execute(
+            _INSERT,
+            {
+                "id": message.id,
+                "thread_id": thread_id,
+                "user_id": ctx.user_id,
+                "position": message.position,
+                "role": new.role.value,
+                "content": new.content,
+                "metadata": message.metadata,
+                "tool_calls": new.tool_calls,
+                "tool_call_id": new.tool_call_id,
+                "run_id": new.run_id,
+                "created_at": now,
+            },
+        )
+        return message, int(row.event_seq)
+
+
+# `append_announced`'s statements, built once (rebuilding them per call costs CPU, issue 11).
+_CLAIM_AND_RESERVE = (
+    threads.update()
+    .where(
+        threads.c.id == sa.bindparam("b_thread_id"), threads.c.user_id == sa.bindparam("b_user_id")
+    )
+    .values(
+        message_count=threads.c.message_count + 1,
+        last_activity_at=sa.bindparam("b_now", type_=threads.c.last_activity_at.type),
+        event_seq=threads.c.event_seq + sa.bindparam("b_n", type_=sa.Integer()),
+    )
+    .returning(threads.c.message_count, threads.c.event_seq)
+)
+_INSERT = messages.insert()

@@ -172,11 +172,11 @@ class Quotas:
             retry_after=decision.retry_after_seconds,
         )
 
-    async def token_budget(self, user_id: str) -> int | None:
-        """Tokens the user may still spend today; None: unlimited."""
-        async with read_transaction(self._engine) as conn:
-            plan = await self.plan(conn, user_id)
-            if plan.limits.tokens_per_day is None:
-                return None
-            used = await self._usage.tokens_on(conn, user_id, utc_day())
+    async def token_budget(self, conn: AsyncConnection, user_id: str) -> int | None:
+        """Tokens the user may still spend today; None: unlimited. In the caller's transaction
+        (a run's first one)."""
+        plan = await self.plan(conn, user_id)
+        if plan.limits.tokens_per_day is None:
+            return None
+        used = await self._usage.tokens_on(conn, user_id, utc_day())
         return plan.limits.tokens_per_day - used

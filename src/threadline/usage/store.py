@@ -1,5 +1,9 @@
 """Run usage: one row per run that ended after it started, written by `RunFinisher.finish` in
-the transaction that ends the run (so usage is never counted twice, nor lost)."""
+the transaction that ends the run (so usage is never counted twice, nor lost).
+
+The two statements of every run (the budget read at its start, the row at its end) are built
+once, at import: rebuilding a statement per call costs about 100 µs of CPU (measured on the
+event log's statements, issue 11)."""
 
 from __future__ import annotations
 
@@ -40,6 +44,12 @@ def next_day_start(moment: datetime | None = None) -> datetime:
     return datetime(tomorrow.year, tomorrow.month, tomorrow.day, tzinfo=UTC)
 
 
+_INSERT = run_usage.insert()
+_TOKENS_ON = sa.select(
+    sa.func.coalesce(sa.func.sum(run_usage.c.input_tokens + run_usage.c.output_tokens), 0)
+).where(run_usage.c.user_id == sa.bindparam("b_user_id"), run_usage.c.day == sa.bindparam("b_day"))
+
+
 class UsageStore:
     async def record(
         self, conn: AsyncConnection, run: Run, *, status: RunStatus, usage: Usage
@@ -47,26 +57,21 @@ class UsageStore:
         now = datetime.now(UTC)
         started = run.started_at or now
         await conn.execute(
-            run_usage.insert().values(
-                run_id=run.id,
-                user_id=run.user_id,
-                day=utc_day(now),
-                status=status.value,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                duration_ms=max(0, int((now - started).total_seconds() * 1000)),
-                created_at=now,
-            )
+            _INSERT,
+            {
+                "run_id": run.id,
+                "user_id": run.user_id,
+                "day": utc_day(now),
+                "status": status.value,
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "duration_ms": max(0, int((now - started).total_seconds() * 1000)),
+                "created_at": now,
+            },
         )
 
     async def tokens_on(self, conn: AsyncConnection, user_id: str, day: str) -> int:
-        total = await conn.scalar(
-            sa.select(
-                sa.func.coalesce(
-                    sa.func.sum(run_usage.c.input_tokens + run_usage.c.output_tokens), 0
-                )
-            ).where(run_usage.c.user_id == user_id, run_usage.c.day == day)
-        )
+        total = await conn.scalar(_TOKENS_ON, {"b_user_id": user_id, "b_day": day})
         return int(total or 0)
 
     async def per_day(
