@@ -109,10 +109,15 @@ class RunService:
             # counts below are exact under concurrency.
             standing = await self._quotas.lock(conn, ctx)
         stored = None
+        reserved: int | None = None  # the last event number the message's update reserved
         if message is not None and message.role is MessageRole.USER:
             # Its thread update takes the thread's row lock, refuses an archived thread (409)
-            # and another user's (404), before anything else is read.
-            stored = await self._messages.append(conn, ctx, thread_id, message)
+            # and another user's (404), and numbers the events that announce it (its own,
+            # and the run's), before anything else is read.
+            events = 2 if run is not None else 1
+            stored, reserved = await self._messages.append_posted(
+                conn, ctx, thread_id, message, events=events
+            )
         else:
             # The row lock serializes starts on one thread, so two `reject` requests cannot
             # both see an idle thread.
@@ -137,10 +142,16 @@ class RunService:
             if stored is None:
                 stored = await self._messages.append(conn, ctx, thread_id, message)
             data = payloads.message_created(stored)
-            await self._publisher.emit(conn, ctx, thread_id, EventType.MESSAGE_CREATED, data)
+            await self._publisher.emit_many(
+                conn,
+                ctx,
+                thread_id,
+                [(EventType.MESSAGE_CREATED, data)],
+                reserved=None if reserved is None else reserved - (run is not None),
+            )
         if run is not None:
             created, to_cancel = await self._queue(
-                conn, ctx, thread_id, run, stored, touch_thread=stored is None
+                conn, ctx, thread_id, run, stored, touch_thread=stored is None, reserved=reserved
             )
         return Posted(message=stored, run=created, interrupted=tuple(r.id for r in to_cancel))
 
@@ -160,7 +171,9 @@ class RunService:
         message: Message | None,
         *,
         touch_thread: bool,
+        reserved: int | None = None,
     ) -> tuple[Run, list[Run]]:
+        """`reserved`: the number of its `run_queued`, when this transaction reserved it."""
         to_cancel: list[Run] = []
         if request.multitask_strategy is MultitaskStrategy.ENQUEUE:
             active: list[Run] = []  # queued behind them: nothing to refuse or to cancel
@@ -188,8 +201,9 @@ class RunService:
             max_attempts=self._max_attempts,
             touch_thread=touch_thread,
         )
-        await self._publisher.emit(
-            conn, ctx, thread_id, EventType.RUN_QUEUED, payloads.run_queued(run), run_id=run.id
+        queued = [(EventType.RUN_QUEUED, payloads.run_queued(run))]
+        await self._publisher.emit_many(
+            conn, ctx, thread_id, queued, run_id=run.id, reserved=reserved
         )
         return run, to_cancel
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -91,6 +91,23 @@ _TAKE_POSITION = (
 _TAKE_USER_POSITION = _TAKE_POSITION.where(threads.c.status != ThreadStatus.ARCHIVED.value).values(
     title=sa.func.coalesce(threads.c.title, sa.bindparam("w_title"))
 )
+# The same, also reserving the numbers of the events that will announce the message (as
+# `EventStore.reserve` does): one update of the thread's row for both.
+_TAKE_USER_POSITION_AND_SEQS = (
+    threads.update()
+    .where(
+        threads.c.id == sa.bindparam("w_id"),
+        threads.c.user_id == sa.bindparam("w_user_id"),
+        threads.c.status != ThreadStatus.ARCHIVED.value,
+    )
+    .values(
+        message_count=threads.c.message_count + 1,
+        last_activity_at=sa.bindparam("w_now"),
+        title=sa.func.coalesce(threads.c.title, sa.bindparam("w_title")),
+        event_seq=threads.c.event_seq + sa.bindparam("w_events", type_=sa.Integer()),
+    )
+    .returning(threads.c.message_count, threads.c.event_seq)
+)
 _THREAD_EXISTS = sa.select(threads.c.id).where(
     threads.c.id == sa.bindparam("w_id"), threads.c.user_id == sa.bindparam("w_user_id")
 )
@@ -155,7 +172,41 @@ class MessageStore:
         """Append one message, move the thread's activity, and title an untitled thread."""
         self.check(new)
         now = datetime.now(UTC)
-        position = await self._claim_position(conn, ctx, thread_id, new, now)
+        row = await self._claim_position(conn, ctx, thread_id, new, now)
+        return await self._store(conn, ctx, thread_id, new, now, position=int(row[0]))
+
+    async def append_posted(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        new: NewMessage,
+        *,
+        events: int,
+    ) -> tuple[Message, int]:
+        """`append` for a user's message that `events` events will announce (its
+        `message_created`, and `run_queued` when it starts a run): the one update of the
+        thread's row that gives the message its position (refusing an archived thread, titling
+        an untitled one) also reserves the events' numbers. Returns the message and the last
+        reserved sequence number (`EventPublisher.emit_many(reserved=…)`)."""
+        if new.role is not MessageRole.USER or events < 1:
+            raise ValueError("append_posted is for a user's message and at least one event")
+        self.check(new)
+        now = datetime.now(UTC)
+        row = await self._claim_position(conn, ctx, thread_id, new, now, events=events)
+        message = await self._store(conn, ctx, thread_id, new, now, position=int(row[0]))
+        return message, int(row[1])
+
+    async def _store(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        new: NewMessage,
+        now: datetime,
+        *,
+        position: int,
+    ) -> Message:
         message = Message(
             id=new.id or new_id(IdPrefix.MESSAGE),
             thread_id=thread_id,
@@ -193,19 +244,25 @@ class MessageStore:
         thread_id: str,
         new: NewMessage,
         now: datetime,
-    ) -> int:
+        *,
+        events: int = 0,
+    ) -> Any:  # a Row of one or two columns (SQLAlchemy 2.1 rows are variadic)
+        """The thread's row after the update: (message_count, and event_seq when `events`)."""
         if not is_valid_id(thread_id, IdPrefix.THREAD):
             raise NotFoundError("thread", thread_id)
         params: dict[str, object] = {"w_id": thread_id, "w_user_id": ctx.user_id, "w_now": now}
-        statement = _TAKE_POSITION
+        statement: sa.Executable = _TAKE_POSITION
         if new.role is MessageRole.USER:
             # Users cannot write to an archived thread; a run started before it was archived
             # may still finish (and its tool calls must still get their results).
             statement = _TAKE_USER_POSITION
             params["w_title"] = title_from(new.content)
+            if events:
+                statement = _TAKE_USER_POSITION_AND_SEQS
+                params["w_events"] = events
         row = (await conn.execute(statement, params)).first()
         if row is not None:
-            return int(row.message_count)
+            return row
         exists = await conn.scalar(_THREAD_EXISTS, {"w_id": thread_id, "w_user_id": ctx.user_id})
         if exists is None:
             raise NotFoundError("thread", thread_id)
