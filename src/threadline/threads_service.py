@@ -10,6 +10,7 @@ from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.runs.outcomes import CancelReason
 from threadline.runs.service import RunService
+from threadline.store.accounts import Standing
 from threadline.store.events import EventStore
 from threadline.store.threads import JSONObject, Thread, ThreadChanges, ThreadStatus, ThreadStore
 from threadline.usage.quotas import Quotas
@@ -45,10 +46,17 @@ class ThreadService:
         self._runs = runs
 
     async def create(
-        self, conn: AsyncConnection, ctx: UserContext, *, title: str | None, metadata: JSONObject
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        *,
+        title: str | None,
+        metadata: JSONObject,
+        standing: Standing | None = None,
     ) -> Thread:
+        """`standing`: the account as this transaction read it (see `Quotas.check_thread`)."""
         if self._quotas is not None:
-            await self._quotas.check_thread(conn, ctx)
+            await self._quotas.check_thread(conn, ctx, standing=standing)
         thread = await self._threads.create(conn, ctx, title=title, metadata=metadata)
         await self._publisher.emit(
             conn, ctx, thread.id, EventType.THREAD_CREATED, payloads.thread_changed(thread)

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from threadline.errors import ThreadlineError
 from threadline.store.db import read_transaction
@@ -39,12 +39,20 @@ class RevocationUnavailableError(ThreadlineError):
 
 
 class RevocationList(Protocol):
+    in_database: bool
+    """Whether the list is a table: then it is read in the request's transaction."""
+
     async def revoke(self, jti: str, *, expires_at: datetime) -> None: ...
 
-    async def is_revoked(self, jti: str) -> bool: ...
+    async def is_revoked(self, jti: str, *, conn: AsyncConnection | None = None) -> bool:
+        """Whether `jti` was revoked. A list kept in the database reads it in `conn`'s
+        transaction when one is given (the request's own), else in a transaction of its own."""
+        ...
 
 
 class RedisRevocationList:
+    in_database = False
+
     def __init__(self, redis: Redis, *, prefix: str, timeout_seconds: float = 2.0) -> None:
         self._redis = redis
         self._prefix = f"{prefix}:revoked:"
@@ -59,7 +67,7 @@ class RedisRevocationList:
         except (RedisError, OSError, TimeoutError) as exc:
             raise RevocationUnavailableError(exc) from exc
 
-    async def is_revoked(self, jti: str) -> bool:
+    async def is_revoked(self, jti: str, *, conn: AsyncConnection | None = None) -> bool:
         try:
             async with asyncio.timeout(self._timeout):
                 return bool(await self._redis.exists(self._prefix + jti))
@@ -67,7 +75,12 @@ class RedisRevocationList:
             raise RevocationUnavailableError(exc) from exc
 
 
+_REVOKED = sa.select(revoked_tokens.c.jti).where(revoked_tokens.c.jti == sa.bindparam("jti"))
+
+
 class DatabaseRevocationList:
+    in_database = True
+
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
@@ -84,9 +97,8 @@ class DatabaseRevocationList:
             except IntegrityError:
                 pass  # already revoked: logging out twice is not an error
 
-    async def is_revoked(self, jti: str) -> bool:
-        async with read_transaction(self._engine) as conn:
-            found = await conn.scalar(
-                sa.select(revoked_tokens.c.jti).where(revoked_tokens.c.jti == jti)
-            )
-        return found is not None
+    async def is_revoked(self, jti: str, *, conn: AsyncConnection | None = None) -> bool:
+        if conn is not None:
+            return await conn.scalar(_REVOKED, {"jti": jti}) is not None
+        async with read_transaction(self._engine) as own:
+            return await own.scalar(_REVOKED, {"jti": jti}) is not None

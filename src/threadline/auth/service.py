@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from threadline.auth.emails import EMAIL
 from threadline.auth.passwords import Passwords
@@ -13,7 +13,7 @@ from threadline.auth.revocation import RevocationList
 from threadline.auth.tokens import IssuedToken, TokenClaims, TokenCodec
 from threadline.context import UserContext
 from threadline.errors import AuthError, ConflictError, ForbiddenError, InvalidInputError
-from threadline.store.accounts import AccountState, AccountStore
+from threadline.store.accounts import AccountState, AccountStore, Standing
 from threadline.store.db import ping, read_transaction
 from threadline.store.users import User, UserStore
 
@@ -105,11 +105,21 @@ class AuthService:
 
     async def validate(self, token: str, *, act_as: str | None = None) -> TokenClaims:
         """The token's claims, once its signature, expiry, revocation and its user's account
-        are checked. A well-signed token of an account that no longer exists (the database
-        was reset, the signing key kept) is `token_user_not_found`, on every endpoint.
+        are checked (`verify`, then `check_account` in a read transaction of its own)."""
+        claims = await self.verify(token, act_as=act_as)
+        async with read_transaction(self._engine) as conn:
+            await self.check_account(conn, claims)
+        return claims
+
+    async def verify(self, token: str, *, act_as: str | None = None) -> TokenClaims:
+        """The token's own checks (signature, expiry, issuer) and, with Redis, its revocation;
+        not yet its account, nor a revocation list kept in the database: `check_account` reads
+        those in the transaction the request uses anyway. (A Redis lookup is done here, before
+        any database connection is taken, so a slow Redis holds none.)
 
         The token is Threadline's own, an external issuer's (`auth/oidc.py`), or a service
-        key acting for the user `act_as` (`auth/service_keys.py`)."""
+        key acting for the user `act_as` (`auth/service_keys.py`, which checks the key and
+        the user it acts for at once)."""
         if token.startswith(_SERVICE_KEY_START) and self._service_keys is not None:
             return await self._service_keys.validate(token, act_as=act_as)
         if act_as is not None:
@@ -120,18 +130,35 @@ class AuthService:
             claims = await self._external.validate(token)
         else:
             claims = self._tokens.decode(token)
-        if await self._revocations.is_revoked(claims.jti):
+        if not self._revocations.in_database:
+            await self._check_not_revoked(claims)
+        return claims
+
+    async def _check_not_revoked(
+        self, claims: TokenClaims, conn: AsyncConnection | None = None
+    ) -> None:
+        if await self._revocations.is_revoked(claims.jti, conn=conn):
             raise AuthError("The token was revoked (signed out)", code="token_revoked")
-        async with read_transaction(self._engine) as conn:
-            state = await self._accounts.state(conn, claims.user_id)
-        if state is AccountState.MISSING:
+
+    async def check_account(
+        self, conn: AsyncConnection, claims: TokenClaims, *, lock: bool = False
+    ) -> Standing:
+        """Within `conn`'s transaction: the token is not revoked (a list kept in the database;
+        `verify` checked one in Redis) and its account exists and is enabled. Returns the
+        account's standing (`lock`: under the user's row lock). A well-signed token of an
+        account that no longer exists (the database was reset, the signing key kept) is
+        `token_user_not_found`, on every endpoint."""
+        if claims.service_key_id is None and self._revocations.in_database:
+            await self._check_not_revoked(claims, conn)
+        standing = await self._accounts.standing(conn, claims.user_id, lock=lock)
+        if standing.state is AccountState.MISSING:
             raise AuthError(
                 "The token's account does not exist (any more); sign up or sign in again",
                 code="token_user_not_found",
             )
-        if state is AccountState.DISABLED:
+        if standing.state is AccountState.DISABLED:
             raise ForbiddenError("The account is disabled", code="user_disabled")
-        return claims
+        return standing
 
     async def logout(self, claims: TokenClaims) -> None:
         if claims.service_key_id is not None:

@@ -1,7 +1,8 @@
 """Starting and cancelling runs: what the API and the WebSocket call.
 
 Each method owns its transaction, so that it can act *after* the commit: wake the local worker,
-and tell whichever process executes a run to cancel it.
+and tell whichever process executes a run to cancel it. `post_in` is `post` inside the caller's
+transaction (the HTTP request's own); the caller then calls `settle` once it has committed.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from threadline.events.publisher import EventPublisher
 from threadline.events.types import EventType
 from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
 from threadline.statuses import MultitaskStrategy as MultitaskStrategy  # re-exported
+from threadline.store.accounts import Standing
 from threadline.store.db import read_transaction
-from threadline.store.messages import Message, MessageStore, NewMessage
+from threadline.store.messages import Message, MessageRole, MessageStore, NewMessage
 from threadline.store.runs import Run, RunStatus, RunStore
 from threadline.store.threads import ThreadStatus, ThreadStore
 from threadline.usage.quotas import Quotas
@@ -40,6 +42,8 @@ class RunRequest:
 class Posted:
     message: Message | None
     run: Run | None
+    interrupted: tuple[str, ...] = ()
+    """Running runs this post interrupted: their executors are told once it committed."""
 
 
 class RunService:
@@ -81,10 +85,40 @@ class RunService:
         run: RunRequest | None,
     ) -> Posted:
         """Append a user message and/or queue a run, in one transaction."""
+        async with self._db.begin() as conn:
+            posted = await self.post_in(conn, ctx, thread_id, message=message, run=run)
+        await self.settle(posted)
+        return posted
+
+    async def post_in(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        *,
+        message: NewMessage | None,
+        run: RunRequest | None,
+        standing: Standing | None = None,
+    ) -> Posted:
+        """`post` in the caller's transaction; call `settle` after it commits. `standing`:
+        the account as this transaction read it (locked: not locked and read again)."""
         if run is not None:
             self._registry.get(run.agent)  # unknown agent: fail before writing anything
-        to_cancel: list[Run] = []
-        async with self._db.begin() as conn:
+        if run is not None and self._quotas is not None and not (standing and standing.locked):
+            # The user's row lock first, always in this order (user, then thread), so that the
+            # counts below are exact under concurrency.
+            standing = await self._quotas.lock(conn, ctx)
+        stored = None
+        reserved: int | None = None  # the last event number the message's update reserved
+        if message is not None and message.role is MessageRole.USER:
+            # Its thread update takes the thread's row lock, refuses an archived thread (409)
+            # and another user's (404), and numbers the events that announce it (its own,
+            # and the run's), before anything else is read.
+            events = 2 if run is not None else 1
+            stored, reserved = await self._messages.append_posted(
+                conn, ctx, thread_id, message, events=events
+            )
+        else:
             # The row lock serializes starts on one thread, so two `reject` requests cannot
             # both see an idle thread.
             thread = await self._threads.get(conn, ctx, thread_id, for_update=True)
@@ -93,20 +127,40 @@ class RunService:
                     "The thread is archived; restore it (status: active) to continue",
                     code="thread_archived",
                 )
-            if run is not None and self._quotas is not None:
-                await self._quotas.check_run(conn, ctx)  # refused before anything is written
-            stored = None
-            if message is not None:
+        created = None
+        to_cancel: list[Run] = []
+        if run is not None:
+            active_runs = await self._runs.count_active_for_user(conn, ctx)
+            if self._quotas is not None:
+                await self._quotas.check_run(conn, ctx, standing=standing, active_runs=active_runs)
+            if active_runs >= self._max_active_per_user:
+                raise RateLimitedError(
+                    f"At most {self._max_active_per_user} runs may be queued or running per user",
+                    retry_after_seconds=5,
+                )
+        if message is not None:
+            if stored is None:
                 stored = await self._messages.append(conn, ctx, thread_id, message)
-                data = payloads.message_created(stored)
-                await self._publisher.emit(conn, ctx, thread_id, EventType.MESSAGE_CREATED, data)
-            created = None
-            if run is not None:
-                created, to_cancel = await self._queue(conn, ctx, thread_id, run, stored)
-        await self.stop_executing([r.id for r in to_cancel], reason=CancelReason.INTERRUPT)
-        if created is not None:
+            data = payloads.message_created(stored)
+            await self._publisher.emit_many(
+                conn,
+                ctx,
+                thread_id,
+                [(EventType.MESSAGE_CREATED, data)],
+                reserved=None if reserved is None else reserved - (run is not None),
+            )
+        if run is not None:
+            created, to_cancel = await self._queue(
+                conn, ctx, thread_id, run, stored, touch_thread=stored is None, reserved=reserved
+            )
+        return Posted(message=stored, run=created, interrupted=tuple(r.id for r in to_cancel))
+
+    async def settle(self, posted: Posted) -> None:
+        """After the commit of a post: tell the executors of the runs it interrupted, and wake
+        the local worker for the run it queued."""
+        await self.stop_executing(list(posted.interrupted), reason=CancelReason.INTERRUPT)
+        if posted.run is not None:
             self._wake_worker()
-        return Posted(message=stored, run=created)
 
     async def _queue(
         self,
@@ -115,14 +169,16 @@ class RunService:
         thread_id: str,
         request: RunRequest,
         message: Message | None,
+        *,
+        touch_thread: bool,
+        reserved: int | None = None,
     ) -> tuple[Run, list[Run]]:
-        if await self._runs.count_active_for_user(conn, ctx) >= self._max_active_per_user:
-            raise RateLimitedError(
-                f"At most {self._max_active_per_user} runs may be queued or running per user",
-                retry_after_seconds=5,
-            )
-        active = await self._runs.active_for_thread(conn, ctx, thread_id)
+        """`reserved`: the number of its `run_queued`, when this transaction reserved it."""
         to_cancel: list[Run] = []
+        if request.multitask_strategy is MultitaskStrategy.ENQUEUE:
+            active: list[Run] = []  # queued behind them: nothing to refuse or to cancel
+        else:
+            active = await self._runs.active_for_thread(conn, ctx, thread_id)
         if active and request.multitask_strategy is MultitaskStrategy.REJECT:
             raise ConflictError(
                 f"Run {active[0].id} is still {active[0].status}; "
@@ -143,9 +199,11 @@ class RunService:
             agent=request.agent,
             input={"message_id": message.id if message else request.answers},
             max_attempts=self._max_attempts,
+            touch_thread=touch_thread,
         )
-        await self._publisher.emit(
-            conn, ctx, thread_id, EventType.RUN_QUEUED, payloads.run_queued(run), run_id=run.id
+        queued = [(EventType.RUN_QUEUED, payloads.run_queued(run))]
+        await self._publisher.emit_many(
+            conn, ctx, thread_id, queued, run_id=run.id, reserved=reserved
         )
         return run, to_cancel
 

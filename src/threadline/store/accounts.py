@@ -39,14 +39,43 @@ class Account:
     threads: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """An account's state and plan as one transaction read them, in one statement. `locked`:
+    read with the user's row lock, held until that transaction ends, which is what makes the
+    quota checks that follow in it exact (`usage/quotas.py`)."""
+
+    state: AccountState
+    plan: str | None
+    locked: bool
+
+
+_MISSING = Standing(AccountState.MISSING, None, locked=False)
+_STANDING = sa.select(users.c.disabled_at, users.c.plan).where(
+    users.c.id == sa.bindparam("user_id")
+)
+# FOR NO KEY UPDATE, not FOR UPDATE: it serializes the user's quota checks and plan changes,
+# yet does not block the rows that only reference the user (their foreign-key check takes
+# FOR KEY SHARE), such as a worker's message, event and usage inserts for that user. With FOR
+# UPDATE, a run's transaction that updated the thread's row and then inserted an event waited
+# for a request that held the user and waited for the thread's row: a deadlock.
+_STANDING_LOCKED = _STANDING.with_for_update(key_share=True)
+
+
 class AccountStore:
     async def state(self, conn: AsyncConnection, user_id: str) -> AccountState:
-        row = (
-            await conn.execute(sa.select(users.c.disabled_at).where(users.c.id == user_id))
-        ).first()
+        return (await self.standing(conn, user_id)).state
+
+    async def standing(
+        self, conn: AsyncConnection, user_id: str, *, lock: bool = False
+    ) -> Standing:
+        """The account's state and plan; `lock` takes the user's row lock (see `Standing`)."""
+        statement = _STANDING_LOCKED if lock else _STANDING
+        row = (await conn.execute(statement, {"user_id": user_id})).first()
         if row is None:
-            return AccountState.MISSING
-        return AccountState.ACTIVE if row.disabled_at is None else AccountState.DISABLED
+            return _MISSING
+        state = AccountState.ACTIVE if row.disabled_at is None else AccountState.DISABLED
+        return Standing(state, row.plan, locked=lock)
 
     async def find_external(
         self, conn: AsyncConnection, *, issuer: str, subject: str
@@ -103,19 +132,11 @@ class AccountStore:
     ) -> str | None:
         """The user's stored plan; `lock` takes the user's row lock until the transaction
         ends, which serializes the quota checks of one user (SQLite serializes all writers).
-
-        The lock is `FOR NO KEY UPDATE`, not `FOR UPDATE`: it excludes the other quota checks
-        all the same, but not the key-share lock that every insert of a row referencing the
-        user takes (its messages, events, usage). With `FOR UPDATE`, a run's transaction that
-        updated the thread's row and then inserted an event waited for a request that held
-        the user and waited for the thread's row: a deadlock."""
-        query = sa.select(users.c.plan).where(users.c.id == user_id)
-        locked = query.with_for_update(key_share=True)
-        row = (await conn.execute(locked if lock else query)).first()
-        if row is None:
+        The lock is `FOR NO KEY UPDATE` (see `_STANDING_LOCKED`)."""
+        standing = await self.standing(conn, user_id, lock=lock)
+        if standing.state is AccountState.MISSING:
             raise NotFoundError("user", user_id)
-        plan: str | None = row.plan
-        return plan
+        return standing.plan
 
     async def set_disabled(self, conn: AsyncConnection, user_id: str, disabled: bool) -> None:
         updated = await conn.execute(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -78,6 +78,70 @@ def _message(row: sa.Row[tuple[object, ...]]) -> Message:
     )
 
 
+# Hot-path statements, built once (building one costs more than sending it); each call binds
+# its values. Bind names differ from column names, which SQLAlchemy reserves in UPDATE.
+_INSERT = messages.insert()
+_TAKE_POSITION = (
+    threads.update()
+    .where(threads.c.id == sa.bindparam("w_id"), threads.c.user_id == sa.bindparam("w_user_id"))
+    .values(message_count=threads.c.message_count + 1, last_activity_at=sa.bindparam("w_now"))
+    .returning(threads.c.message_count)
+)
+# A user's message also titles an untitled thread, and cannot go to an archived one.
+_TAKE_USER_POSITION = _TAKE_POSITION.where(threads.c.status != ThreadStatus.ARCHIVED.value).values(
+    title=sa.func.coalesce(threads.c.title, sa.bindparam("w_title"))
+)
+# The same, also reserving the numbers of the events that will announce the message (as
+# `EventStore.reserve` does): one update of the thread's row for both.
+_TAKE_USER_POSITION_AND_SEQS = (
+    threads.update()
+    .where(
+        threads.c.id == sa.bindparam("w_id"),
+        threads.c.user_id == sa.bindparam("w_user_id"),
+        threads.c.status != ThreadStatus.ARCHIVED.value,
+    )
+    .values(
+        message_count=threads.c.message_count + 1,
+        last_activity_at=sa.bindparam("w_now"),
+        title=sa.func.coalesce(threads.c.title, sa.bindparam("w_title")),
+        event_seq=threads.c.event_seq + sa.bindparam("w_events", type_=sa.Integer()),
+    )
+    .returning(threads.c.message_count, threads.c.event_seq)
+)
+_THREAD_EXISTS = sa.select(threads.c.id).where(
+    threads.c.id == sa.bindparam("w_id"), threads.c.user_id == sa.bindparam("w_user_id")
+)
+_RECENT = (
+    sa.select(messages)
+    .where(
+        messages.c.thread_id == sa.bindparam("w_thread_id"),
+        messages.c.user_id == sa.bindparam("w_user_id"),
+    )
+    .order_by(messages.c.position.desc())
+    .limit(sa.bindparam("w_limit", type_=sa.Integer()))
+)
+_later = messages.alias("later")
+# A message's position and how many messages of other runs' output came after it: one read.
+_PLACEMENT = sa.select(
+    messages.c.position,
+    sa.select(sa.func.count())
+    .select_from(_later)
+    .where(
+        _later.c.thread_id == messages.c.thread_id,
+        _later.c.user_id == messages.c.user_id,
+        _later.c.position > messages.c.position,
+        _later.c.run_id.is_not(None),
+        _later.c.run_id != sa.bindparam("w_run_id"),
+    )
+    .scalar_subquery()
+    .label("overtaken"),
+).where(
+    messages.c.id == sa.bindparam("w_id"),
+    messages.c.thread_id == sa.bindparam("w_thread_id"),
+    messages.c.user_id == sa.bindparam("w_user_id"),
+)
+
+
 class MessageStore:
     def __init__(self, *, max_message_chars: int, max_metadata_bytes: int) -> None:
         self._max_chars = max_message_chars
@@ -108,7 +172,41 @@ class MessageStore:
         """Append one message, move the thread's activity, and title an untitled thread."""
         self.check(new)
         now = datetime.now(UTC)
-        position = await self._claim_position(conn, ctx, thread_id, new, now)
+        row = await self._claim_position(conn, ctx, thread_id, new, now)
+        return await self._store(conn, ctx, thread_id, new, now, position=int(row[0]))
+
+    async def append_posted(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        new: NewMessage,
+        *,
+        events: int,
+    ) -> tuple[Message, int]:
+        """`append` for a user's message that `events` events will announce (its
+        `message_created`, and `run_queued` when it starts a run): the one update of the
+        thread's row that gives the message its position (refusing an archived thread, titling
+        an untitled one) also reserves the events' numbers. Returns the message and the last
+        reserved sequence number (`EventPublisher.emit_many(reserved=…)`)."""
+        if new.role is not MessageRole.USER or events < 1:
+            raise ValueError("append_posted is for a user's message and at least one event")
+        self.check(new)
+        now = datetime.now(UTC)
+        row = await self._claim_position(conn, ctx, thread_id, new, now, events=events)
+        message = await self._store(conn, ctx, thread_id, new, now, position=int(row[0]))
+        return message, int(row[1])
+
+    async def _store(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        new: NewMessage,
+        now: datetime,
+        *,
+        position: int,
+    ) -> Message:
         message = Message(
             id=new.id or new_id(IdPrefix.MESSAGE),
             thread_id=thread_id,
@@ -122,19 +220,20 @@ class MessageStore:
             tool_call_id=new.tool_call_id,
         )
         await conn.execute(
-            messages.insert().values(
-                id=message.id,
-                thread_id=thread_id,
-                user_id=ctx.user_id,
-                position=position,
-                role=new.role.value,
-                content=new.content,
-                metadata=message.metadata,
-                tool_calls=new.tool_calls,
-                tool_call_id=new.tool_call_id,
-                run_id=new.run_id,
-                created_at=now,
-            )
+            _INSERT,
+            {
+                "id": message.id,
+                "thread_id": thread_id,
+                "user_id": ctx.user_id,
+                "position": position,
+                "role": new.role.value,
+                "content": new.content,
+                "metadata": message.metadata,
+                "tool_calls": new.tool_calls,
+                "tool_call_id": new.tool_call_id,
+                "run_id": new.run_id,
+                "created_at": now,
+            },
         )
         return message
 
@@ -145,35 +244,26 @@ class MessageStore:
         thread_id: str,
         new: NewMessage,
         now: datetime,
-    ) -> int:
+        *,
+        events: int = 0,
+    ) -> Any:  # a Row of one or two columns (SQLAlchemy 2.1 rows are variadic)
+        """The thread's row after the update: (message_count, and event_seq when `events`)."""
         if not is_valid_id(thread_id, IdPrefix.THREAD):
             raise NotFoundError("thread", thread_id)
-        values: dict[str, object] = {
-            "message_count": threads.c.message_count + 1,
-            "last_activity_at": now,
-        }
-        if new.role is MessageRole.USER:
-            values["title"] = sa.func.coalesce(threads.c.title, title_from(new.content))
-        conditions = [threads.c.id == thread_id, threads.c.user_id == ctx.user_id]
+        params: dict[str, object] = {"w_id": thread_id, "w_user_id": ctx.user_id, "w_now": now}
+        statement: sa.Executable = _TAKE_POSITION
         if new.role is MessageRole.USER:
             # Users cannot write to an archived thread; a run started before it was archived
             # may still finish (and its tool calls must still get their results).
-            conditions.append(threads.c.status != ThreadStatus.ARCHIVED.value)
-        row = (
-            await conn.execute(
-                threads.update()
-                .where(*conditions)
-                .values(**values)
-                .returning(threads.c.message_count)
-            )
-        ).first()
+            statement = _TAKE_USER_POSITION
+            params["w_title"] = title_from(new.content)
+            if events:
+                statement = _TAKE_USER_POSITION_AND_SEQS
+                params["w_events"] = events
+        row = (await conn.execute(statement, params)).first()
         if row is not None:
-            return int(row.message_count)
-        exists = await conn.scalar(
-            sa.select(threads.c.id).where(
-                threads.c.id == thread_id, threads.c.user_id == ctx.user_id
-            )
-        )
+            return row
+        exists = await conn.scalar(_THREAD_EXISTS, {"w_id": thread_id, "w_user_id": ctx.user_id})
         if exists is None:
             raise NotFoundError("thread", thread_id)
         raise ConflictError(
@@ -224,26 +314,16 @@ class MessageStore:
         its message moves to the end, so the stored conversation reads in the order it happened.
         Returns (position, moved), or None if the message is gone.
         """
-        position = await conn.scalar(
-            sa.select(messages.c.position).where(
-                messages.c.id == message_id,
-                messages.c.thread_id == thread_id,
-                messages.c.user_id == ctx.user_id,
-            )
-        )
-        if position is None:
+        params = {
+            "w_id": message_id,
+            "w_thread_id": thread_id,
+            "w_user_id": ctx.user_id,
+            "w_run_id": run_id,
+        }
+        row = (await conn.execute(_PLACEMENT, params)).first()
+        if row is None:
             return None
-        overtaken = await conn.scalar(
-            sa.select(sa.func.count())
-            .select_from(messages)
-            .where(
-                messages.c.thread_id == thread_id,
-                messages.c.user_id == ctx.user_id,
-                messages.c.position > position,
-                messages.c.run_id.is_not(None),
-                messages.c.run_id != run_id,
-            )
-        )
+        position, overtaken = row
         if not overtaken:
             return int(position), False
         new_position = await conn.scalar(
@@ -261,14 +341,8 @@ class MessageStore:
         self, conn: AsyncConnection, ctx: UserContext, thread_id: str, *, window: int
     ) -> list[Message]:
         """The last `window` messages in conversation order (an agent run's context)."""
-        rows = (
-            await conn.execute(
-                sa.select(messages)
-                .where(messages.c.thread_id == thread_id, messages.c.user_id == ctx.user_id)
-                .order_by(messages.c.position.desc())
-                .limit(window)
-            )
-        ).all()
+        params = {"w_thread_id": thread_id, "w_user_id": ctx.user_id, "w_limit": window}
+        rows = (await conn.execute(_RECENT, params)).all()
         return [_message(row) for row in reversed(rows)]
 
     async def append_announced(

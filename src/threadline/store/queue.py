@@ -11,8 +11,10 @@ heartbeats it. The claim is fair and safe:
 - a user at the concurrent-run limit is skipped, exactly, however many workers claim at once:
   on PostgreSQL `FOR UPDATE SKIP LOCKED` lets workers pick candidates without waiting for each
   other, then a transaction-scoped advisory lock on the candidate's user serializes the claims
-  of one user, and the user's running runs are counted again under it (READ COMMITTED: the
-  count sees every claim committed before the lock was granted). A claim waits for that lock
+  of one user, and the take (the UPDATE that leases the run) counts the user's running runs
+  again in its own WHERE, a statement that starts once the lock is granted (READ COMMITTED: the
+  count sees every claim committed before). Three round trips: candidate, lock, take; the
+  statements are built once per queue. A claim waits for that lock
   only while it holds no other: after skipping a full user it only tries the next one's.
   SQLite serializes writers (BEGIN IMMEDIATE), which gives the same guarantees.
 Every write that ends or requeues a run is conditional on the run being exactly as the caller
@@ -23,13 +25,14 @@ a run its own worker claimed again, cannot overwrite the outcome of the one that
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from threadline.store.runs import JSONObject, Run, RunStatus, run_from_row
-from threadline.store.tables import runs, users
+from threadline.store.tables import runs
 
 # First key of the two-key advisory lock that serializes one user's claims (the second is the
 # hash of the user id); an arbitrary constant, so other advisory-lock users cannot collide.
@@ -70,6 +73,47 @@ LIMIT 1
 """
 
 
+_USER_KEY = (_CLAIM_LOCK_NAMESPACE, sa.func.hashtext(sa.bindparam("user_id", type_=sa.String())))
+_WAIT_FOR_USER = sa.select(sa.func.pg_advisory_xact_lock(*_USER_KEY))
+_TRY_USER = sa.select(sa.func.pg_try_advisory_xact_lock(*_USER_KEY))
+# The user's running runs, counted in the take's own WHERE (PostgreSQL: see `claim_next`).
+_USER_HAS_ROOM = """(SELECT count(*) FROM runs AS mine
+     WHERE mine.user_id = runs.user_id AND mine.status = 'running') < {user_limit}"""
+
+
+@dataclass(frozen=True, slots=True)
+class _ClaimStatements:
+    candidate: sa.Executable
+    take: sa.Executable
+    take_if_room: sa.Executable | None
+    """PostgreSQL's take, which also checks the user's limit; None on SQLite."""
+
+    @classmethod
+    def build(cls, user_limit: str, dialect: str) -> _ClaimStatements:
+        query = _CLAIM_SQL.format(user_limit=user_limit)
+        if dialect == "postgresql":
+            query += " FOR UPDATE OF runs SKIP LOCKED"
+        candidate = sa.text(query).bindparams(
+            sa.bindparam("skipped", expanding=True, type_=sa.String())
+        )
+        take = (
+            runs.update()
+            .where(runs.c.id == sa.bindparam("claim_run"), runs.c.status == RunStatus.QUEUED.value)
+            .values(
+                status=RunStatus.RUNNING.value,
+                attempt=runs.c.attempt + 1,
+                lease_owner=sa.bindparam("claim_worker"),
+                lease_expires_at=sa.bindparam("claim_expires"),
+                started_at=sa.func.coalesce(runs.c.started_at, sa.bindparam("claim_now")),
+            )
+            .returning(*runs.c)
+        )
+        take_if_room = None
+        if dialect == "postgresql":
+            take_if_room = take.where(sa.text(_USER_HAS_ROOM.format(user_limit=user_limit)))
+        return cls(candidate=candidate, take=take, take_if_room=take_if_room)
+
+
 def _as_seen(run: Run) -> sa.ColumnElement[bool]:
     """The run row is still exactly as `run` shows it: same status, lease owner and attempt."""
     held = (
@@ -94,29 +138,35 @@ class RunQueue:
         limit is capped by that `per_user_limit`."""
         self._plan_limits = dict(plan_limits or {})
         self._default_limit = default_limit
+        self._built: dict[str, _ClaimStatements] = {}
 
-    def _limit_sql(self, per_user_limit: int) -> tuple[str, dict[str, object]]:
-        """The SQL for the candidate user's concurrent-run limit, and its parameters."""
-        params: dict[str, object] = {"per_user_limit": per_user_limit}
+    def _limit_sql(self) -> str:
+        """The SQL of the candidate user's concurrent-run limit (`runs.user_id`'s), capped by
+        the claim's `:per_user_limit`; its other parameters are `_limit_params`'."""
         if not self._plan_limits and self._default_limit is None:
-            return ":per_user_limit", params
-        cases = []
-        for n, (plan, limit) in enumerate(sorted(self._plan_limits.items())):
-            params[f"plan_{n}"], params[f"plan_limit_{n}"] = plan, min(limit, per_user_limit)
-            cases.append(f"WHEN users.plan = :plan_{n} THEN CAST(:plan_limit_{n} AS INTEGER)")
-        params["default_limit"] = min(self._default_limit or per_user_limit, per_user_limit)
+            return ":per_user_limit"
+        cases = [
+            f"WHEN users.plan = :plan_{n} THEN CAST(:plan_limit_{n} AS INTEGER)"
+            for n in range(len(self._plan_limits))
+        ]
         return (
             f"(SELECT CASE {' '.join(cases)} ELSE CAST(:default_limit AS INTEGER) END "
-            "FROM users WHERE users.id = runs.user_id)",
-            params,
+            "FROM users WHERE users.id = runs.user_id)"
         )
 
-    async def _limit_of(self, conn: AsyncConnection, user_id: str, per_user_limit: int) -> int:
-        if not self._plan_limits and self._default_limit is None:
-            return per_user_limit
-        plan = await conn.scalar(sa.select(users.c.plan).where(users.c.id == user_id))
-        limit = self._plan_limits.get(str(plan)) if plan is not None else None
-        return min(limit or self._default_limit or per_user_limit, per_user_limit)
+    def _limit_params(self, per_user_limit: int) -> dict[str, object]:
+        params: dict[str, object] = {"per_user_limit": per_user_limit}
+        for n, (plan, limit) in enumerate(sorted(self._plan_limits.items())):
+            params[f"plan_{n}"], params[f"plan_limit_{n}"] = plan, min(limit, per_user_limit)
+        params["default_limit"] = min(self._default_limit or per_user_limit, per_user_limit)
+        return params
+
+    def _statements(self, dialect: str) -> _ClaimStatements:
+        """Built once per dialect: the claim's statements are the same on every call."""
+        built = self._built.get(dialect)
+        if built is None:
+            built = self._built[dialect] = _ClaimStatements.build(self._limit_sql(), dialect)
+        return built
 
     async def claim_next(
         self,
@@ -126,72 +176,57 @@ class RunQueue:
         lease_seconds: float,
         per_user_limit: int,
     ) -> Run | None:
-        """Claim the next fair, eligible queued run, or return None when there is none."""
+        """Claim the next fair, eligible queued run, or return None when there is none.
+
+        On PostgreSQL, three round trips: the candidate (its row locked), the user's claim
+        lock, and the take, which counts the user's running runs in its own WHERE: it starts
+        after the lock was granted, so its snapshot holds every claim committed before."""
+        statements = self._statements(conn.dialect.name)
+        params = self._limit_params(per_user_limit)
+        now = datetime.now(UTC)
+        lease = {
+            "claim_worker": worker_id,
+            "claim_expires": now + timedelta(seconds=lease_seconds),
+            "claim_now": now,
+        }
         skipped: list[str] = []
         for _ in range(_MAX_CLAIM_TRIES):
-            candidate = await self._candidate(conn, per_user_limit, skipped)
-            if candidate is None:
+            row = (await conn.execute(statements.candidate, {**params, "skipped": skipped})).first()
+            if row is None:
                 return None
-            run_id, user_id = candidate
+            run_id, user_id = str(row[0]), str(row[1])
+            if statements.take_if_room is None:
+                # SQLite: writers are serialized, so the candidate query's count is exact.
+                return await self._take(conn, statements.take, run_id, lease)
             # Wait for another claim of this user only while holding no other user's lock,
             # so two claimers can never wait for each other (no deadlock).
-            if conn.dialect.name == "postgresql":
-                limit = await self._limit_of(conn, user_id, per_user_limit)
-                if not await self._user_has_room(conn, user_id, limit, wait=not skipped):
-                    skipped.append(user_id)
-                    continue
-            return await self._take(conn, run_id, worker_id=worker_id, lease_seconds=lease_seconds)
+            if not await self._lock_user(conn, user_id, wait=not skipped):
+                skipped.append(user_id)
+                continue
+            taken = await self._take(conn, statements.take_if_room, run_id, {**lease, **params})
+            if taken is not None:
+                return taken
+            # The candidate's row is locked by this transaction, so it is still queued: the
+            # user is at the limit (another worker's claim committed meanwhile).
+            skipped.append(user_id)
         return None
 
-    async def _candidate(
-        self, conn: AsyncConnection, per_user_limit: int, skipped: list[str]
-    ) -> tuple[str, str] | None:
-        user_limit, params = self._limit_sql(per_user_limit)
-        query = _CLAIM_SQL.format(user_limit=user_limit)
-        if conn.dialect.name == "postgresql":
-            query += " FOR UPDATE OF runs SKIP LOCKED"
-        statement = sa.text(query).bindparams(
-            sa.bindparam("skipped", expanding=True, type_=sa.String())
-        )
-        row = (await conn.execute(statement, {**params, "skipped": skipped})).first()
-        return None if row is None else (str(row[0]), str(row[1]))
-
-    async def _user_has_room(
-        self, conn: AsyncConnection, user_id: str, limit: int, *, wait: bool
-    ) -> bool:
-        """Under the user's claim lock (held to the end of this transaction), whether the user
-        still has fewer than `limit` running runs. Without `wait`, a user whose lock another
-        claimer holds counts as full for now."""
-        key = (_CLAIM_LOCK_NAMESPACE, sa.func.hashtext(user_id))
+    async def _lock_user(self, conn: AsyncConnection, user_id: str, *, wait: bool) -> bool:
+        """Take the user's claim lock (held to the end of this transaction). Without `wait`,
+        a user whose lock another claimer holds counts as full for now (False)."""
         if wait:
-            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(*key)))
-        elif not await conn.scalar(sa.select(sa.func.pg_try_advisory_xact_lock(*key))):
-            return False
-        running = await conn.scalar(
-            sa.select(sa.func.count())
-            .select_from(runs)
-            .where(runs.c.user_id == user_id, runs.c.status == RunStatus.RUNNING.value)
-        )
-        return int(running or 0) < limit
+            await conn.execute(_WAIT_FOR_USER, {"user_id": user_id})
+            return True
+        return bool(await conn.scalar(_TRY_USER, {"user_id": user_id}))
 
     async def _take(
-        self, conn: AsyncConnection, run_id: str, *, worker_id: str, lease_seconds: float
+        self,
+        conn: AsyncConnection,
+        statement: sa.Executable,
+        run_id: str,
+        params: Mapping[str, object],
     ) -> Run | None:
-        now = datetime.now(UTC)
-        row = (
-            await conn.execute(
-                runs.update()
-                .where(runs.c.id == run_id, runs.c.status == RunStatus.QUEUED.value)
-                .values(
-                    status=RunStatus.RUNNING.value,
-                    attempt=runs.c.attempt + 1,
-                    lease_owner=worker_id,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    started_at=sa.func.coalesce(runs.c.started_at, now),
-                )
-                .returning(*runs.c)
-            )
-        ).first()
+        row = (await conn.execute(statement, {**params, "claim_run": run_id})).first()
         return run_from_row(row) if row is not None else None
 
     async def heartbeat(

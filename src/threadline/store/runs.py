@@ -71,6 +71,21 @@ def run_from_row(row: sa.Row[tuple[object, ...]]) -> Run:
     )
 
 
+# Built once: a statement object costs more to build than to send (bind values per call).
+_INSERT = runs.insert()
+_INSERT_AND_NOTIFY = runs.insert().returning(sa.func.pg_notify(RUN_QUEUED_CHANNEL, ""))
+_TOUCH_THREAD = (
+    threads.update()
+    .where(threads.c.id == sa.bindparam("w_id"), threads.c.user_id == sa.bindparam("w_user_id"))
+    .values(last_activity_at=sa.bindparam("w_now"))
+)
+_COUNT_ACTIVE_FOR_USER = (
+    sa.select(sa.func.count())
+    .select_from(runs)
+    .where(runs.c.user_id == sa.bindparam("user_id"), runs.c.status.in_(ACTIVE_STATUSES))
+)
+
+
 class RunStore:
     async def create(
         self,
@@ -81,7 +96,10 @@ class RunStore:
         agent: str,
         input: JSONObject,
         max_attempts: int,
+        touch_thread: bool = True,
     ) -> Run:
+        """Queue a run. `touch_thread=False`: the caller already moved the thread's activity
+        in this transaction (it appended the message the run answers)."""
         now = datetime.now(UTC)
         values: dict[str, object] = {
             "id": new_id(IdPrefix.RUN),
@@ -101,15 +119,16 @@ class RunStore:
             "started_at": None,
             "finished_at": None,
         }
-        await conn.execute(runs.insert().values(**values))
         if conn.dialect.name == "postgresql":
-            # Delivered to listening workers when (and only if) this transaction commits.
-            await conn.execute(sa.select(sa.func.pg_notify(RUN_QUEUED_CHANNEL, "")))
-        await conn.execute(
-            threads.update()
-            .where(threads.c.id == thread_id, threads.c.user_id == ctx.user_id)
-            .values(last_activity_at=now)
-        )
+            # The NOTIFY rides on the insert (no round trip of its own); it is delivered to
+            # listening workers when (and only if) this transaction commits.
+            await conn.execute(_INSERT_AND_NOTIFY, values)
+        else:
+            await conn.execute(_INSERT, values)
+        if touch_thread:
+            await conn.execute(
+                _TOUCH_THREAD, {"w_id": thread_id, "w_user_id": ctx.user_id, "w_now": now}
+            )
         return Run(
             id=str(values["id"]),
             thread_id=thread_id,
@@ -179,11 +198,7 @@ class RunStore:
         return [run_from_row(row) for row in rows]
 
     async def count_active_for_user(self, conn: AsyncConnection, ctx: UserContext) -> int:
-        count = await conn.scalar(
-            sa.select(sa.func.count())
-            .select_from(runs)
-            .where(runs.c.user_id == ctx.user_id, runs.c.status.in_(ACTIVE_STATUSES))
-        )
+        count = await conn.scalar(_COUNT_ACTIVE_FOR_USER, {"user_id": ctx.user_id})
         return int(count or 0)
 
     async def mark_cancel_requested(

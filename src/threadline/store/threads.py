@@ -105,6 +105,20 @@ def _like_pattern(text: str) -> str:
     return f"%{escaped}%"
 
 
+# Hot-path statements, built once; each call binds its values.
+_INSERT = threads.insert()
+_GET = sa.select(threads).where(
+    threads.c.id == sa.bindparam("w_id"), threads.c.user_id == sa.bindparam("w_user_id")
+)
+_GET_FOR_UPDATE = _GET.with_for_update()
+_PAGE = (
+    sa.select(threads)
+    .where(threads.c.user_id == sa.bindparam("w_user_id"))
+    .order_by(threads.c.last_activity_at.desc(), threads.c.id.desc())
+    .limit(sa.bindparam("w_limit", type_=sa.Integer()))
+)
+
+
 class ThreadStore:
     def __init__(self, *, max_metadata_bytes: int) -> None:
         self._max_metadata_bytes = max_metadata_bytes
@@ -142,7 +156,7 @@ class ThreadStore:
             "updated_at": now,
             "last_activity_at": now,
         }
-        await conn.execute(threads.insert().values(**values))
+        await conn.execute(_INSERT, values)
         return Thread(
             id=str(values["id"]),
             user_id=ctx.user_id,
@@ -161,12 +175,8 @@ class ThreadStore:
     ) -> Thread:
         if not is_valid_id(thread_id, IdPrefix.THREAD):
             raise NotFoundError("thread", thread_id)
-        query = sa.select(threads).where(
-            threads.c.id == thread_id, threads.c.user_id == ctx.user_id
-        )
-        if for_update:
-            query = query.with_for_update()
-        row = (await conn.execute(query)).first()
+        statement = _GET_FOR_UPDATE if for_update else _GET
+        row = (await conn.execute(statement, {"w_id": thread_id, "w_user_id": ctx.user_id})).first()
         if row is None:
             raise NotFoundError("thread", thread_id)
         return _thread(row)
@@ -181,12 +191,9 @@ class ThreadStore:
         cursor: str | None = None,
     ) -> Page[Thread]:
         """Newest activity first; the cursor is the (last_activity_at, id) of the last item."""
-        query = (
-            sa.select(threads)
-            .where(threads.c.user_id == ctx.user_id, *self._filter_conditions(conn, ctx, filters))
-            .order_by(threads.c.last_activity_at.desc(), threads.c.id.desc())
-            .limit(check_limit(limit) + 1)
-        )
+        params = {"w_user_id": ctx.user_id, "w_limit": check_limit(limit) + 1}
+        conditions = self._filter_conditions(conn, ctx, filters)
+        query = _PAGE.where(*conditions) if conditions else _PAGE
         if cursor is not None:
             after, last_id = parse_time_id_cursor(cursor, IdPrefix.THREAD)
             query = query.where(
@@ -195,7 +202,7 @@ class ThreadStore:
                     sa.and_(threads.c.last_activity_at == after, threads.c.id < str(last_id)),
                 )
             )
-        rows = (await conn.execute(query)).all()
+        rows = (await conn.execute(query, params)).all()
         items = [_thread(row) for row in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:

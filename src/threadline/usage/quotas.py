@@ -1,8 +1,11 @@
 """Plan quotas, checked before anything is written.
 
 Run and thread quotas are checked inside the transaction that would write, under the user's row
-lock (`SELECT … FOR UPDATE` on PostgreSQL; SQLite serializes writers with BEGIN IMMEDIATE), and
-counted again there: concurrent requests of one user cannot overshoot. Messages per minute are
+lock (`SELECT … FOR NO KEY UPDATE` on PostgreSQL, taken by the statement that reads the plan, or
+already by the request's account check: `Standing.locked`; SQLite serializes writers with BEGIN
+IMMEDIATE), and counted there, in statements that start after the lock was granted (READ
+COMMITTED: they see every run or thread committed before): concurrent requests of one user
+cannot overshoot. Messages per minute are
 counted by the rate limiter (Redis INCR or this process's counter), atomic by itself.
 
 Users on no plan keep the deployment-wide limits, refused as `rate_limited` as before; plan
@@ -20,7 +23,7 @@ from threadline.context import UserContext
 from threadline.errors import RateLimitedError
 from threadline.plans import PlanBook, UserPlan
 from threadline.ratelimit import RateLimiter
-from threadline.store.accounts import AccountStore
+from threadline.store.accounts import AccountStore, Standing
 from threadline.store.db import read_transaction
 from threadline.store.runs import RunStore
 from threadline.store.tables import threads
@@ -72,13 +75,35 @@ class Quotas:
     async def plan(self, conn: AsyncConnection, user_id: str, *, lock: bool = False) -> UserPlan:
         return self.plans.resolve(await self._accounts.plan_of(conn, user_id, lock=lock))
 
-    async def check_run(self, conn: AsyncConnection, ctx: UserContext) -> None:
-        """In the transaction that queues a run, before it writes anything."""
-        plan = await self.plan(conn, ctx.user_id, lock=True)
+    async def _locked_plan(
+        self, conn: AsyncConnection, ctx: UserContext, standing: Standing | None
+    ) -> UserPlan:
+        if standing is not None and standing.locked:
+            return self.plans.resolve(standing.plan)
+        return await self.plan(conn, ctx.user_id, lock=True)
+
+    async def lock(self, conn: AsyncConnection, ctx: UserContext) -> Standing:
+        """Take the user's row lock for the checks that follow (see the module docstring)."""
+        return await self._accounts.standing(conn, ctx.user_id, lock=True)
+
+    async def check_run(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        *,
+        standing: Standing | None = None,
+        active_runs: int | None = None,
+    ) -> None:
+        """In the transaction that queues a run, before it commits. `standing`: the account
+        as this transaction read it (locked: the plan is not read again); `active_runs`: the
+        user's queued and running runs, already counted under that lock."""
+        plan = await self._locked_plan(conn, ctx, standing)
         if plan.name is None:
             return
         limits = plan.limits
-        if await self._runs.count_active_for_user(conn, ctx) >= limits.active_runs:
+        if active_runs is None:
+            active_runs = await self._runs.count_active_for_user(conn, ctx)
+        if active_runs >= limits.active_runs:
             raise QuotaExceededError(
                 plan=plan.name,
                 quota="active_runs",
@@ -98,9 +123,12 @@ class Quotas:
                     retry_after=_seconds_until(resets),
                 )
 
-    async def check_thread(self, conn: AsyncConnection, ctx: UserContext) -> None:
-        """In the transaction that creates a thread, before it writes anything."""
-        plan = await self.plan(conn, ctx.user_id, lock=True)
+    async def check_thread(
+        self, conn: AsyncConnection, ctx: UserContext, *, standing: Standing | None = None
+    ) -> None:
+        """In the transaction that creates a thread, before it writes anything (`standing`:
+        as for `check_run`)."""
+        plan = await self._locked_plan(conn, ctx, standing)
         limit = plan.limits.max_threads
         if plan.name is None or limit is None:
             return
@@ -112,10 +140,16 @@ class Quotas:
                 plan=plan.name, quota="threads", limit=limit, resets_at=None, retry_after=60
             )
 
-    async def hit_message(self, ctx: UserContext, *, legacy_limit: int) -> None:
-        """Count one message against the user's per-minute allowance."""
-        async with read_transaction(self._engine) as conn:
-            plan = await self.plan(conn, ctx.user_id)
+    async def hit_message(
+        self, ctx: UserContext, *, legacy_limit: int, standing: Standing | None = None
+    ) -> None:
+        """Count one message against the user's per-minute allowance (`standing`: the plan
+        as the request's transaction read it; else it is read in a transaction of its own)."""
+        if standing is not None:
+            plan = self.plans.resolve(standing.plan)
+        else:
+            async with read_transaction(self._engine) as conn:
+                plan = await self.plan(conn, ctx.user_id)
         limit = legacy_limit if plan.name is None else plan.limits.messages_per_minute
         decision = await self._limiter.hit(
             f"messages:{ctx.user_id}", limit=limit, window_seconds=60

@@ -4,7 +4,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, status
 
-from threadline.api.deps import CurrentUser, DbConn, MessageRateLimit, OwnedThread, ServicesDep
+from threadline.api.deps import (
+    DbConn,
+    DbUser,
+    OwnedThread,
+    ServicesDep,
+    Transaction,
+    TransactionMessageRateLimit,
+)
 from threadline.api.schemas import (
     ErrorOut,
     ListOut,
@@ -28,7 +35,7 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    dependencies=[MessageRateLimit],
+    dependencies=[TransactionMessageRateLimit],
     responses={
         **_ERRORS,
         409: {"model": ErrorOut},
@@ -37,22 +44,27 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     },
 )
 async def post_message(
-    thread_id: str, body: MessageCreate, user: CurrentUser, services: ServicesDep
+    thread_id: str, body: MessageCreate, tx: Transaction, services: ServicesDep
 ) -> MessagePosted:
-    """Append a user message; with `run`, also queue an agent run in the same transaction."""
+    """Append a user message; with `run`, also queue an agent run in the same transaction
+    (the request's one, which also checked the account and read the plan)."""
     run = (
         RunRequest(agent=body.run.agent, multitask_strategy=body.run.multitask_strategy)
         if body.run
         else None
     )
-    posted = await services.run_service.post(
-        user,
+    run_service = services.run_service
+    posted = await run_service.post_in(
+        tx.conn,
+        tx.user,
         thread_id,
         message=NewMessage(
             role=MessageRole.USER, content=body.content, metadata=dict(body.metadata)
         ),
         run=run,
+        standing=tx.standing,
     )
+    tx.after_commit(lambda: run_service.settle(posted))
     if posted.message is None:  # pragma: no cover - a message was given
         raise RuntimeError("message not stored")
     out = MessageOut.of(posted.message).model_dump()
@@ -62,7 +74,7 @@ async def post_message(
 @router.get("", responses=_ERRORS)
 async def list_messages(
     thread: OwnedThread,
-    user: CurrentUser,
+    user: DbUser,
     conn: DbConn,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 50,

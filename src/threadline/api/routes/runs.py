@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from threadline.api.deps import CurrentUser, DbConn, OwnedThread, ServicesDep
+from threadline.api.deps import CurrentUser, DbConn, DbUser, OwnedThread, ServicesDep, Transaction
 from threadline.api.schemas import ErrorOut, ListOut, RunCreate, RunOut
 from threadline.errors import NotFoundError
 from threadline.ids import IdPrefix
@@ -23,11 +23,15 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     "", status_code=status.HTTP_201_CREATED, responses={**_ERRORS, 409: {"model": ErrorOut}}
 )
 async def create_run(
-    thread_id: str, body: RunCreate, user: CurrentUser, services: ServicesDep
+    thread_id: str, body: RunCreate, tx: Transaction, services: ServicesDep
 ) -> RunOut:
     """Queue an agent run on the thread's current history."""
     request = RunRequest(agent=body.agent, multitask_strategy=body.multitask_strategy)
-    posted = await services.run_service.post(user, thread_id, message=None, run=request)
+    run_service = services.run_service
+    posted = await run_service.post_in(
+        tx.conn, tx.user, thread_id, message=None, run=request, standing=tx.standing
+    )
+    tx.after_commit(lambda: run_service.settle(posted))
     if posted.run is None:  # pragma: no cover - a run was requested
         raise RuntimeError("run not created")
     return RunOut.of(posted.run)
@@ -36,7 +40,7 @@ async def create_run(
 @router.get("", responses=_ERRORS)
 async def list_runs(
     thread: OwnedThread,
-    user: CurrentUser,
+    user: DbUser,
     conn: DbConn,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
@@ -50,7 +54,7 @@ async def list_runs(
 
 @router.get("/{run_id}", responses=_ERRORS)
 async def get_run(
-    thread_id: str, run_id: str, user: CurrentUser, conn: DbConn, services: ServicesDep
+    thread_id: str, run_id: str, user: DbUser, conn: DbConn, services: ServicesDep
 ) -> RunOut:
     run = await services.runs.get(conn, user, run_id)
     if run.thread_id != thread_id:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from threadline.api.deps import CurrentUser, DbConn, OwnedThread, ServicesDep
+from threadline.api.deps import DbConn, DbUser, OwnedThread, ServicesDep, Transaction
 from threadline.api.schemas import ErrorOut, ListOut, ThreadCreate, ThreadOut, ThreadUpdate
 from threadline.errors import InvalidInputError
 from threadline.ids import IdPrefix
@@ -62,10 +62,10 @@ def _parse_metadata_filter(value: str | None) -> JSONObject | None:
 
 @router.post("", status_code=status.HTTP_201_CREATED, responses=_ERRORS)
 async def create_thread(
-    body: ThreadCreate, user: CurrentUser, conn: DbConn, services: ServicesDep, response: Response
+    body: ThreadCreate, tx: Transaction, services: ServicesDep, response: Response
 ) -> ThreadOut:
     thread = await services.thread_service.create(
-        conn, user, title=body.title, metadata=dict(body.metadata)
+        tx.conn, tx.user, title=body.title, metadata=dict(body.metadata), standing=tx.standing
     )
     response.headers["ETag"] = _etag(thread.version)
     return ThreadOut.of(thread)
@@ -73,7 +73,7 @@ async def create_thread(
 
 @router.get("", responses=_ERRORS)
 async def list_threads(
-    user: CurrentUser,
+    user: DbUser,
     conn: DbConn,
     services: ServicesDep,
     status_filter: Annotated[ThreadStatus | None, Query(alias="status")] = None,
@@ -102,7 +102,7 @@ async def get_thread(thread: OwnedThread, response: Response) -> ThreadOut:
 async def update_thread(
     thread_id: str,
     body: ThreadUpdate,
-    user: CurrentUser,
+    user: DbUser,
     conn: DbConn,
     services: ServicesDep,
     response: Response,
@@ -129,7 +129,7 @@ async def update_thread(
 )
 async def delete_thread(
     thread_id: str,
-    user: CurrentUser,
+    user: DbUser,
     conn: DbConn,
     services: ServicesDep,
     permanent: Annotated[

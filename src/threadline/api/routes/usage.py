@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from threadline.api.deps import CurrentUser, DbConn, ServicesDep
+from threadline.api.deps import DbConn, DbUser, ServicesDep
 from threadline.api.schemas import ErrorOut
 from threadline.plans import PlanLimits
 from threadline.usage.store import DayUsage
@@ -47,7 +47,7 @@ class UsageOut(BaseModel):
 
 @router.get("/usage", responses={401: {"model": ErrorOut}})
 async def usage(
-    user: CurrentUser,
+    user: DbUser,
     conn: DbConn,
     services: ServicesDep,
     days: Annotated[int, Query(ge=1, le=366, description="How many days back")] = 30,
