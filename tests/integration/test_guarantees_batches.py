@@ -2,8 +2,11 @@
 per event, with every guarantee of the per-event scheme kept.
 
 - A run costs a bounded number of transactions, counted by the counting hook: its start, the
-  end of its tool step, the tool result, and its end; plus one for each reasoning event the
-  model streams (text deltas cost none). A reintroduced transaction per event fails it.
+  end of its tool step, the tool result, and its end; plus at most one for each reasoning event
+  the model streams (none when a write carries it; text deltas cost none). A reintroduced
+  transaction per event fails it.
+- Reasoning is held briefly and rides at the head of the next write's batch, or is stored by
+  its timer; it never goes out after a later event of its run.
 - A batch is numbered with consecutive numbers, in order, under the thread's row lock, even
   against a writer in another process hammering the same thread with batches of its own.
 - A subscriber that resumes from a `seq` inside a batch gets exactly the rest of it.
@@ -25,7 +28,10 @@ import httpx
 import pytest
 
 from tests.integration.test_runs_support import Harness, run_settings, running_app
+from threadline.context import UserContext
 from threadline.events.types import EventType
+from threadline.llm.types import ChatMessage, Role, ToolCall
+from threadline.runs.sink import RunEventSink
 from threadline.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -87,14 +93,27 @@ async def test_a_run_takes_one_transaction_per_step_not_per_event(settings_facto
                 received = await watcher.until_terminal(run.id)
             assert status is not None and status.value == "completed"
             types = [m["type"] for m in received]
-            # The reasoning the model streams goes out as it comes, one transaction each;
-            # text deltas cost none; every other event rides with a step's write.
+            # Reasoning is held for the next write: the step that asks for a tool carries it
+            # in its message's batch; one followed by text is stored before the first delta
+            # (one transaction), as is any whose hold ran out first on a slow machine. Text
+            # deltas cost none; every other event rides with a step's write.
             thinking = [m["data"]["text"] for m in received if m["type"] == "agent_thinking"]
             reasoning = [text for text in thinking if text != "Thinking…"]
             assert len(thinking) - len(reasoning) == 2  # each step announced
             assert types.count("tool_executing") == 1
             assert types.count("message_delta") >= 1
-            assert spent == STEP_TRANSACTIONS + len(reasoning), (spent, types)
+            before_text = sum(
+                1
+                for earlier, later in zip(received, received[1:], strict=False)
+                if earlier["type"] == "agent_thinking"
+                and earlier["data"]["text"] != "Thinking…"
+                and later["type"] == "message_delta"
+            )
+            assert before_text >= 1
+            assert STEP_TRANSACTIONS + before_text <= spent <= STEP_TRANSACTIONS + len(reasoning), (
+                spent,
+                types,
+            )
             assert len(received) >= 10
 
 
@@ -237,3 +256,64 @@ async def test_batches_from_two_processes_on_one_thread_stay_whole_and_ordered(
     # The two writers really took turns on the thread's row.
     first, last = others[0].seq, others[-1].seq
     assert any(first < e.seq < last for e in stored if e.run_id is not None)
+
+
+async def test_reasoning_rides_with_the_next_write_or_its_timer(settings_factory) -> None:
+    settings = run_settings(
+        settings_factory,
+        debug_count_statements=True,
+        embedded_worker=False,
+        webhook_delivery=False,
+    )
+    async with running_app(settings) as h:
+        user = await h.user()
+        thread = await h.thread(user)
+        queued = await h.start(user, thread, "what is 12*7?", agent="demo")
+        run = await _claim(h, queued["id"])
+        ctx = UserContext.create(run.user_id, thread_id=run.thread_id, run_id=run.id)
+        services = h.services
+
+        def sink(hold_seconds: float) -> RunEventSink:
+            return RunEventSink(
+                db=services.engine,
+                publisher=services.publisher,
+                messages=services.messages,
+                ctx=ctx,
+                delta_flush_seconds=hold_seconds,
+            )
+
+        async with h.watch(user, thread, after_seq=None) as watcher:
+            await watcher.until(lambda m: m["type"] == "snapshot")
+            before = await _transactions(h.client)
+            scrape = await _transactions(h.client) - before
+            before += scrape
+            # Held (an hour: only the write can take it), then carried by the message's batch.
+            held = sink(3600)
+            await held.thinking("Reading ")
+            await held.thinking("the question…")
+            call = ToolCall("call-1", "calculator", {"expression": "12*7"})
+            await held.assistant_message(ChatMessage(Role.ASSISTANT, "", (call,)), final=False)
+            batch = await watcher.until(lambda m: m["type"] == "tool_executing")
+            assert await _transactions(h.client) - before - scrape == 1
+            assert [m["type"] for m in batch] == [
+                "agent_thinking",
+                "message_created",
+                "tool_executing",
+            ]
+            assert batch[0]["data"]["text"] == "Reading the question…"
+            assert [m["seq"] for m in batch] == list(range(batch[0]["seq"], batch[0]["seq"] + 3))
+
+            # Nothing follows: the timer stores it, in a transaction of its own.
+            timed = sink(0.05)
+            await timed.thinking("Still thinking…")
+            (alone,) = await watcher.until(lambda m: m["type"] == "agent_thinking")
+            assert alone["data"]["text"] == "Still thinking…"
+            assert alone["seq"] == batch[-1]["seq"] + 1
+
+            # A run that ends without flushing drops what it held: nothing after its end.
+            dropped = sink(0.05)
+            await dropped.thinking("never stored")
+            await dropped.discard()  # stops the timer and waits for it
+            stored = await h.events(user, thread)
+            assert stored[-1].seq == alone["seq"]
+            assert all(e.data.get("text") != "never stored" for e in stored)

@@ -175,6 +175,7 @@ class ExecutionEngine:
         try:
             outcome = await self._ending(run, ctx, sink, meter)
         finally:
+            await sink.discard()  # whatever it still holds can no longer go out in order
             # Counted however the run ends: a tool that ran in a cancelled run still ran.
             self._metrics.tool_calls.inc(sink.tool_calls)
         # The last step's message is not stored yet: it is stored with the outcome, in the

@@ -13,6 +13,14 @@ one batch (`EventPublisher.emit_many`):
 An announced event goes out with the write just before its moment, never after it: the
 announced call of the loop is then skipped. Nothing live waits behind a model call or a tool.
 
+Reasoning text (the model's `ReasoningDelta`s, stored as `agent_thinking`) is coalesced at the
+trailing edge: held for at most `delta_flush_seconds`, then stored as one event in a
+transaction of its own, unless a write comes first (the step's message, when the model asked
+for tools without text), which then carries it at the head of its batch. A reasoning model's
+hundreds of chunks cost a transaction per interval, not per chunk, and a step that reasons and
+then calls tools costs none extra. Held reasoning always goes out before any later event or
+delta of the run.
+
 Text deltas are coalesced at the leading edge: a chunk goes out at once unless another went out
 less than `delta_flush_seconds` ago; then it waits for the next chunk after that interval or for
 the next event. A slow model's text is never held back, and a fast one costs a few events per
@@ -61,6 +69,8 @@ class RunEventSink:
         self._run_id: str = ctx.run_id
         self._flush_after = delta_flush_seconds
         self._pending_text: list[str] = []
+        self._pending_reasoning: list[str] = []
+        self._reasoning_timer: asyncio.Task[None] | None = None
         # The id of the assistant message being streamed: its deltas carry it, and the
         # message is stored under it, so a client can tie the two together.
         self._message_id: str | None = None
@@ -92,7 +102,7 @@ class RunEventSink:
     ) -> None:
         """Emit `specs` in the caller's transaction (last before commit), announcing what the
         loop does right after: a model call, or these tool calls."""
-        batch = [*specs, *self._announcements(step_follows, calls_follow)]
+        batch = [*self._take_reasoning(), *specs, *self._announcements(step_follows, calls_follow)]
         await self._publisher.emit_many(
             conn, self._ctx, self._thread_id, batch, run_id=self._run_id
         )
@@ -109,15 +119,20 @@ class RunEventSink:
         """One transaction: store `new` and emit its event `spec(stored)` with what follows;
         the message's position and the batch's numbers come from one update of the thread."""
         announcements = self._announcements(step_follows, calls_follow)
+        reasoning = self._take_reasoning()
         async with self._db.begin() as conn:
             stored, last = await self._messages.append_announced(
-                conn, self._ctx, self._thread_id, new, events=1 + len(announcements)
+                conn,
+                self._ctx,
+                self._thread_id,
+                new,
+                events=len(reasoning) + 1 + len(announcements),
             )
             await self._publisher.emit_many(
                 conn,
                 self._ctx,
                 self._thread_id,
-                [spec(stored), *announcements],
+                [*reasoning, spec(stored), *announcements],
                 run_id=self._run_id,
                 reserved=last,
             )
@@ -144,9 +159,8 @@ class RunEventSink:
     async def emit(self, event_type: EventType, data: dict[str, object]) -> None:
         async with self._lock:
             await self._flush()
-            await self._publisher.emit_now(
-                self._ctx, self._thread_id, event_type, data, run_id=self._run_id
-            )
+            async with self._db.begin() as conn:
+                await self.write(conn, [(event_type, data)])
 
     async def step_started(self) -> None:
         if self._step_announced:
@@ -155,7 +169,43 @@ class RunEventSink:
         await self.emit(EventType.AGENT_THINKING, payloads.agent_thinking(THINKING))
 
     async def thinking(self, text: str) -> None:
-        await self.emit(EventType.AGENT_THINKING, payloads.agent_thinking(text))
+        async with self._lock:
+            self._pending_reasoning.append(text)
+            if self._reasoning_timer is None:
+                self._reasoning_timer = asyncio.create_task(self._store_reasoning_soon())
+
+    async def _store_reasoning_soon(self) -> None:
+        await asyncio.sleep(self._flush_after)
+        async with self._lock:
+            self._reasoning_timer = None  # this task ends here: nothing to cancel any more
+            await self._store_reasoning()
+
+    async def _store_reasoning(self) -> None:
+        """Held reasoning, stored in a transaction of its own (under the lock)."""
+        if self._pending_reasoning:
+            async with self._db.begin() as conn:
+                await self.write(conn, [])
+
+    def _take_reasoning(self) -> list[EventSpec]:
+        """The held reasoning as the head of a batch (empty: none held); the caller's write
+        stores it, so its timer is stopped."""
+        if self._reasoning_timer is not None:
+            self._reasoning_timer.cancel()
+            self._reasoning_timer = None
+        if not self._pending_reasoning:
+            return []
+        text, self._pending_reasoning = "".join(self._pending_reasoning), []
+        return [(EventType.AGENT_THINKING, payloads.agent_thinking(text))]
+
+    async def discard(self) -> None:
+        """The run ended without `flush` (it failed or was cancelled): nothing held may go
+        out after its terminal event, so the timer is stopped and waited for."""
+        timer, self._reasoning_timer = self._reasoning_timer, None
+        if timer is not None:
+            timer.cancel()
+            await asyncio.gather(timer, return_exceptions=True)
+        self._pending_reasoning.clear()
+        self._pending_text.clear()
 
     async def text_delta(self, text: str) -> None:
         async with self._lock:
@@ -172,7 +222,9 @@ class RunEventSink:
             message_id, self._message_id = self._message_id or new_id(IdPrefix.MESSAGE), None
             new = dataclasses.replace(new, id=message_id)
             if final:
-                # The run ends right after: stored with its outcome, in one transaction.
+                # The run ends right after: stored with its outcome, in one transaction (the
+                # finisher's batch is its own: held reasoning goes out before it).
+                await self._store_reasoning()
                 self.unsaved_answer = new
                 return
             await self._store_and_emit(
@@ -218,10 +270,12 @@ class RunEventSink:
     async def flush(self) -> None:
         async with self._lock:
             await self._flush()
+            await self._store_reasoning()
 
     async def _flush(self) -> None:
         if not self._pending_text:
             return
+        await self._store_reasoning()  # the reasoning came first, and must be seen first
         text, self._pending_text = "".join(self._pending_text), []
         self._last_flush = time.monotonic()
         message_id = self._message_id or new_id(IdPrefix.MESSAGE)
