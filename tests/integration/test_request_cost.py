@@ -2,7 +2,8 @@
 transaction each and a bounded number of statements, on both backends. A change that adds a
 transaction (or a statement) to them fails here; raise a bound only on purpose.
 
-Counted with the engine's own events on the app's engine: every transaction begun (`begin`,
+Counted with the engine's own events on the app's engines (on SQLite the writer's and the
+readers'): every transaction begun (`begin`,
 also when it then rolls back) and every statement sent (`before_cursor_execute`; SQLite's
 BEGIN is excluded, it is the transaction). The embedded worker is off, so only the request's
 own work is seen.
@@ -26,6 +27,7 @@ from threadline.api.app import create_app
 from threadline.runtime import Runtime
 from threadline.settings import Settings
 from threadline.store.queue import RunQueue
+from threadline.store.sqlite import sync_engines
 
 pytestmark = pytest.mark.integration
 
@@ -47,14 +49,16 @@ def counting(engine: AsyncEngine) -> Iterator[Counted]:
         if statement.strip().upper() not in ("BEGIN", "BEGIN IMMEDIATE"):
             counted.statements.append(" ".join(statement.split())[:100])
 
-    sync_engine = engine.sync_engine
-    event.listen(sync_engine, "begin", on_begin)
-    event.listen(sync_engine, "before_cursor_execute", on_statement)
+    engines = sync_engines(engine)  # SQLite: the writer's and the readers' pools
+    for sync_engine in engines:
+        event.listen(sync_engine, "begin", on_begin)
+        event.listen(sync_engine, "before_cursor_execute", on_statement)
     try:
         yield counted
     finally:
-        event.remove(sync_engine, "begin", on_begin)
-        event.remove(sync_engine, "before_cursor_execute", on_statement)
+        for sync_engine in engines:
+            event.remove(sync_engine, "begin", on_begin)
+            event.remove(sync_engine, "before_cursor_execute", on_statement)
 
 
 @dataclass
