@@ -60,7 +60,7 @@ class RunService:
         max_attempts: int,
         max_active_per_user: int,
         finisher: RunFinisher,
-        wake_worker: Callable[[], None] = lambda: None,
+        wake_worker: Callable[[str], None] = lambda _run_id: None,
         quotas: Quotas | None = None,
     ) -> None:
         self._quotas = quotas
@@ -160,7 +160,7 @@ class RunService:
         the local worker for the run it queued."""
         await self.stop_executing(list(posted.interrupted), reason=CancelReason.INTERRUPT)
         if posted.run is not None:
-            self._wake_worker()
+            self._wake_worker(posted.run.id)
 
     async def _queue(
         self,

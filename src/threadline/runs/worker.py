@@ -7,6 +7,9 @@ Model:
 - Claiming wakes on `notify()` (a run was queued in this process), on a `Waker`'s signal (on
   PostgreSQL: `LISTEN` on the channel every run insert notifies, `runs/wakeup.py`), or every
   `poll_seconds` as a safety net (a notification lost while the listening connection was down).
+  A run queued in this process is announced twice, by `notify` and by the `LISTEN` echo of its
+  insert, in either order: the second is ignored (`_Announced`), or every run would cost an
+  empty claim.
 - The reaper finds running runs whose lease expired (their worker died): it requeues them until
   `max_attempts`, then ends them as failed (`worker_lost`) through `RunFinisher`. No run stays
   `running` forever.
@@ -53,9 +56,29 @@ class WorkerConfig:
 
 
 class Waker(Protocol):
-    """Calls `wake` whenever a run may have been queued by another process, until cancelled."""
+    """Calls `wake` whenever a run may have been queued by another process, until cancelled:
+    with the run's id, or None when it cannot say which (anything may have been queued)."""
 
-    async def run(self, wake: Callable[[], None]) -> None: ...
+    async def run(self, wake: Callable[[str | None], None]) -> None: ...
+
+
+class _Announced:
+    """The ids of runs announced once (bounded: an id whose second announcement never comes,
+    a run queued by another process, is forgotten after `limit` more)."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._ids: dict[str, None] = {}
+        self._limit = limit
+
+    def again(self, run_id: str) -> bool:
+        """Whether `run_id` was announced before (and is forgotten now); else remember it."""
+        if run_id in self._ids:
+            del self._ids[run_id]
+            return True
+        self._ids[run_id] = None
+        if len(self._ids) > self._limit:
+            del self._ids[next(iter(self._ids))]
+        return False
 
 
 def new_worker_id() -> str:
@@ -84,11 +107,16 @@ class Worker:
         self._bus = bus
         self._waker = waker
         self._wake = asyncio.Event()
+        self._announced = _Announced()
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(config.concurrency)
         self._executing: set[asyncio.Task[None]] = set()
 
-    def notify(self) -> None:
+    def notify(self, run_id: str | None = None) -> None:
+        """A run (`run_id`, or maybe several: None) was queued; claim unless that run was
+        announced already."""
+        if run_id is not None and self._announced.again(run_id):
+            return
         self._wake.set()
 
     async def run(self) -> None:

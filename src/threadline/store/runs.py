@@ -73,7 +73,9 @@ def run_from_row(row: sa.Row[tuple[object, ...]]) -> Run:
 
 # Built once: a statement object costs more to build than to send (bind values per call).
 _INSERT = runs.insert()
-_INSERT_AND_NOTIFY = runs.insert().returning(sa.func.pg_notify(RUN_QUEUED_CHANNEL, ""))
+# The notification carries the run's id, so a worker that was told in-process already can
+# ignore its echo (`runs/worker.py`).
+_INSERT_AND_NOTIFY = runs.insert().returning(sa.func.pg_notify(RUN_QUEUED_CHANNEL, runs.c.id))
 _TOUCH_THREAD = (
     threads.update()
     .where(threads.c.id == sa.bindparam("w_id"), threads.c.user_id == sa.bindparam("w_user_id"))

@@ -3,9 +3,9 @@
 Every run insert does `pg_notify` in its own transaction (`store/runs.py`), and PostgreSQL
 delivers the notification to every listening connection when, and only if, that transaction
 commits. `PostgresRunWaker` holds one dedicated connection per worker process (not one from the
-pool: a pooled connection is recycled and pre-pinged, which would drop the `LISTEN`), calls
-`wake` on every notification, and reconnects by itself when the connection dies (a restarted
-server, `pg_terminate_backend`). A notification sent while it was disconnected is lost; it
+pool: a pooled connection is recycled, which would drop the `LISTEN`), calls `wake` with the
+queued run's id on every notification, and reconnects by itself when the connection dies (a
+restarted server, `pg_terminate_backend`). A notification sent while it was disconnected is lost; it
 wakes the worker once on every (re)connect, and the worker's poll is the safety net for the
 rest.
 """
@@ -37,7 +37,7 @@ class PostgresRunWaker:
         self._dsn = asyncpg_dsn(database_url)
         self._timeout = connect_timeout_seconds
 
-    async def run(self, wake: Callable[[], None]) -> None:
+    async def run(self, wake: Callable[[str | None], None]) -> None:
         """Listen until cancelled, reconnecting after a lost connection."""
         failures = 0
         while True:
@@ -50,13 +50,15 @@ class PostgresRunWaker:
                 logger.warning("Run notifications unavailable (%s); retrying in %s s", exc, delay)
                 await asyncio.sleep(delay)
 
-    async def _listen(self, wake: Callable[[], None]) -> None:
+    async def _listen(self, wake: Callable[[str | None], None]) -> None:
         connection = await asyncpg.connect(self._dsn, timeout=self._timeout)
         closed = asyncio.Event()
         try:
             connection.add_termination_listener(lambda _conn: closed.set())
-            await connection.add_listener(RUN_QUEUED_CHANNEL, lambda *_args: wake())
-            wake()  # anything queued while this process was not listening
+            await connection.add_listener(
+                RUN_QUEUED_CHANNEL, lambda _conn, _pid, _channel, run_id: wake(run_id or None)
+            )
+            wake(None)  # anything queued while this process was not listening
             # The termination listener fires on a clean close; a dead socket is only noticed
             # when the connection is used, so check it now and then.
             while not closed.is_set():
