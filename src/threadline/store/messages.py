@@ -370,34 +370,7 @@ class MessageStore:
         ).first()
         if row is None:
             raise NotFoundError("thread", thread_id)
-        message = Message(
-            id=new.id or new_id(IdPrefix.MESSAGE),
-            thread_id=thread_id,
-            position=int(row.message_count),
-            role=new.role,
-            content=new.content,
-            metadata=dict(new.metadata),
-            created_at=now,
-            run_id=new.run_id,
-            tool_calls=new.tool_calls,
-            tool_call_id=new.tool_call_id,
-        )
-        await conn.execute(
-            _INSERT,
-            {
-                "id": message.id,
-                "thread_id": thread_id,
-                "user_id": ctx.user_id,
-                "position": message.position,
-                "role": new.role.value,
-                "content": new.content,
-                "metadata": message.metadata,
-                "tool_calls": new.tool_calls,
-                "tool_call_id": new.tool_call_id,
-                "run_id": new.run_id,
-                "created_at": now,
-            },
-        )
+        message = await self._store(conn, ctx, thread_id, new, now, position=int(row.message_count))
         return message, int(row.event_seq)
 
 
