@@ -115,7 +115,7 @@ class RunService:
             # and another user's (404), and numbers the events that announce it (its own,
             # and the run's), before anything else is read.
             events = 2 if run is not None else 1
-            stored, reserved = await self._messages.append_posted(
+            stored, reserved = await self._messages.append_announced(
                 conn, ctx, thread_id, message, events=events
             )
         else:

@@ -108,6 +108,18 @@ _TAKE_USER_POSITION_AND_SEQS = (
     )
     .returning(threads.c.message_count, threads.c.event_seq)
 )
+# A run's own message (assistant or tool) with its events' numbers: no archived check (a run
+# started before the archive may still finish) and no title.
+_TAKE_POSITION_AND_SEQS = (
+    threads.update()
+    .where(threads.c.id == sa.bindparam("w_id"), threads.c.user_id == sa.bindparam("w_user_id"))
+    .values(
+        message_count=threads.c.message_count + 1,
+        last_activity_at=sa.bindparam("w_now"),
+        event_seq=threads.c.event_seq + sa.bindparam("w_events", type_=sa.Integer()),
+    )
+    .returning(threads.c.message_count, threads.c.event_seq)
+)
 _THREAD_EXISTS = sa.select(threads.c.id).where(
     threads.c.id == sa.bindparam("w_id"), threads.c.user_id == sa.bindparam("w_user_id")
 )
@@ -175,7 +187,7 @@ class MessageStore:
         row = await self._claim_position(conn, ctx, thread_id, new, now)
         return await self._store(conn, ctx, thread_id, new, now, position=int(row[0]))
 
-    async def append_posted(
+    async def append_announced(
         self,
         conn: AsyncConnection,
         ctx: UserContext,
@@ -184,13 +196,15 @@ class MessageStore:
         *,
         events: int,
     ) -> tuple[Message, int]:
-        """`append` for a user's message that `events` events will announce (its
-        `message_created`, and `run_queued` when it starts a run): the one update of the
-        thread's row that gives the message its position (refusing an archived thread, titling
-        an untitled one) also reserves the events' numbers. Returns the message and the last
-        reserved sequence number (`EventPublisher.emit_many(reserved=…)`)."""
-        if new.role is not MessageRole.USER or events < 1:
-            raise ValueError("append_posted is for a user's message and at least one event")
+        """`append` for a message that `events` events will announce (a user's message:
+        `message_created`, and `run_queued` when it starts a run; a run's own message: its
+        `message_created` and what the step announces): the one update of the thread's row
+        that gives the message its position (for a user's message refusing an archived thread
+        and titling an untitled one) also reserves the events' numbers, as
+        `EventStore.reserve` does. Returns the message and the last reserved sequence number
+        (`EventPublisher.emit_many(reserved=…)`)."""
+        if events < 1:
+            raise ValueError("append_announced reserves the numbers of at least one event")
         self.check(new)
         now = datetime.now(UTC)
         row = await self._claim_position(conn, ctx, thread_id, new, now, events=events)
@@ -251,15 +265,16 @@ class MessageStore:
         if not is_valid_id(thread_id, IdPrefix.THREAD):
             raise NotFoundError("thread", thread_id)
         params: dict[str, object] = {"w_id": thread_id, "w_user_id": ctx.user_id, "w_now": now}
-        statement: sa.Executable = _TAKE_POSITION
+        statement: sa.Executable
         if new.role is MessageRole.USER:
             # Users cannot write to an archived thread; a run started before it was archived
             # may still finish (and its tool calls must still get their results).
-            statement = _TAKE_USER_POSITION
+            statement = _TAKE_USER_POSITION_AND_SEQS if events else _TAKE_USER_POSITION
             params["w_title"] = title_from(new.content)
-            if events:
-                statement = _TAKE_USER_POSITION_AND_SEQS
-                params["w_events"] = events
+        else:
+            statement = _TAKE_POSITION_AND_SEQS if events else _TAKE_POSITION
+        if events:
+            params["w_events"] = events
         row = (await conn.execute(statement, params)).first()
         if row is not None:
             return row
@@ -344,47 +359,3 @@ class MessageStore:
         params = {"w_thread_id": thread_id, "w_user_id": ctx.user_id, "w_limit": window}
         rows = (await conn.execute(_RECENT, params)).all()
         return [_message(row) for row in reversed(rows)]
-
-    async def append_announced(
-        self,
-        conn: AsyncConnection,
-        ctx: UserContext,
-        thread_id: str,
-        new: NewMessage,
-        *,
-        events: int,
-    ) -> tuple[Message, int]:
-        """`append` for a run's own message (assistant or tool) that `events` events will
-        announce: one update of the thread's row gives the message its position and reserves
-        the events' numbers (as `EventStore.reserve` does), one insert stores it. Returns the
-        message and the last reserved sequence number."""
-        if new.role is MessageRole.USER or events < 1:
-            raise ValueError("append_announced is for a run's messages and at least one event")
-        self.check(new)
-        now = datetime.now(UTC)
-        row = (
-            await conn.execute(
-                _CLAIM_AND_RESERVE,
-                {"b_thread_id": thread_id, "b_user_id": ctx.user_id, "b_now": now, "b_n": events},
-            )
-        ).first()
-        if row is None:
-            raise NotFoundError("thread", thread_id)
-        message = await self._store(conn, ctx, thread_id, new, now, position=int(row.message_count))
-        return message, int(row.event_seq)
-
-
-# `append_announced`'s statements, built once (rebuilding them per call costs CPU, issue 11).
-_CLAIM_AND_RESERVE = (
-    threads.update()
-    .where(
-        threads.c.id == sa.bindparam("b_thread_id"), threads.c.user_id == sa.bindparam("b_user_id")
-    )
-    .values(
-        message_count=threads.c.message_count + 1,
-        last_activity_at=sa.bindparam("b_now", type_=threads.c.last_activity_at.type),
-        event_seq=threads.c.event_seq + sa.bindparam("b_n", type_=sa.Integer()),
-    )
-    .returning(threads.c.message_count, threads.c.event_seq)
-)
-_INSERT = messages.insert()
