@@ -149,6 +149,7 @@ async def test_a_subscriber_resuming_inside_a_batch_gets_exactly_the_rest(h: Har
 _WRITER = textwrap.dedent(
     """
     import asyncio, sys
+    import sqlalchemy as sa
     from threadline.context import UserContext
     from threadline.events.publisher import EventPublisher
     from threadline.events.redis_bus import RedisBus, RedisBusConfig
@@ -156,6 +157,17 @@ _WRITER = textwrap.dedent(
     from threadline.settings import Settings
     from threadline.store.db import create_engine
     from threadline.store.events import EventStore
+
+    async def run_event_after(engine, thread_id, seq):
+        query = sa.text(
+            "SELECT count(*) FROM events WHERE thread_id = :t AND run_id IS NOT NULL AND seq > :s"
+        )
+        async with asyncio.timeout(60):
+            while True:
+                async with engine.connect() as conn:
+                    if await conn.scalar(query, {"t": thread_id, "s": seq}):
+                        return
+                await asyncio.sleep(0.01)  # a poll of the condition, bounded above
 
     async def main(user_id, thread_id, batches, size):
         settings = Settings()
@@ -171,7 +183,12 @@ _WRITER = textwrap.dedent(
                     for n in range(size)
                 ]
                 async with engine.begin() as conn:
-                    await publisher.emit_many(conn, ctx, thread_id, specs)
+                    written = await publisher.emit_many(conn, ctx, thread_id, specs)
+                if batch == batches // 2:
+                    # Halfway, let a run's step land after this batch (the test keeps runs
+                    # going until this process exits), so the two writers really interleave
+                    # however fast this one is.
+                    await run_event_after(engine, thread_id, written[-1].seq)
         finally:
             await bus.aclose()
             await engine.dispose()
