@@ -2,11 +2,12 @@
 per event, with every guarantee of the per-event scheme kept.
 
 - A run costs a bounded number of transactions, counted by the counting hook: its start, the
-  end of its tool step, the tool result, and its end; plus at most one for each reasoning event
-  the model streams (none when a write carries it; text deltas cost none). A reintroduced
-  transaction per event fails it.
+  end of its tool step, the tool result, and its end; plus one for each reasoning event whose
+  hold runs out before the next write (none when a write carries it; text deltas cost none).
+  A reintroduced transaction per event fails it.
 - Reasoning is held briefly and rides at the head of the next write's batch, or is stored by
-  its timer; it never goes out after a later event of its run.
+  its timer; the text streamed behind it goes out right after it, in the same batch; it never
+  goes out after a later event of its run.
 - A batch is numbered with consecutive numbers, in order, under the thread's row lock, even
   against a writer in another process hammering the same thread with batches of its own.
 - A subscriber that resumes from a `seq` inside a batch gets exactly the rest of it.
@@ -94,26 +95,28 @@ async def test_a_run_takes_one_transaction_per_step_not_per_event(settings_facto
             assert status is not None and status.value == "completed"
             types = [m["type"] for m in received]
             # Reasoning is held for the next write: the step that asks for a tool carries it
-            # in its message's batch; one followed by text is stored before the first delta
-            # (one transaction), as is any whose hold ran out first on a slow machine. Text
-            # deltas cost none; every other event rides with a step's write.
+            # in its message's batch, the final answer's rides in the run's last batch with
+            # the text streamed behind it (as a delta in its place). The demo model streams
+            # without pausing (delay 0), so no hold runs out first. Text deltas cost none;
+            # every other event rides with a step's write.
             thinking = [m["data"]["text"] for m in received if m["type"] == "agent_thinking"]
             reasoning = [text for text in thinking if text != "Thinking…"]
             assert len(thinking) - len(reasoning) == 2  # each step announced
+            assert len(reasoning) == 2
             assert types.count("tool_executing") == 1
-            assert types.count("message_delta") >= 1
-            before_text = sum(
-                1
-                for earlier, later in zip(received, received[1:], strict=False)
-                if earlier["type"] == "agent_thinking"
-                and earlier["data"]["text"] != "Thinking…"
-                and later["type"] == "message_delta"
-            )
-            assert before_text >= 1
-            assert STEP_TRANSACTIONS + before_text <= spent <= STEP_TRANSACTIONS + len(reasoning), (
-                spent,
-                types,
-            )
+            assert spent == STEP_TRANSACTIONS, (spent, types)
+            last = received[-4:]
+            assert [m["type"] for m in last] == [
+                "agent_thinking",
+                "message_delta",
+                "message_created",
+                "agent_completed",
+            ]
+            thought, delta, answer, completed = last
+            assert delta["seq"] == thought["seq"] and delta["ephemeral"] is True
+            assert [answer["seq"], completed["seq"]] == [thought["seq"] + 1, thought["seq"] + 2]
+            assert delta["data"]["message_id"] == answer["data"]["message_id"]
+            assert delta["data"]["text"] == answer["data"]["content"]
             assert len(received) >= 10
 
 
@@ -326,6 +329,33 @@ async def test_reasoning_rides_with_the_next_write_or_its_timer(settings_factory
             (alone,) = await watcher.until(lambda m: m["type"] == "agent_thinking")
             assert alone["data"]["text"] == "Still thinking…"
             assert alone["seq"] == batch[-1]["seq"] + 1
+
+            # Text streamed behind held reasoning waits for it: the timer stores the
+            # reasoning and sends the text right after it, in one transaction.
+            before = await _transactions(h.client)
+            behind = sink(0.05)
+            await behind.thinking("Weighing it…")
+            await behind.text_delta("Eighty-")
+            await behind.text_delta("four")
+            thought, delta = await watcher.until(lambda m: m["type"] == "message_delta")
+            assert thought["type"] == "agent_thinking" and thought["seq"] == alone["seq"] + 1
+            assert delta["data"]["text"] == "Eighty-four" and delta["seq"] == thought["seq"]
+            assert await _transactions(h.client) - before - scrape == 1
+
+            # A final answer within the hold takes the reasoning and the text behind it along,
+            # for the run's last batch (`RunFinisher.finish`): nothing goes out before it.
+            final = sink(3600)
+            await final.thinking("Reading the result…")
+            await final.text_delta("84")
+            await final.assistant_message(ChatMessage(Role.ASSISTANT, "84"), final=True)
+            await final.flush()  # what the engine does next: nothing is left to send
+            assert final.unsaved_answer is not None and final.unsaved_answer.content == "84"
+            assert [event_type for event_type, _ in final.unsaved_held] == [
+                EventType.AGENT_THINKING,
+                EventType.MESSAGE_DELTA,
+            ]
+            assert final.unsaved_held[1][1] == {"message_id": final.unsaved_answer.id, "text": "84"}
+            alone = thought
 
             # A run that ends without flushing drops what it held: nothing after its end.
             dropped = sink(0.05)

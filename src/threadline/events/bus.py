@@ -48,7 +48,8 @@ class EventBus(Protocol):
 
     async def publish_many(self, events: Sequence[Event]) -> None:
         """`publish` each of `events`, in order, waiting once for the lot (a batch numbered in
-        one transaction)."""
+        one transaction); an ephemeral one among them is published as `publish_ephemeral`
+        does, placed after the durable event before it."""
         ...
 
     def subscribe(
@@ -102,7 +103,7 @@ class MemoryBus:
 
     async def publish_many(self, events: Sequence[Event]) -> None:
         for event in events:
-            await self.publish(event)
+            await (self.publish(event) if event.durable else self.publish_ephemeral(event))
 
     def subscribe(
         self, thread_id: str, listener: EventListener, *, on_reset: ResetListener | None = None

@@ -24,7 +24,9 @@ written by one transaction):
   numbers stay gapless; a delta's order relative to its run's durable events holds because a
   run's sink (`runs/sink.py`) emits its events one write at a time, under its lock: the
   durable events before a delta (a whole batch) are published before it, the ones after it
-  later.
+  later. A batch may carry deltas too (text a model streamed while its reasoning was held):
+  they are neither numbered nor stored, and are published in their place among the batch's
+  durable events, each placed after the durable event before it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ from threadline.store.events import EventStore
 
 EventSpec = tuple[EventType, JSONObject]
 """An event to emit: its type and its data (`events/payloads.py`)."""
+
+
+def durable_count(specs: Sequence[EventSpec]) -> int:
+    """How many numbers a batch of `specs` takes (its ephemeral events take none)."""
+    return sum(1 for event_type, _ in specs if event_type not in EPHEMERAL)
 
 
 class EventPublisher:
@@ -76,29 +83,32 @@ class EventPublisher:
     ) -> list[Event]:
         """Record and publish `specs`, in order, as one batch within the caller's transaction
         (one numbering statement, one insert); call it last before commit. `reserved`: the
-        last of the batch's numbers, when this transaction reserved them already with the
-        update that placed the message they announce (`MessageStore.append_announced`)."""
-        if not specs:
-            return []
-        if any(event_type in EPHEMERAL for event_type, _ in specs):
-            raise ValueError("ephemeral events are not numbered: use publish_ephemeral")
+        last of the batch's numbers (`durable_count(specs)` of them), when this transaction
+        reserved them already with the update that placed the message they announce
+        (`MessageStore.append_announced`). Ephemeral events among `specs` are published in
+        their place, not numbered, not stored."""
+        durable = durable_count(specs)
+        if not durable:
+            raise ValueError("a batch numbers durable events: use publish_ephemeral")
         if reserved is None:
-            reserved = await self._store.reserve(conn, ctx, thread_id, len(specs))
-        last = reserved
-        first, now = last - len(specs) + 1, datetime.now(UTC)
-        batch = [
-            Event(
-                type=event_type,
-                thread_id=thread_id,
-                user_id=ctx.user_id,
-                seq=first + n,
-                data=data,
-                run_id=run_id,
-                ts=now,
+            reserved = await self._store.reserve(conn, ctx, thread_id, durable)
+        seq, now = reserved - durable, datetime.now(UTC)
+        batch: list[Event] = []
+        for event_type, data in specs:
+            ephemeral = event_type in EPHEMERAL
+            seq += 0 if ephemeral else 1
+            batch.append(
+                Event(
+                    type=event_type,
+                    thread_id=thread_id,
+                    user_id=ctx.user_id,
+                    seq=0 if ephemeral else seq,  # a delta is placed by the bus
+                    data=data,
+                    run_id=run_id,
+                    ts=now,
+                )
             )
-            for n, (event_type, data) in enumerate(specs)
-        ]
-        await self._store.insert_many(conn, batch)
+        await self._store.insert_many(conn, [event for event in batch if event.durable])
         await self._bus.publish_many(batch)
         return batch
 

@@ -285,9 +285,13 @@ class RedisBus:
 
     async def publish_many(self, events: Sequence[Event]) -> None:
         """`publish` for a batch: queued in order, one wait for the last (the sender appends
-        them in order, so the last one appended means all are)."""
+        them in order, so the last one appended means all are). An ephemeral event among
+        them is queued as `publish_ephemeral` queues it, after the durable ones before it."""
         sent: asyncio.Future[None] | None = None
         for event in events:
+            if not event.durable:
+                await self.publish_ephemeral(event)  # queues at once: it never waits
+                continue
             if event.type is EventType.THREAD_DELETED:
                 self._positions.forget(event.thread_id)
             else:

@@ -180,7 +180,9 @@ class ExecutionEngine:
             self._metrics.tool_calls.inc(sink.tool_calls)
         # The last step's message is not stored yet: it is stored with the outcome, in the
         # transaction that ends the run (`RunFinisher.finish`).
-        return None if outcome is None else replace(outcome, message=sink.unsaved_answer)
+        if outcome is None:
+            return None
+        return replace(outcome, message=sink.unsaved_answer, held=sink.unsaved_held)
 
     async def _ending(
         self, run: Run, ctx: UserContext, sink: RunEventSink, meter: UsageMeter

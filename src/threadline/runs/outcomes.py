@@ -9,9 +9,10 @@ In the caller's transaction, it:
    (the engine's last step is written here, not in a transaction of its own: the answer and
    the run's end commit together, so a run is never left answered but unfinished), gives every
    unanswered tool call of the run a synthetic error result (the history stays valid for every
-   provider), records usage and the webhook outbox rows, and emits that message's
-   `message_created` and the single terminal event (`agent_completed`, `agent_failed` or
-   `run_cancelled`) as one batch, last, and counts the metric.
+   provider), records usage and the webhook outbox rows, and emits, as one batch, last: what
+   the engine still held just before that message (its reasoning and the text behind it), the
+   message's `message_created`, and the single terminal event (`agent_completed`, `agent_failed` or
+   `run_cancelled`); and counts the metric.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from threadline.context import UserContext
 from threadline.events import payloads
-from threadline.events.publisher import EventPublisher, EventSpec
+from threadline.events.publisher import EventPublisher, EventSpec, durable_count
 from threadline.events.types import EventType
 from threadline.llm.types import Usage
 from threadline.metrics import Metrics
@@ -61,6 +62,9 @@ class Outcome:
     """The model tokens this attempt used, recorded with the run's duration."""
     message: NewMessage | None = None
     """The run's final assistant message, not stored yet: stored with the outcome."""
+    held: tuple[EventSpec, ...] = ()
+    """What the engine still held just before `message` (its reasoning, and the text streamed
+    behind it: `runs/sink.py`), emitted just before the message's `message_created`."""
 
     @classmethod
     def completed(cls, result: JSONObject) -> Outcome:
@@ -110,13 +114,13 @@ class RunFinisher:
         if not applied:
             return False
         ctx = UserContext.create(run.user_id, thread_id=run.thread_id, run_id=run.id)
-        specs: list[EventSpec] = []
+        specs: list[EventSpec] = list(outcome.held)
         reserved = None
         if outcome.message is not None:
-            # Its position and the numbers of its message_created and the terminal event come
-            # from one update of the thread's row.
+            # Its position and the numbers of the whole batch (what was held, its
+            # message_created and the terminal event) come from one update of the thread's row.
             stored, reserved = await self._messages.append_announced(
-                conn, ctx, run.thread_id, outcome.message, events=2
+                conn, ctx, run.thread_id, outcome.message, events=durable_count(specs) + 2
             )
             specs.append((EventType.MESSAGE_CREATED, payloads.message_created(stored)))
         if outcome.status is not RunStatus.COMPLETED:

@@ -15,11 +15,14 @@ announced call of the loop is then skipped. Nothing live waits behind a model ca
 
 Reasoning text (the model's `ReasoningDelta`s, stored as `agent_thinking`) is coalesced at the
 trailing edge: held for at most `delta_flush_seconds`, then stored as one event in a
-transaction of its own, unless a write comes first (the step's message, when the model asked
-for tools without text), which then carries it at the head of its batch. A reasoning model's
-hundreds of chunks cost a transaction per interval, not per chunk, and a step that reasons and
-then calls tools costs none extra. Held reasoning always goes out before any later event or
-delta of the run.
+transaction of its own, unless a write comes first (the step's message), which then carries it
+at the head of its batch; the final answer's is `RunFinisher.finish`'s batch (the outcome's
+`held`). Text the model streams while reasoning is held is held with it, and goes out as a
+delta in the same batch, right after the reasoning (`EventPublisher.emit_many` publishes a
+batch's deltas between its durable events). A reasoning model's hundreds of chunks cost a
+transaction per interval, not per chunk; a step that reasons, then writes or calls tools
+within the interval, costs none extra; the text of a slower one streams at most one interval
+late. Held reasoning always goes out before any later event or delta of the run.
 
 Text deltas are coalesced at the leading edge: a chunk goes out at once unless another went out
 less than `delta_flush_seconds` ago; then it waits for the next chunk after that interval or for
@@ -41,7 +44,7 @@ from threadline.agents.events import THINKING
 from threadline.agents.tools import ToolResult
 from threadline.context import UserContext
 from threadline.events import payloads
-from threadline.events.publisher import EventPublisher, EventSpec
+from threadline.events.publisher import EventPublisher, EventSpec, durable_count
 from threadline.events.types import EventType
 from threadline.ids import IdPrefix, new_id
 from threadline.llm.types import ChatMessage, ToolCall
@@ -84,6 +87,9 @@ class RunEventSink:
         """An answer an earlier attempt stored (the engine ends the run with it)."""
         self.unsaved_answer: NewMessage | None = None
         """The run's final assistant message, for `RunFinisher.finish` to store."""
+        self.unsaved_held: tuple[EventSpec, ...] = ()
+        """What was still held when the final answer came (its reasoning, and the text
+        streamed behind it), for `RunFinisher.finish` to emit just before the answer."""
         self.tool_calls = 0
 
     @property
@@ -102,7 +108,7 @@ class RunEventSink:
     ) -> None:
         """Emit `specs` in the caller's transaction (last before commit), announcing what the
         loop does right after: a model call, or these tool calls."""
-        batch = [*self._take_reasoning(), *specs, *self._announcements(step_follows, calls_follow)]
+        batch = [*self._take_held(), *specs, *self._announcements(step_follows, calls_follow)]
         await self._publisher.emit_many(
             conn, self._ctx, self._thread_id, batch, run_id=self._run_id
         )
@@ -113,26 +119,27 @@ class RunEventSink:
         new: NewMessage,
         spec: Callable[[Message], EventSpec],
         *,
+        held: Sequence[EventSpec],
         step_follows: bool = False,
         calls_follow: Sequence[ToolCall] = (),
     ) -> Message:
-        """One transaction: store `new` and emit its event `spec(stored)` with what follows;
-        the message's position and the batch's numbers come from one update of the thread."""
+        """One transaction: store `new` and emit `held` (`_take_held`), its event
+        `spec(stored)` and what follows; the message's position and the batch's numbers come
+        from one update of the thread."""
         announcements = self._announcements(step_follows, calls_follow)
-        reasoning = self._take_reasoning()
         async with self._db.begin() as conn:
             stored, last = await self._messages.append_announced(
                 conn,
                 self._ctx,
                 self._thread_id,
                 new,
-                events=len(reasoning) + 1 + len(announcements),
+                events=durable_count(held) + 1 + len(announcements),
             )
             await self._publisher.emit_many(
                 conn,
                 self._ctx,
                 self._thread_id,
-                [*reasoning, spec(stored), *announcements],
+                [*held, spec(stored), *announcements],
                 run_id=self._run_id,
                 reserved=last,
             )
@@ -158,7 +165,7 @@ class RunEventSink:
 
     async def emit(self, event_type: EventType, data: dict[str, object]) -> None:
         async with self._lock:
-            await self._flush()
+            await self._flush_text()
             async with self._db.begin() as conn:
                 await self.write(conn, [(event_type, data)])
 
@@ -181,21 +188,33 @@ class RunEventSink:
             await self._store_reasoning()
 
     async def _store_reasoning(self) -> None:
-        """Held reasoning, stored in a transaction of its own (under the lock)."""
+        """Held reasoning (and the text behind it), stored in a transaction of its own
+        (under the lock)."""
         if self._pending_reasoning:
             async with self._db.begin() as conn:
                 await self.write(conn, [])
 
-    def _take_reasoning(self) -> list[EventSpec]:
-        """The held reasoning as the head of a batch (empty: none held); the caller's write
-        stores it, so its timer is stopped."""
+    def _take_held(self) -> list[EventSpec]:
+        """The held reasoning, then the text streamed behind it as one delta, as the head of
+        a batch (empty: no reasoning held); the caller's write emits them, so the timer is
+        stopped."""
         if self._reasoning_timer is not None:
             self._reasoning_timer.cancel()
             self._reasoning_timer = None
         if not self._pending_reasoning:
             return []
         text, self._pending_reasoning = "".join(self._pending_reasoning), []
-        return [(EventType.AGENT_THINKING, payloads.agent_thinking(text))]
+        held: list[EventSpec] = [(EventType.AGENT_THINKING, payloads.agent_thinking(text))]
+        if self._pending_text:
+            held.append(self._take_text_delta())
+        return held
+
+    def _take_text_delta(self) -> EventSpec:
+        text, self._pending_text = "".join(self._pending_text), []
+        self._last_flush = time.monotonic()
+        if self._message_id is None:
+            self._message_id = new_id(IdPrefix.MESSAGE)
+        return EventType.MESSAGE_DELTA, payloads.message_delta(self._message_id, text)
 
     async def discard(self) -> None:
         """The run ended without `flush` (it failed or was cancelled): nothing held may go
@@ -213,23 +232,25 @@ class RunEventSink:
             if self._message_id is None:
                 self._message_id = new_id(IdPrefix.MESSAGE)
             if time.monotonic() - self._last_flush >= self._flush_after:
-                await self._flush()
+                await self._flush_text()
 
     async def assistant_message(self, message: ChatMessage, *, final: bool) -> None:
         async with self._lock:
-            await self._flush()
+            await self._flush_text()
+            held = self._take_held()  # its delta carries the message's id: taken before
             new = assistant_message(message, run_id=self._run_id)
             message_id, self._message_id = self._message_id or new_id(IdPrefix.MESSAGE), None
             new = dataclasses.replace(new, id=message_id)
             if final:
-                # The run ends right after: stored with its outcome, in one transaction (the
-                # finisher's batch is its own: held reasoning goes out before it).
-                await self._store_reasoning()
+                # The run ends right after: stored with its outcome, with what was held just
+                # before it, in the transaction that ends the run.
+                self.unsaved_held = tuple(held)
                 self.unsaved_answer = new
                 return
             await self._store_and_emit(
                 new,
                 lambda stored: (EventType.MESSAGE_CREATED, payloads.message_created(stored)),
+                held=held,
                 calls_follow=message.tool_calls,
             )
 
@@ -245,7 +266,7 @@ class RunEventSink:
     async def tool_completed(self, call: ToolCall, result: ToolResult, *, last: bool) -> None:
         self.tool_calls += 1
         async with self._lock:
-            await self._flush()
+            await self._flush_text()
             new = tool_result_message(
                 call,
                 content=result.content,
@@ -265,26 +286,20 @@ class RunEventSink:
                 )
                 return EventType.TOOL_COMPLETED, data
 
-            await self._store_and_emit(new, completed, step_follows=last)
+            await self._store_and_emit(new, completed, held=self._take_held(), step_follows=last)
 
     async def flush(self) -> None:
         async with self._lock:
-            await self._flush()
+            await self._flush_text()
             await self._store_reasoning()
 
-    async def _flush(self) -> None:
-        if not self._pending_text:
+    async def _flush_text(self) -> None:
+        """Send the text held by coalescing, unless it is held behind reasoning: then the
+        write that takes the reasoning sends it (`_take_held`)."""
+        if not self._pending_text or self._pending_reasoning:
             return
-        await self._store_reasoning()  # the reasoning came first, and must be seen first
-        text, self._pending_text = "".join(self._pending_text), []
-        self._last_flush = time.monotonic()
-        message_id = self._message_id or new_id(IdPrefix.MESSAGE)
-        self._message_id = message_id
+        event_type, data = self._take_text_delta()
         # No database work: a delta is published, placed after the run's last durable event.
         await self._publisher.publish_ephemeral(
-            self._ctx,
-            self._thread_id,
-            EventType.MESSAGE_DELTA,
-            payloads.message_delta(message_id, text),
-            run_id=self._run_id,
+            self._ctx, self._thread_id, event_type, data, run_id=self._run_id
         )
