@@ -372,7 +372,7 @@ def _assemble(
         max_attempts=settings.run_max_attempts,
         max_active_per_user=settings.max_active_runs_per_user,
         finisher=finisher,
-        wake_worker=worker.notify if worker is not None else lambda _run_id: None,
+        worker=worker,
         quotas=quotas,
     )
     external = (

@@ -3,12 +3,20 @@
 Each method owns its transaction, so that it can act *after* the commit: wake the local worker,
 and tell whichever process executes a run to cancel it. `post_in` is `post` inside the caller's
 transaction (the HTTP request's own); the caller then calls `settle` once it has committed.
+
+Waking workers: a queued run is announced to this process's own worker after the commit, and
+to the workers of other processes by the NOTIFY its insert carries (PostgreSQL), but only when
+this process's worker has no free slot (or there is none): a worker with room claims at once
+when told, so waking the others would only make them race for the run, and every listening
+process pays a transaction to read each NOTIFY. Nothing waits longer for it: a run the local
+worker does not take after all (a slot taken meanwhile) is claimed by the next worker that
+frees a slot or polls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -44,6 +52,21 @@ class Posted:
     run: Run | None
     interrupted: tuple[str, ...] = ()
     """Running runs this post interrupted: their executors are told once it committed."""
+    workers_notified: bool = False
+    """Whether the run's insert notified the listening workers (else only the local one is
+    told)."""
+
+
+class LocalWorker(Protocol):
+    """The worker executing runs in this process (`runs/worker.Worker`)."""
+
+    def has_room(self) -> bool:
+        """Whether it would claim a run queued now at once (a free slot, not stopping)."""
+        ...
+
+    def notify(self, run_id: str | None = None) -> None:
+        """A run was queued: `run_id` when its NOTIFY echo follows, else None."""
+        ...
 
 
 class RunService:
@@ -60,7 +83,7 @@ class RunService:
         max_attempts: int,
         max_active_per_user: int,
         finisher: RunFinisher,
-        wake_worker: Callable[[str], None] = lambda _run_id: None,
+        worker: LocalWorker | None = None,
         quotas: Quotas | None = None,
     ) -> None:
         self._quotas = quotas
@@ -74,7 +97,7 @@ class RunService:
         self._max_attempts = max_attempts
         self._max_active_per_user = max_active_per_user
         self._finisher = finisher
-        self._wake_worker = wake_worker
+        self._worker = worker
 
     async def post(
         self,
@@ -129,6 +152,7 @@ class RunService:
                 )
         created = None
         to_cancel: list[Run] = []
+        notify_workers = self._worker is None or not self._worker.has_room()
         if run is not None:
             active_runs = await self._runs.count_active_for_user(conn, ctx)
             if self._quotas is not None:
@@ -151,16 +175,28 @@ class RunService:
             )
         if run is not None:
             created, to_cancel = await self._queue(
-                conn, ctx, thread_id, run, stored, touch_thread=stored is None, reserved=reserved
+                conn,
+                ctx,
+                thread_id,
+                run,
+                stored,
+                touch_thread=stored is None,
+                reserved=reserved,
+                notify_workers=notify_workers,
             )
-        return Posted(message=stored, run=created, interrupted=tuple(r.id for r in to_cancel))
+        return Posted(
+            message=stored,
+            run=created,
+            interrupted=tuple(r.id for r in to_cancel),
+            workers_notified=notify_workers,
+        )
 
     async def settle(self, posted: Posted) -> None:
         """After the commit of a post: tell the executors of the runs it interrupted, and wake
         the local worker for the run it queued."""
         await self.stop_executing(list(posted.interrupted), reason=CancelReason.INTERRUPT)
-        if posted.run is not None:
-            self._wake_worker(posted.run.id)
+        if posted.run is not None and self._worker is not None:
+            self._worker.notify(posted.run.id if posted.workers_notified else None)
 
     async def _queue(
         self,
@@ -172,6 +208,7 @@ class RunService:
         *,
         touch_thread: bool,
         reserved: int | None = None,
+        notify_workers: bool = True,
     ) -> tuple[Run, list[Run]]:
         """`reserved`: the number of its `run_queued`, when this transaction reserved it."""
         to_cancel: list[Run] = []
@@ -200,6 +237,7 @@ class RunService:
             input={"message_id": message.id if message else request.answers},
             max_attempts=self._max_attempts,
             touch_thread=touch_thread,
+            notify_workers=notify_workers,
         )
         queued = [(EventType.RUN_QUEUED, payloads.run_queued(run))]
         await self._publisher.emit_many(

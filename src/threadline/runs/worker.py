@@ -7,9 +7,10 @@ Model:
 - Claiming wakes on `notify()` (a run was queued in this process), on a `Waker`'s signal (on
   PostgreSQL: `LISTEN` on the channel every run insert notifies, `runs/wakeup.py`), or every
   `poll_seconds` as a safety net (a notification lost while the listening connection was down).
-  A run queued in this process is announced twice, by `notify` and by the `LISTEN` echo of its
-  insert, in either order: the second is ignored (`_Announced`), or every run would cost an
-  empty claim.
+  A run queued in this process while this worker has room (`has_room`) is announced by
+  `notify` only: its insert notifies nobody (`runs/service.py`). One queued while it is full is
+  announced twice, by `notify` and by the `LISTEN` echo of its insert, in either order: the
+  second is ignored (`_Announced`), or every such run would cost an empty claim.
 - The reaper finds running runs whose lease expired (their worker died): it requeues them until
   `max_attempts`, then ends them as failed (`worker_lost`) through `RunFinisher`. No run stays
   `running` forever.
@@ -111,6 +112,11 @@ class Worker:
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(config.concurrency)
         self._executing: set[asyncio.Task[None]] = set()
+
+    def has_room(self) -> bool:
+        """Whether a run queued now is claimed at once when `notify` tells of it: a slot is
+        free and the worker is not stopping (`runs/service.py` then notifies no other worker)."""
+        return not self._slots.locked() and not self._stopping.is_set()
 
     def notify(self, run_id: str | None = None) -> None:
         """A run (`run_id`, or maybe several: None) was queued; claim unless that run was

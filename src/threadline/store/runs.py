@@ -99,9 +99,11 @@ class RunStore:
         input: JSONObject,
         max_attempts: int,
         touch_thread: bool = True,
+        notify_workers: bool = True,
     ) -> Run:
         """Queue a run. `touch_thread=False`: the caller already moved the thread's activity
-        in this transaction (it appended the message the run answers)."""
+        in this transaction (it appended the message the run answers). `notify_workers=False`:
+        no NOTIFY for the listening workers (the caller's own worker takes the run)."""
         now = datetime.now(UTC)
         values: dict[str, object] = {
             "id": new_id(IdPrefix.RUN),
@@ -121,9 +123,10 @@ class RunStore:
             "started_at": None,
             "finished_at": None,
         }
-        if conn.dialect.name == "postgresql":
+        if notify_workers and conn.dialect.name == "postgresql":
             # The NOTIFY rides on the insert (no round trip of its own); it is delivered to
-            # listening workers when (and only if) this transaction commits.
+            # listening workers when (and only if) this transaction commits. Not free: each
+            # listening backend reads it in a transaction of its own.
             await conn.execute(_INSERT_AND_NOTIFY, values)
         else:
             await conn.execute(_INSERT, values)

@@ -1,11 +1,12 @@
 """Waking workers when a run is queued in another process: PostgreSQL `LISTEN/NOTIFY`.
 
-Every run insert does `pg_notify` in its own transaction (`store/runs.py`), and PostgreSQL
-delivers the notification to every listening connection when, and only if, that transaction
-commits. `PostgresRunWaker` holds one dedicated connection per worker process (not one from the
-pool: a pooled connection is recycled, which would drop the `LISTEN`), calls `wake` with the
-queued run's id on every notification, and reconnects by itself when the connection dies (a
-restarted server, `pg_terminate_backend`). A notification sent while it was disconnected is lost; it
+A run insert does `pg_notify` in its own transaction (`store/runs.py`), unless the inserting
+process's own worker has room to take the run (`runs/service.py`), and PostgreSQL delivers the
+notification to every listening connection when, and only if, that transaction commits.
+`PostgresRunWaker` holds one dedicated connection per worker process (not one from the pool: a
+pooled connection is recycled, which would drop the `LISTEN`), calls `wake` with the queued
+run's id on every notification, and reconnects by itself when the connection dies (a restarted
+server, `pg_terminate_backend`). A notification sent while it was disconnected is lost; it
 wakes the worker once on every (re)connect, and the worker's poll is the safety net for the
 rest.
 """
