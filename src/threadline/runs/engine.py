@@ -43,7 +43,7 @@ from threadline.events import payloads
 from threadline.events.publisher import EventPublisher, EventSpec
 from threadline.events.types import EventType
 from threadline.llm.providers import ProviderSet
-from threadline.llm.types import ChatMessage, Usage
+from threadline.llm.types import ChatMessage, ModelProvider, Usage
 from threadline.logs import bound
 from threadline.metrics import Metrics
 from threadline.runs.conversation import to_chat_history
@@ -51,7 +51,7 @@ from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
 from threadline.runs.sink import RunEventSink
 from threadline.store.failures import is_database_unavailable
 from threadline.store.messages import Message, MessageRole, MessageStore
-from threadline.store.queue import RunQueue
+from threadline.store.queue import RunQueue, unclaimed
 from threadline.store.runs import Run, RunStatus
 from threadline.usage.meter import UsageMeter
 from threadline.usage.quotas import Quotas
@@ -67,6 +67,19 @@ class RunLimitError(ThreadlineError):
         super().__init__(f"At most {limit} runs may execute at once for one user")
         self.user_id = user_id
         self.limit = limit
+
+
+class RunStartError(ThreadlineError):
+    """A claimed run's start failed, for a reason other than the database, in its claim's
+    transaction (`ExecutionEngine.begin`): the claim rolled back with it, and the run is to be
+    ended as failed (`ExecutionEngine.fail_unstarted`), not claimed again."""
+
+    code = "run_start_failed"
+
+    def __init__(self, run: Run, cause: Exception) -> None:
+        super().__init__(f"Run {run.id} could not start: {type(cause).__name__}: {cause}")
+        self.run = run
+        self.cause = cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +139,60 @@ class ExecutionEngine:
     def running_for(self, user_id: str) -> int:
         return self._slots.get(user_id, 0)
 
-    async def execute(self, run: Run) -> RunStatus | None:
+    async def begin(self, conn: AsyncConnection, run: Run) -> BegunRun:
+        """Start the claimed `run` in the caller's transaction: the claim's own (`Worker`), so
+        that claiming and starting a run cost one transaction. `execute` takes the result on
+        once that transaction committed. Call it last in the transaction: the start's events
+        are published just before the commit (`EventPublisher.emit_many`).
+
+        What the start does is `execute`'s first step otherwise: build the agent (if that
+        fails, `agent_started` is written all the same, and the run fails with the error once
+        executed), read the token budget and the history, place the input message, and emit
+        `agent_started` with what the loop does first.
+
+        Raises:
+            RunLimitError: this process executes the user's limit already; the caller rolls
+                the claim back (the run stays queued) and claims again when a run ends.
+            RunStartError: any failure of the start that is not a lost database connection,
+                with its cause; the caller rolls back, then ends the run with
+                `fail_unstarted`, or every claim would take it and fail the same way.
+        A lost database connection is raised as it is: rolled back, the run stays queued and
+        is claimed again later (it was never started, so no attempt is counted).
+        """
+        if self.running_for(run.user_id) >= self.config.per_user_concurrency:
+            raise RunLimitError(run.user_id, self.config.per_user_concurrency)
+        ctx = _context_of(run)
+        sink = self._sink(ctx)
+        with bound(ctx):
+            try:
+                return await self._begin(conn, run, ctx, sink)
+            except Exception as exc:
+                if is_database_unavailable(exc):
+                    raise
+                raise RunStartError(run, exc) from exc
+
+    async def fail_unstarted(self, error: RunStartError) -> bool:
+        """End a run whose start failed in its claim's transaction (`begin`), which rolled
+        back: the run is still queued, and ends failed from there, conditional on that (another
+        worker may have claimed it meanwhile). Returns whether it applied."""
+        run = unclaimed(error.run)
+        with bound(_context_of(run)):
+            outcome = _failed(error.cause)
+            async with self._db.begin() as conn:
+                return await self._finisher.finish(conn, run, outcome)
+
+    async def execute(self, claimed: Run | BegunRun) -> RunStatus | None:
         """Run a claimed run (its `lease_owner` is this worker) to a terminal state and return
-        it; None when the run went back to the queue (shutdown) or was taken from this worker."""
-        ctx = UserContext.create(run.user_id, thread_id=run.thread_id, run_id=run.id)
+        it; None when the run went back to the queue (shutdown) or was taken from this worker.
+
+        `claimed` is begun already when its claim's transaction started it (`begin`); a bare
+        `Run` is started here, in a transaction of its own. The user's slot in this process
+        is taken here: `begin` only checks it, so a claim that committed can never leave a slot
+        taken; of two runs begun for a user with one slot left, the second raises
+        RunLimitError here, and its worker hands it back."""
+        begun = claimed if isinstance(claimed, BegunRun) else None
+        run = claimed.run if isinstance(claimed, BegunRun) else claimed
+        ctx = begun.ctx if begun is not None else _context_of(run)
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("execute must run inside a task")
@@ -138,7 +201,7 @@ class ExecutionEngine:
             self._metrics.runs_started.inc()
             started = time.monotonic()
             try:
-                outcome = await self._guarded(run, ctx)
+                outcome = await self._guarded(run, ctx, begun)
             finally:
                 self._tasks.pop(run.id, None)
             if outcome is None:
@@ -146,6 +209,11 @@ class ExecutionEngine:
             applied = await asyncio.shield(self._finish(run, outcome))
             self._metrics.run_duration.observe(time.monotonic() - started)
             return outcome.status if applied else None
+
+    def _sink(self, ctx: UserContext) -> RunEventSink:
+        return RunEventSink(
+            db=self._db, publisher=self._publisher, messages=self._messages, ctx=ctx
+        )
 
     @contextmanager
     def _slot(self, user_id: str) -> Iterator[None]:
@@ -161,19 +229,19 @@ class ExecutionEngine:
             if not self._slots[user_id]:
                 del self._slots[user_id]
 
-    async def _guarded(self, run: Run, ctx: UserContext) -> Outcome | None:
+    async def _guarded(self, run: Run, ctx: UserContext, begun: BegunRun | None) -> Outcome | None:
         """The run's outcome, with the tokens it used (the plan's budget, read when the run
         starts, stops it early)."""
         meter = UsageMeter()
-        outcome = await self._outcome(run, ctx, meter)
+        outcome = await self._outcome(run, ctx, meter, begun)
         return None if outcome is None else replace(outcome, usage=meter.usage)
 
-    async def _outcome(self, run: Run, ctx: UserContext, meter: UsageMeter) -> Outcome | None:
-        sink = RunEventSink(
-            db=self._db, publisher=self._publisher, messages=self._messages, ctx=ctx
-        )
+    async def _outcome(
+        self, run: Run, ctx: UserContext, meter: UsageMeter, begun: BegunRun | None
+    ) -> Outcome | None:
+        sink = begun.sink if begun is not None else self._sink(ctx)
         try:
-            outcome = await self._ending(run, ctx, sink, meter)
+            outcome = await self._ending(run, ctx, sink, meter, begun)
         finally:
             await sink.discard()  # whatever it still holds can no longer go out in order
             # Counted however the run ends: a tool that ran in a cancelled run still ran.
@@ -185,11 +253,16 @@ class ExecutionEngine:
         return replace(outcome, message=sink.unsaved_answer, held=sink.unsaved_held)
 
     async def _ending(
-        self, run: Run, ctx: UserContext, sink: RunEventSink, meter: UsageMeter
+        self,
+        run: Run,
+        ctx: UserContext,
+        sink: RunEventSink,
+        meter: UsageMeter,
+        begun: BegunRun | None,
     ) -> Outcome | None:
         try:
             async with asyncio.timeout(self.config.run_timeout_seconds):
-                outcome = await self._run_agent(run, ctx, sink, meter)
+                outcome = await self._run_agent(run, ctx, sink, meter, begun)
             await sink.flush()
             return Outcome.completed(
                 {
@@ -214,44 +287,64 @@ class ExecutionEngine:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             return Outcome.cancelled(reason)
-        except ThreadlineError as exc:
-            return Outcome.failed(exc.code, exc.message)
         except Exception as exc:
             if is_database_unavailable(exc):
                 raise  # not the run's fault: the worker hands it back to be retried
-
-            logger.exception("Agent run failed")
-            return Outcome.failed("agent_error", f"{type(exc).__name__}: {exc}")
+            return _failed(exc)
 
     async def _run_agent(
-        self, run: Run, ctx: UserContext, sink: RunEventSink, meter: UsageMeter
+        self,
+        run: Run,
+        ctx: UserContext,
+        sink: RunEventSink,
+        meter: UsageMeter,
+        begun: BegunRun | None,
     ) -> AgentOutcome:
-        try:
-            agent = self.registry.build(run.agent)
-            provider, model = self.providers.resolve(agent.model)
-            deps = self._deps_for(run, ctx, agent)
-        except Exception:
-            # Announced even so: every run that executes starts before it ends.
-            await sink.emit(EventType.AGENT_STARTED, payloads.agent_started(run.agent, run.attempt))
-            raise
-        start = await self._start(run, ctx, agent, sink)
+        if begun is None:
+            async with self._db.begin() as conn:
+                begun = await self._begin(conn, run, ctx, sink)
+        start = begun.start
+        if isinstance(start, Exception):
+            raise start  # the agent could not be built; its agent_started went out
         meter.budget = start.budget
         if start.answered is not None:
             # An earlier attempt stored its final answer, then lost its worker or database
             # before the run was ended: end it with that answer rather than answer twice.
             sink.last_assistant = start.answered
             return AgentOutcome(final_text=start.answered.content, usage=Usage(), steps=0)
+        built = start.built
         context: RunContext[object] = RunContext(
-            user=ctx, thread_id=run.thread_id, run_id=run.id, agent_name=agent.name, deps=deps
+            user=ctx,
+            thread_id=run.thread_id,
+            run_id=run.id,
+            agent_name=built.agent.name,
+            deps=built.deps,
         )
         return await run_agent(
-            agent,
+            built.agent,
             history=start.history,
             context=context,
-            provider=meter.wrap(provider),
-            model=model,
+            provider=meter.wrap(built.provider),
+            model=built.model,
             sink=sink,
         )
+
+    async def _begin(
+        self, conn: AsyncConnection, run: Run, ctx: UserContext, sink: RunEventSink
+    ) -> BegunRun:
+        """The run's start in `conn`'s transaction, its first: the agent built, then `_start`."""
+        try:
+            agent = self.registry.build(run.agent)
+            provider, model = self.providers.resolve(agent.model)
+            deps = self._deps_for(run, ctx, agent)
+        except Exception as exc:
+            # Announced even so: every run that executes starts before it ends.
+            started = payloads.agent_started(run.agent, run.attempt)
+            await sink.write(conn, [(EventType.AGENT_STARTED, started)])
+            return BegunRun(run=run, ctx=ctx, sink=sink, start=exc)
+        built = _Built(agent=agent, provider=provider, model=model, deps=deps)
+        start = await self._start(conn, run, ctx, built, sink)
+        return BegunRun(run=run, ctx=ctx, sink=sink, start=start)
 
     def _deps_for(self, run: Run, ctx: UserContext, agent: Agent) -> object:
         if agent.deps_factory is not None or self._deps is None:
@@ -259,28 +352,30 @@ class ExecutionEngine:
         info = RunInfo(user=ctx, thread_id=run.thread_id, run_id=run.id, agent_name=agent.name)
         return self._deps(info)
 
-    async def _start(self, run: Run, ctx: UserContext, agent: Agent, sink: RunEventSink) -> _Start:
-        """The run's first transaction: the token budget, the input message placed after the
-        output of the runs it waited behind, the history read, and `agent_started` with what
-        the loop does first (its model call, or the calls a retried run resumes)."""
-        async with self._db.begin() as conn:
-            budget = await self._quotas.token_budget(conn, run.user_id) if self._quotas else None
-            stored, moved = await self._stored(conn, run, ctx, agent)
-            answered = _stored_answer(stored, run)
-            history = _history(stored, run, agent)
-            resumed = resumed_calls(history) if answered is None else ()
-            specs: list[EventSpec] = [
-                (EventType.AGENT_STARTED, payloads.agent_started(run.agent, run.attempt))
-            ]
-            if moved is not None:
-                specs.append((EventType.MESSAGE_MOVED, payloads.message_moved(*moved)))
-            await sink.write(
-                conn,
-                specs,
-                step_follows=answered is None and not resumed,
-                calls_follow=resumed,
-            )
-        return _Start(budget=budget, history=history, answered=answered)
+    async def _start(
+        self, conn: AsyncConnection, run: Run, ctx: UserContext, built: _Built, sink: RunEventSink
+    ) -> _Start:
+        """The token budget, the input message placed after the output of the runs it waited
+        behind, the history read, and `agent_started` with what the loop does first (its model
+        call, or the calls a retried run resumes), last, in the caller's transaction."""
+        agent = built.agent
+        budget = await self._quotas.token_budget(conn, run.user_id) if self._quotas else None
+        stored, moved = await self._stored(conn, run, ctx, agent)
+        answered = _stored_answer(stored, run)
+        history = _history(stored, run, agent)
+        resumed = resumed_calls(history) if answered is None else ()
+        specs: list[EventSpec] = [
+            (EventType.AGENT_STARTED, payloads.agent_started(run.agent, run.attempt))
+        ]
+        if moved is not None:
+            specs.append((EventType.MESSAGE_MOVED, payloads.message_moved(*moved)))
+        await sink.write(
+            conn,
+            specs,
+            step_follows=answered is None and not resumed,
+            calls_follow=resumed,
+        )
+        return _Start(built=built, budget=budget, history=history, answered=answered)
 
     async def _stored(
         self, conn: AsyncConnection, run: Run, ctx: UserContext, agent: Agent
@@ -323,10 +418,48 @@ class ExecutionEngine:
 
 
 @dataclass(frozen=True, slots=True)
+class _Built:
+    """The run's agent, built from the registry as the run starts, with its model and deps."""
+
+    agent: Agent
+    provider: ModelProvider
+    model: str
+    deps: object
+
+
+@dataclass(frozen=True, slots=True)
 class _Start:
+    built: _Built
     budget: int | None
     history: list[ChatMessage]
     answered: Message | None
+    """The final answer an earlier attempt stored: the run ends with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class BegunRun:
+    """A claimed run whose start is written in its claim's transaction
+    (`ExecutionEngine.begin`), for `execute` once that transaction committed."""
+
+    run: Run
+    ctx: UserContext
+    sink: RunEventSink
+    """The run's sink, which knows what the start announced (the loop skips that call)."""
+    start: _Start | Exception
+    """The start, or the error that kept the agent from being built: the run fails with it
+    once executed (its `agent_started` went out with the start)."""
+
+
+def _context_of(run: Run) -> UserContext:
+    return UserContext.create(run.user_id, thread_id=run.thread_id, run_id=run.id)
+
+
+def _failed(exc: Exception) -> Outcome:
+    """The outcome of a run that `exc` ended: a domain error's own code, else agent_error."""
+    if isinstance(exc, ThreadlineError):
+        return Outcome.failed(exc.code, exc.message)
+    logger.error("Agent run failed", exc_info=exc)
+    return Outcome.failed("agent_error", f"{type(exc).__name__}: {exc}")
 
 
 def _placement(stored: list[Message], message_id: str, run_id: str) -> int | None:

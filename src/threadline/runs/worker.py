@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from threadline.events.bus import EventBus, Unsubscribe
 from threadline.events.control import CancelRun, SessionEnded
-from threadline.runs.engine import ExecutionEngine, RunLimitError
+from threadline.runs.engine import BegunRun, ExecutionEngine, RunLimitError, RunStartError
 from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
 from threadline.store.failures import is_database_unavailable
 from threadline.store.queue import RunQueue
@@ -112,6 +112,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(config.concurrency)
         self._executing: set[asyncio.Task[None]] = set()
+        # Whether the last claim left queued runs behind that a run ending here may free.
+        self._held_back = True
 
     def has_room(self) -> bool:
         """Whether a run queued now is claimed at once when `notify` tells of it: a slot is
@@ -149,21 +151,23 @@ class Worker:
             self.engine.cancel_local(message.run_id, CancelReason(message.reason))
 
     async def _claim_loop(self, group: asyncio.TaskGroup) -> None:
+        claim_now = True
         while not self._stopping.is_set():
+            if not claim_now:
+                await self._sleep_until_woken()
             await self._slots.acquire()
             if self._stopping.is_set():
                 self._slots.release()
                 return
             try:
-                run = await self._claim()
+                begun, claim_now = await self._claim()
             except Exception:
                 logger.exception("Claiming a run failed; retrying")
-                run = None
-            if run is None:
+                begun, claim_now = None, False
+            if begun is None:
                 self._slots.release()
-                await self._sleep_until_woken()
                 continue
-            task = group.create_task(self._execute(run))
+            task = group.create_task(self._execute(begun))
             self._executing.add(task)
             task.add_done_callback(self._executing.discard)
 
@@ -171,20 +175,44 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.poll_seconds):
                 await self._wake.wait()
+        # Cleared only here, right before the claim it leads to: a wake-up that comes during
+        # a claim stays set, and the claim after it sees what that claim could not.
         self._wake.clear()
 
-    async def _claim(self) -> Run | None:
-        async with self._db.begin() as conn:
-            return await self._queue.claim_next(
-                conn,
-                worker_id=self.worker_id,
-                lease_seconds=self.config.lease_seconds,
-                per_user_limit=self.config.per_user_limit,
-            )
-
-    async def _execute(self, run: Run) -> None:
+    async def _claim(self) -> tuple[BegunRun | None, bool]:
+        """Claim a run and start it, in one transaction; and whether to claim again at once
+        (the claim saw another claimable run)."""
+        # Until this claim tells, a run that ends meanwhile must wake the next one: this
+        # claim's snapshot may predate that end and miss the run it frees.
+        self._held_back = True
         try:
-            await self._execute_with_heartbeat(run)
+            async with self._db.begin() as conn:
+                claimed = await self._queue.claim(
+                    conn,
+                    worker_id=self.worker_id,
+                    lease_seconds=self.config.lease_seconds,
+                    per_user_limit=self.config.per_user_limit,
+                    # Look for a next run only when a slot is left to take it with.
+                    look_ahead=not self._slots.locked(),
+                )
+                self._held_back = claimed.held_back
+                if claimed.run is None:
+                    return None, False
+                return await self.engine.begin(conn, claimed.run), claimed.more
+        except RunLimitError:
+            # Rolled back: the run stays queued until one of this user's runs here ends,
+            # which wakes the claim.
+            self._held_back = True
+            return None, False
+        except RunStartError as error:
+            logger.error("Run %s could not start; failing it", error.run.id, exc_info=error)
+            await self.engine.fail_unstarted(error)
+            return None, True  # the queue may hold more than the run that failed
+
+    async def _execute(self, begun: BegunRun) -> None:
+        run = begun.run
+        try:
+            await self._execute_with_heartbeat(begun)
         except RunLimitError:
             await self._release(run)
         except asyncio.CancelledError:
@@ -198,14 +226,16 @@ class Worker:
                 await self._release_or_let_expire(run)
         finally:
             self._slots.release()
-            self._wake.set()  # a slot (and maybe a thread) is free: look for more work
+            if self._held_back:
+                # The run's thread, or its user's limit, may have held back a queued run.
+                self._wake.set()
 
-    async def _execute_with_heartbeat(self, run: Run) -> None:
+    async def _execute_with_heartbeat(self, begun: BegunRun) -> None:
         # A plain task, not a TaskGroup: a TaskGroup would wrap RunLimitError and the
         # executor's errors in an ExceptionGroup. The heartbeat is owned and awaited here.
-        heartbeat = asyncio.create_task(self._heartbeat(run))
+        heartbeat = asyncio.create_task(self._heartbeat(begun.run))
         try:
-            await self.engine.execute(run)
+            await self.engine.execute(begun)
         finally:
             heartbeat.cancel()
             await asyncio.wait({heartbeat})

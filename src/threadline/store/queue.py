@@ -24,9 +24,10 @@ a run its own worker claimed again, cannot overwrite the outcome of the one that
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -55,7 +56,10 @@ served AS (
     WHERE started_at IS NOT NULL AND user_id IN (SELECT user_id FROM queued)
     GROUP BY user_id
 )
-SELECT runs.id, runs.user_id FROM runs
+SELECT runs.id, runs.user_id, coalesce(served.busy, 0) AS busy, {user_limit} AS user_limit,
+       (SELECT count(*) FROM queued) AS waiting
+FROM runs
+JOIN threads ON threads.id = runs.thread_id
 JOIN queued ON queued.id = runs.id
 LEFT JOIN served ON served.user_id = runs.user_id
 WHERE runs.status = 'queued'
@@ -69,8 +73,13 @@ WHERE runs.status = 'queued'
   AND runs.user_id NOT IN :skipped
 ORDER BY coalesce(served.busy, 0), served.last_started NULLS FIRST,
          queued.user_rank, queued.created_at, runs.id
-LIMIT 1
+LIMIT :candidates
 """
+# PostgreSQL: the candidate's run row, and its thread's row too, since the run's start (in the
+# claim's transaction) writes the thread: a writer that locks the thread and then the run
+# (archiving or deleting the thread, an interrupting post) must never hold one while this
+# claim holds the other. SKIP LOCKED on both: a claim waits for no row, only for a user's lock.
+_CLAIM_LOCKS = " FOR UPDATE OF runs SKIP LOCKED FOR NO KEY UPDATE OF threads SKIP LOCKED"
 
 
 _USER_KEY = (_CLAIM_LOCK_NAMESPACE, sa.func.hashtext(sa.bindparam("user_id", type_=sa.String())))
@@ -92,7 +101,7 @@ class _ClaimStatements:
     def build(cls, user_limit: str, dialect: str) -> _ClaimStatements:
         query = _CLAIM_SQL.format(user_limit=user_limit)
         if dialect == "postgresql":
-            query += " FOR UPDATE OF runs SKIP LOCKED"
+            query += _CLAIM_LOCKS
         candidate = sa.text(query).bindparams(
             sa.bindparam("skipped", expanding=True, type_=sa.String())
         )
@@ -112,6 +121,43 @@ class _ClaimStatements:
         if dialect == "postgresql":
             take_if_room = take.where(sa.text(_USER_HAS_ROOM.format(user_limit=user_limit)))
         return cls(candidate=candidate, take=take, take_if_room=take_if_room)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A claim's run, and what its candidate query saw beside it (`RunQueue.claim`)."""
+
+    run: Run | None
+    """The run taken, or None: no run is claimable now."""
+    more: bool
+    """Another run stays claimable after this one (another user's, or this user's with room
+    left): worth claiming again at once. False when it was not looked for."""
+    held_back: bool
+    """Queued runs remain that no claim may take now (behind their thread's active run, their
+    user at the limit, or being claimed by another worker): a run that ends may free one.
+    True when the claim could not tell (it found no candidate at all)."""
+
+
+def _next_stays_claimable(rows: Sequence[sa.Row[Any]]) -> bool:
+    """Whether the second candidate (if the query read one) may still be taken once the first
+    was: it is another user's, or its user (the same) has room for one more."""
+    if len(rows) < 2:
+        return False
+    first, second = rows
+    return bool(second.user_id != first.user_id or int(first.busy) + 1 < int(second.user_limit))
+
+
+def unclaimed(run: Run) -> Run:
+    """`run`, as claimed, the way it was before its claim (`RunQueue.claim`'s take): for ending
+    a run whose claim's transaction rolled back, conditional on it being still queued."""
+    attempt = run.attempt - 1
+    return replace(
+        run,
+        status=RunStatus.QUEUED,
+        attempt=attempt,
+        lease_owner=None,
+        started_at=run.started_at if attempt else None,  # the first claim sets it
+    )
 
 
 def _as_seen(run: Run) -> sa.ColumnElement[bool]:
@@ -144,7 +190,7 @@ class RunQueue:
         """The SQL of the candidate user's concurrent-run limit (`runs.user_id`'s), capped by
         the claim's `:per_user_limit`; its other parameters are `_limit_params`'."""
         if not self._plan_limits and self._default_limit is None:
-            return ":per_user_limit"
+            return "CAST(:per_user_limit AS INTEGER)"
         cases = [
             f"WHEN users.plan = :plan_{n} THEN CAST(:plan_limit_{n} AS INTEGER)"
             for n in range(len(self._plan_limits))
@@ -176,13 +222,31 @@ class RunQueue:
         lease_seconds: float,
         per_user_limit: int,
     ) -> Run | None:
-        """Claim the next fair, eligible queued run, or return None when there is none.
+        """Claim the next fair, eligible queued run, or return None when there is none."""
+        claimed = await self.claim(
+            conn, worker_id=worker_id, lease_seconds=lease_seconds, per_user_limit=per_user_limit
+        )
+        return claimed.run
+
+    async def claim(
+        self,
+        conn: AsyncConnection,
+        *,
+        worker_id: str,
+        lease_seconds: float,
+        per_user_limit: int,
+        look_ahead: bool = False,
+    ) -> Claimed:
+        """Claim the next fair, eligible queued run, and say what the queue holds beside it.
 
         On PostgreSQL, three round trips: the candidate (its row locked), the user's claim
         lock, and the take, which counts the user's running runs in its own WHERE: it starts
-        after the lock was granted, so its snapshot holds every claim committed before."""
+        after the lock was granted, so its snapshot holds every claim committed before.
+        `look_ahead`: the candidate query also reads (and locks) the next candidate, so that
+        `Claimed.more` can say whether to claim again; a caller that could not take another run
+        now (no free slot) passes False and leaves that row to other workers."""
         statements = self._statements(conn.dialect.name)
-        params = self._limit_params(per_user_limit)
+        params = {**self._limit_params(per_user_limit), "candidates": 2 if look_ahead else 1}
         now = datetime.now(UTC)
         lease = {
             "claim_worker": worker_id,
@@ -191,25 +255,29 @@ class RunQueue:
         }
         skipped: list[str] = []
         for _ in range(_MAX_CLAIM_TRIES):
-            row = (await conn.execute(statements.candidate, {**params, "skipped": skipped})).first()
-            if row is None:
-                return None
-            run_id, user_id = str(row[0]), str(row[1])
+            rows = (await conn.execute(statements.candidate, {**params, "skipped": skipped})).all()
+            if not rows:
+                # Whether runs wait behind a thread or a user's limit, this claim cannot tell.
+                return Claimed(None, more=False, held_back=True)
+            run_id, user_id = str(rows[0].id), str(rows[0].user_id)
             if statements.take_if_room is None:
                 # SQLite: writers are serialized, so the candidate query's count is exact.
-                return await self._take(conn, statements.take, run_id, lease)
+                taken = await self._take(conn, statements.take, run_id, lease)
             # Wait for another claim of this user only while holding no other user's lock,
             # so two claimers can never wait for each other (no deadlock).
-            if not await self._lock_user(conn, user_id, wait=not skipped):
-                skipped.append(user_id)
-                continue
-            taken = await self._take(conn, statements.take_if_room, run_id, {**lease, **params})
+            elif await self._lock_user(conn, user_id, wait=not skipped):
+                taken = await self._take(conn, statements.take_if_room, run_id, {**lease, **params})
+            else:
+                taken = None
             if taken is not None:
-                return taken
+                more = _next_stays_claimable(rows)
+                held_back = bool(skipped) or int(rows[0].waiting) > 1 + more
+                return Claimed(taken, more=more, held_back=held_back)
             # The candidate's row is locked by this transaction, so it is still queued: the
-            # user is at the limit (another worker's claim committed meanwhile).
+            # user is at the limit (another worker's claim committed meanwhile), or another
+            # claimer holds the user's lock.
             skipped.append(user_id)
-        return None
+        return Claimed(None, more=False, held_back=True)
 
     async def _lock_user(self, conn: AsyncConnection, user_id: str, *, wait: bool) -> bool:
         """Take the user's claim lock (held to the end of this transaction). Without `wait`,
