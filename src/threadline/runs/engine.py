@@ -4,7 +4,7 @@ Model:
 - One `ExecutionEngine` per process: it owns the agent registry, the providers, the per-user
   slot counts and the tasks of the runs executing here. `execute(run)` builds the run's user
   context from the claimed run itself, and refuses a run beyond the user's concurrent-run
-  limit in this process.
+  limit in this process (`begin` refuses it already, so that its claim rolls back).
 - A run ends as completed, failed, timed_out or cancelled through `RunFinisher.finish`
   (`runs/outcomes.py`), conditional on this attempt's lease: a run can never get two outcomes.
   When the write does not apply, the run was taken over, already ended (a cancel of its
@@ -12,11 +12,14 @@ Model:
 - Cancellation is task cancellation. The reason decides the outcome: a user's cancel, an
   interrupt, or its thread archived or deleted ends the run as cancelled; shutdown hands the
   run back to the queue for another worker, with no terminal event.
-- A run is written one transaction per step, not per event (`runs/sink.py`): the first
-  (`_start`) reads the token budget and the history, places the input message, and emits
-  `agent_started` with what the loop does first; the last is `RunFinisher.finish`, which also
-  stores the final answer (the outcome carries it unstored), so the answer and the run's end
-  commit together.
+- A run is written one transaction per step, not per event (`runs/sink.py`): the first, its
+  start (`_start`), reads the token budget and the history, places the input message, and
+  emits `agent_started` with what the loop does first; the last is `RunFinisher.finish`, which
+  also stores the final answer (the outcome carries it unstored), so the answer and the run's
+  end commit together. The worker writes the start in its claim's transaction (`begin`, then
+  `execute` of the `BegunRun`); `execute` of a bare claimed run writes it in one of its own.
+  Either way a retried run's start finds what its earlier attempts stored: it resumes their
+  pending tool calls, or ends with the answer one of them stored.
 - A lost database connection is not the run's fault either: `execute` lets the error through
   (`store/failures.is_database_unavailable`) and the worker hands the run back to be retried.
 """

@@ -4,13 +4,28 @@ Model:
 - Up to `concurrency` runs execute at once, each in a task of the worker's TaskGroup with a
   heartbeat beside it. A heartbeat extends the lease and also notices a cancel requested from
   another process whose control message did not reach this one.
-- Claiming wakes on `notify()` (a run was queued in this process), on a `Waker`'s signal (on
-  PostgreSQL: `LISTEN` on the channel every run insert notifies, `runs/wakeup.py`), or every
-  `poll_seconds` as a safety net (a notification lost while the listening connection was down).
-  A run queued in this process while this worker has room (`has_room`) is announced by
-  `notify` only: its insert notifies nobody (`runs/service.py`). One queued while it is full is
-  announced twice, by `notify` and by the `LISTEN` echo of its insert, in either order: the
-  second is ignored (`_Announced`), or every such run would cost an empty claim.
+- A claim is one transaction that claims the run (`RunQueue.claim`: fair order, one active run
+  per thread, the per-user limit exact under its advisory lock) and starts it
+  (`ExecutionEngine.begin`: budget, history, input placement, `agent_started`); the run's task
+  executes it once that committed, with the lease the claim set and the heartbeat from then on.
+  If the start fails, the claim rolls back with it: on a lost database connection the run
+  simply stays queued for a later claim (never started, no attempt counted); on any other
+  error the run is ended failed from the queue (`fail_unstarted`), so that no claim takes it
+  again and fails the same way; over the engine's per-user slots in this process
+  (RunLimitError) it stays queued until one of that user's runs here ends.
+- The worker claims again at once only when its last claim saw another claimable run
+  (`Claimed.more`, looked for while a slot is free). Else it waits to be woken: by `notify()`
+  (a run was queued in this process), by a `Waker`'s signal (on PostgreSQL: `LISTEN` on the
+  channel every run insert notifies, `runs/wakeup.py`), by a run of its own ending while the
+  last claim held runs back (behind a thread, or a user at the limit: `Claimed.held_back`), by
+  the reaper, or every `poll_seconds` as a safety net (a notification lost while the
+  listening connection was down). The wake event is cleared only just before the claim it
+  leads to, and a claim counts as holding runs back until it tells otherwise: a run queued or
+  ended while a claim is in progress wakes the next one, never lost. A run queued in this
+  process while this worker has room (`has_room`) is announced by `notify` only: its insert
+  notifies nobody (`runs/service.py`). One queued while it is full is announced twice, by
+  `notify` and by the `LISTEN` echo of its insert, in either order: the second is ignored
+  (`_Announced`), or every such run would cost an empty claim.
 - The reaper finds running runs whose lease expired (their worker died): it requeues them until
   `max_attempts`, then ends them as failed (`worker_lost`) through `RunFinisher`. No run stays
   `running` forever.

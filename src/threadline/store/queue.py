@@ -17,6 +17,14 @@ heartbeats it. The claim is fair and safe:
   statements are built once per queue. A claim waits for that lock
   only while it holds no other: after skipping a full user it only tries the next one's.
   SQLite serializes writers (BEGIN IMMEDIATE), which gives the same guarantees.
+The claim's transaction goes on to start the run (`ExecutionEngine.begin`), which writes the
+run's thread; so the candidate query locks the thread's row with the run's (PostgreSQL, SKIP
+LOCKED on both). Writers that lock a thread and then its runs (archiving or deleting it, an
+interrupting post) then never hold one of the two while a claim holds the other, and a claim
+still waits for no row, only for a user's lock (no deadlock).
+The candidate query also tells the claimer what it saw beside the run it takes (`Claimed`):
+whether another run stays claimable (claim again at once), and whether queued runs are held
+back (behind their thread's active run, or their user's limit) that a run ending may free.
 Every write that ends or requeues a run is conditional on the run being exactly as the caller
 saw it (status, lease owner and attempt), so a worker that lost its lease, or an old attempt of
 a run its own worker claimed again, cannot overwrite the outcome of the one that took over.
