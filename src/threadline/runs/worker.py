@@ -258,6 +258,7 @@ class Worker:
     async def _release(self, run: Run, *, count_attempt: bool = False) -> None:
         async with self._db.begin() as conn:
             await self._queue.release(conn, run, count_attempt=count_attempt)
+        self._held_back = True  # handed back: queued again, and claimable once a run ends
 
     async def _release_or_let_expire(self, run: Run) -> None:
         try:
