@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -240,3 +241,63 @@ async def test_a_start_that_loses_the_database_leaves_the_run_queued_for_later(
     assert dropped == [run["id"]]
     events = await h.run_events(user, thread, run["id"])
     assert [e.data["attempt"] for e in events if e.type.value == "agent_started"] == [1]
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@pytest.mark.parametrize("change", ["archive", "delete"])
+async def test_a_thread_archived_or_deleted_during_its_runs_claim_waits_for_it(
+    h: Harness, change: str
+) -> None:
+    """The claim's transaction writes the run's thread as it starts the run, and archiving or
+    deleting a thread locks the thread, then its runs: the claim holds the thread's row from
+    its candidate query on, so the change waits for the claim (no deadlock), then ends the
+    run that the claim started. PostgreSQL only: SQLite serializes writers."""
+    user = await h.user()
+    thread = await h.thread(user)
+    queue = h.services.queue
+    real_claim = queue.claim
+    paused, resume = asyncio.Event(), asyncio.Event()
+
+    async def claim_held_open(*args: Any, **kwargs: Any) -> Claimed:
+        claimed = await real_claim(*args, **kwargs)
+        if claimed.run is not None and not paused.is_set():
+            paused.set()
+            async with asyncio.timeout(30):
+                await resume.wait()
+        return claimed
+
+    queue.claim = claim_held_open  # type: ignore[method-assign]
+    try:
+        run = await h.start(user, thread, "what is 12*7?", agent="blocker")
+        async with asyncio.timeout(30):
+            await paused.wait()
+        if change == "archive":
+            request = h.client.patch(
+                f"/v1/threads/{thread}", json={"status": "archived"}, headers=user.headers
+            )
+        else:
+            request = h.client.delete(f"/v1/threads/{thread}", headers=user.headers)
+        changing = asyncio.create_task(request)
+        await wait_until(lambda: _lock_waits(h), what="the thread's change to wait for the claim")
+        resume.set()
+        response = await asyncio.wait_for(changing, timeout=30)
+        assert response.status_code in (200, 204), response.text
+        if change == "archive":
+            done = await h.wait_run(user, thread, run["id"])
+            assert done["status"] == "cancelled", done
+            assert done["error"]["reason"] == "thread_archived", done
+        h.controls.gate.set()
+    finally:
+        resume.set()
+        del queue.claim
+
+
+async def _lock_waits(h: Harness) -> bool:
+    async with h.services.engine.connect() as conn:
+        waiting = await conn.scalar(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        )
+    return bool(waiting)

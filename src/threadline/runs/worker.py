@@ -97,6 +97,41 @@ class _Announced:
         return False
 
 
+class _WakeUp:
+    """The claim loop's wake-up: set by whatever may have made a run claimable. A wake-up that
+    only announced runs this worker has claimed since is withdrawn (`claimed`): the claim it
+    would lead to could only find nothing. Any other wake-up (an unnamed run, a run ending, a
+    run handed back) stays until the loop wakes on it, which is when all are cleared."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._runs: set[str] = set()
+        self._unnamed = False
+
+    def set(self, run_id: str | None = None) -> None:
+        if run_id is None:
+            self._unnamed = True
+        else:
+            self._runs.add(run_id)
+        self._event.set()
+
+    def claimed(self, run_id: str) -> None:
+        """This worker claimed `run_id` (and its claim committed)."""
+        self._runs.discard(run_id)
+        if not self._runs and not self._unnamed:
+            self._event.clear()
+
+    async def wait(self, seconds: float) -> None:
+        """Until woken, or for `seconds` at most; then cleared, right before the claim it leads
+        to: a wake-up that comes during that claim stays set, for the claim after it."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._event.wait()
+        self._event.clear()
+        self._runs.clear()
+        self._unnamed = False
+
+
 def new_worker_id() -> str:
     return f"{socket.gethostname()[:24]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -122,7 +157,7 @@ class Worker:
         self._finisher = finisher
         self._bus = bus
         self._waker = waker
-        self._wake = asyncio.Event()
+        self._wake = _WakeUp()
         self._announced = _Announced()
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(config.concurrency)
@@ -140,7 +175,7 @@ class Worker:
         announced already."""
         if run_id is not None and self._announced.again(run_id):
             return
-        self._wake.set()
+        self._wake.set(run_id)
 
     async def run(self) -> None:
         """Work until `stop()`; then drain gracefully and return."""
@@ -182,17 +217,14 @@ class Worker:
             if begun is None:
                 self._slots.release()
                 continue
+            # Announced, maybe during a claim, and taken now: not worth another claim.
+            self._wake.claimed(begun.run.id)
             task = group.create_task(self._execute(begun))
             self._executing.add(task)
             task.add_done_callback(self._executing.discard)
 
     async def _sleep_until_woken(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.config.poll_seconds):
-                await self._wake.wait()
-        # Cleared only here, right before the claim it leads to: a wake-up that comes during
-        # a claim stays set, and the claim after it sees what that claim could not.
-        self._wake.clear()
+        await self._wake.wait(self.config.poll_seconds)
 
     async def _claim(self) -> tuple[BegunRun | None, bool]:
         """Claim a run and start it, in one transaction; and whether to claim again at once
