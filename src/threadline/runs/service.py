@@ -64,8 +64,9 @@ class LocalWorker(Protocol):
         """Whether it would claim a run queued now at once (a free slot, not stopping)."""
         ...
 
-    def notify(self, run_id: str | None = None) -> None:
-        """A run was queued: `run_id` when its NOTIFY echo follows, else None."""
+    def notify(self, run_id: str | None = None, *, echoed: bool = True) -> None:
+        """A run was queued: `run_id` (None: maybe several); `echoed`: its NOTIFY echo
+        follows."""
         ...
 
 
@@ -196,7 +197,7 @@ class RunService:
         the local worker for the run it queued."""
         await self.stop_executing(list(posted.interrupted), reason=CancelReason.INTERRUPT)
         if posted.run is not None and self._worker is not None:
-            self._worker.notify(posted.run.id if posted.workers_notified else None)
+            self._worker.notify(posted.run.id, echoed=posted.workers_notified)
 
     async def _queue(
         self,

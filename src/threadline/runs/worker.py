@@ -170,10 +170,11 @@ class Worker:
         free and the worker is not stopping (`runs/service.py` then notifies no other worker)."""
         return not self._slots.locked() and not self._stopping.is_set()
 
-    def notify(self, run_id: str | None = None) -> None:
+    def notify(self, run_id: str | None = None, *, echoed: bool = True) -> None:
         """A run (`run_id`, or maybe several: None) was queued; claim unless that run was
-        announced already."""
-        if run_id is not None and self._announced.again(run_id):
+        announced already. `echoed`: the run is announced twice (its insert's NOTIFY echo
+        follows or came first); else this is its only announcement."""
+        if run_id is not None and echoed and self._announced.again(run_id):
             return
         self._wake.set(run_id)
 
