@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import collections
 import sqlite3
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import aiosqlite
 from sqlalchemy.dialects import registry
@@ -40,6 +42,7 @@ DRIVER_NAME = "sqlite+threadline"
 
 # description, rows, rowcount, lastrowid: what a finished statement leaves on its cursor.
 _Outcome = tuple[Any, list[Any], int, int | None]
+_T = TypeVar("_T")
 
 
 def _run_statement(
@@ -110,28 +113,112 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
         return self._trip(operation, seq_of_parameters, many=True)
 
     def _trip(self, operation: Any, parameters: Any, *, many: bool) -> None:
+        connection: OneTripConnection = self._adapt_connection  # type: ignore[assignment]
         try:
-            outcome = await_(self._in_thread(operation, parameters, many))
+            outcome = await_(connection.run(_run_statement, operation, parameters, many))
         except Exception as error:
-            self._adapt_connection._handle_exception(error)
+            connection._handle_exception(error)
         self._description, rows, self._rowcount, self._lastrowid = outcome
         self._rows = collections.deque(rows)
-
-    async def _in_thread(self, operation: Any, parameters: Any, many: bool) -> _Outcome:
-        connection: aiosqlite.Connection = self._connection  # type: ignore[assignment]
-        async with self._adapt_connection._execute_mutex:
-            outcome: _Outcome = await connection._execute(  # type: ignore[no-untyped-call]
-                _run_statement, connection._conn, operation, parameters, many
-            )
-            return outcome
 
     def setinputsizes(self, *inputsizes: Any) -> None:
         pass  # sqlite3 ignores input sizes
 
 
 class OneTripConnection(AsyncAdapt_aiosqlite_connection):
-    __slots__ = ()
+    """A connection whose statements are one trip each, or none while it holds SQLite's
+    write lock (see the module docstring)."""
+
+    __slots__ = ("_inline", "_using")
     _cursor_cls = OneTripCursor  # type: ignore[assignment]  # a subclass, mypy disagrees
+
+    def __init__(self, dbapi: Any, connection: Any) -> None:
+        super().__init__(dbapi, connection)
+        self._inline = False  # between a `begin_writing` and the end of its transaction
+        # Held by whichever thread is inside the sqlite3 connection: the loop's, running a
+        # statement inline, or aiosqlite's, on a trip. A trip still under way (its caller was
+        # cancelled) makes the next statement a trip too, queued behind it.
+        self._using = threading.Lock()
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(sqlite3_connection, *args)`: here and now while the connection writes, else
+        on the connection's thread."""
+        if self._inline and self._using.acquire(blocking=False):
+            try:
+                return fn(self._sqlite, *args)
+            finally:
+                self._using.release()
+        async with self._execute_mutex:
+            result: _T = await self._connection._execute(self._in_thread, fn, *args)
+            return result
+
+    def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        with self._using:
+            return fn(self._sqlite, *args)
+
+    @property
+    def _sqlite(self) -> sqlite3.Connection:
+        sqlite: sqlite3.Connection = self._connection._conn  # raises once closed
+        return sqlite
+
+    def begin_writing(self, statement: str, busy_timeout_ms: int) -> None:
+        """Begin a transaction that takes SQLite's write lock (`BEGIN IMMEDIATE`); its
+        statements then run inline until it ends."""
+        try:
+            await_(self._begin_writing(statement, busy_timeout_ms))
+        except Exception as error:
+            self._handle_exception(error)
+
+    async def _begin_writing(self, statement: str, busy_timeout_ms: int) -> None:
+        self._inline = True
+        try:
+            await self.run(_execute, statement)  # the connection's busy timeout is 0
+            return
+        except sqlite3.OperationalError as error:
+            self._inline = False
+            if error.sqlite_errorcode != sqlite3.SQLITE_BUSY or busy_timeout_ms <= 0:
+                raise
+        except BaseException:
+            self._inline = False
+            raise
+        # Another process holds the lock: wait for it on the thread, in SQLite's busy
+        # handler, as long as the engine's busy timeout allows.
+        await self.run(_begin_waiting, statement, busy_timeout_ms)
+        self._inline = True
+
+    def commit(self) -> None:
+        self._end(sqlite3.Connection.commit)
+
+    def rollback(self) -> None:
+        self._end(sqlite3.Connection.rollback)
+
+    def _end(self, end: Callable[[sqlite3.Connection], None]) -> None:
+        # Nothing to end (the pool's reset of a connection it takes back, after a commit):
+        # sqlite3 would do nothing either, but only after a trip.
+        if not self._in_transaction():
+            return
+        try:
+            await_(self.run(end))
+        except Exception as error:
+            self._handle_exception(error)
+        finally:
+            self._inline = self._inline and self._in_transaction()
+
+    def _in_transaction(self) -> bool:
+        connection = self._connection._connection  # None once closed
+        return connection is not None and connection.in_transaction
+
+
+def _execute(connection: sqlite3.Connection, statement: str) -> None:
+    connection.execute(statement)
+
+
+def _begin_waiting(connection: sqlite3.Connection, statement: str, busy_timeout_ms: int) -> None:
+    connection.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+    try:
+        connection.execute(statement)
+    finally:
+        connection.execute("PRAGMA busy_timeout=0")
 
 
 class OneTripDBAPI(AsyncAdapt_aiosqlite_dbapi):
@@ -147,15 +234,33 @@ class OneTripDialect(SQLiteDialect_aiosqlite):
 
     # Not keyword-only: create_engine() finds a dialect's own arguments by their names in the
     # positional part of the signature.
-    def __init__(self, begin_statement: str = "BEGIN IMMEDIATE", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        begin_statement: str = "BEGIN IMMEDIATE",
+        writes_inline: bool = False,
+        busy_timeout_ms: int = 0,
+        after_commit: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.begin_statement = begin_statement
+        self.writes_inline = writes_inline
+        self.busy_timeout_ms = busy_timeout_ms
+        self.after_commit = after_commit
 
     @classmethod
     def import_dbapi(cls) -> OneTripDBAPI:
         return OneTripDBAPI(aiosqlite, sqlite3)
 
+    def do_commit(self, dbapi_connection: Any) -> None:
+        dbapi_connection.commit()
+        if self.after_commit is not None:
+            self.after_commit()
+
     def do_begin(self, dbapi_connection: Any) -> None:
+        if self.writes_inline:
+            dbapi_connection.begin_writing(self.begin_statement, self.busy_timeout_ms)
+            return
         # The connections run with isolation_level=None (the driver begins nothing by itself).
         cursor = dbapi_connection.cursor()
         try:

@@ -46,6 +46,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 # Importing the driver module registers its dialect under DRIVER_NAME.
+from threadline.store._sqlite_checkpoints import Checkpointer
 from threadline.store._sqlite_driver import DRIVER_NAME
 from threadline.store.errors import DatabaseBusyError
 
@@ -103,7 +104,7 @@ class GatedConnection(AsyncConnection):
     """A connection that holds a slot of its engine's gate from before the pool checkout until
     it is closed."""
 
-    __slots__ = ("_gate", "_holds_slot")
+    __slots__ = ("_gate", "_holds_slot", "_checkpointer")
 
     def __init__(self, async_engine: AsyncEngine, sync_connection: Connection | None = None):
         super().__init__(async_engine, sync_connection)
@@ -111,6 +112,7 @@ class GatedConnection(AsyncConnection):
             raise TypeError("a GatedConnection belongs to a GatedEngine")
         self._gate = async_engine.gate
         self._holds_slot = False
+        self._checkpointer = async_engine.checkpointer
 
     async def start(self, is_ctxmanager: bool = False) -> AsyncConnection:
         await self._gate.acquire()
@@ -121,9 +123,24 @@ class GatedConnection(AsyncConnection):
             self._release_slot()
             raise
 
+    async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
+        if self.in_transaction():
+            # A rollback: SQLAlchemy runs the close in a task of its own, which a
+            # cancellation of this one cannot cut short.
+            await super().__aexit__(type_, value, traceback)
+            return
+        # Nothing left to end: the close only hands the connection back to the pool, which
+        # no cancellation can cut short (it does not wait for anything), so it needs no task
+        # of its own (that task cost a turn of the event loop with the gate held, and every
+        # writer waited for it). A checkpoint that is due is waited for, and cut short by a
+        # cancellation harmlessly: it goes on in its thread, beside the next writer.
+        await self.close()
+
     async def close(self) -> None:
         try:
             await super().close()
+            if self._checkpointer is not None:
+                await self._checkpointer.checkpoint_if_due()  # while this writer holds the gate
         finally:
             self._release_slot()
 
@@ -136,26 +153,34 @@ class GatedConnection(AsyncConnection):
 class GatedEngine(AsyncEngine):
     """An `AsyncEngine` whose connections take a slot of `gate` first."""
 
-    __slots__ = ("gate",)
+    __slots__ = ("gate", "checkpointer")
     _connection_cls = GatedConnection
 
-    def __init__(self, sync_engine: Engine, *, gate: Gate) -> None:
+    def __init__(
+        self, sync_engine: Engine, *, gate: Gate, checkpointer: Checkpointer | None = None
+    ) -> None:
         super().__init__(sync_engine)
         self.gate = gate
+        self.checkpointer = checkpointer
 
 
 class SQLiteEngine(GatedEngine):
-    """The writer's engine (`connect()`, `begin()`), with the readers' beside it."""
+    """The writer's engine (`connect()`, `begin()`), with the readers' and the writer's
+    checkpointer beside it."""
 
     __slots__ = ("readers",)
 
-    def __init__(self, sync_engine: Engine, *, gate: Gate, readers: GatedEngine) -> None:
-        super().__init__(sync_engine, gate=gate)
+    def __init__(
+        self, sync_engine: Engine, *, gate: Gate, readers: GatedEngine, checkpointer: Checkpointer
+    ) -> None:
+        super().__init__(sync_engine, gate=gate, checkpointer=checkpointer)
         self.readers = readers
 
     async def dispose(self, close: bool = True) -> None:
         await self.readers.dispose(close)
         await super().dispose(close)
+        if self.checkpointer is not None:
+            await self.checkpointer.close()
 
 
 def sync_engines(engine: AsyncEngine) -> list[Engine]:
@@ -188,19 +213,25 @@ def create_sqlite_engine(
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     location = str(url.database)
 
-    def engine(*, begin_statement: str, connections: int) -> Engine:
+    checkpointer = Checkpointer(location)
+    busy_timeout_ms = int(busy_timeout_seconds * 1000)
+
+    def engine(*, begin_statement: str, connections: int, inline: bool = False) -> Engine:
         sync_engine = create_async_engine(
             url,
             echo=echo,
             begin_statement=begin_statement,
+            writes_inline=inline,
+            busy_timeout_ms=busy_timeout_ms,
+            after_commit=checkpointer.committed if inline else None,
             # The gate hands out at most this many connections, so the pool never makes
             # anyone wait; its timeout is only a backstop.
             pool_size=connections,
             max_overflow=0,
             pool_timeout=wait_timeout_seconds,
-            connect_args={"timeout": busy_timeout_seconds},
+            connect_args={"timeout": busy_timeout_seconds, "check_same_thread": not inline},
         ).sync_engine
-        _configure_connections(sync_engine, busy_timeout_ms=int(busy_timeout_seconds * 1000))
+        _configure_connections(sync_engine, busy_timeout_ms=busy_timeout_ms, inline=inline)
         return sync_engine
 
     def gate(kind: str, capacity: int) -> Gate:
@@ -213,13 +244,14 @@ def create_sqlite_engine(
         gate=gate("read", READERS),
     )
     return SQLiteEngine(
-        engine(begin_statement="BEGIN IMMEDIATE", connections=1),
+        engine(begin_statement="BEGIN IMMEDIATE", connections=1, inline=True),
         gate=gate("write", 1),
         readers=readers,
+        checkpointer=checkpointer,
     )
 
 
-def _configure_connections(sync_engine: Engine, *, busy_timeout_ms: int) -> None:
+def _configure_connections(sync_engine: Engine, *, busy_timeout_ms: int, inline: bool) -> None:
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control from the driver: the dialect's `do_begin` starts them.
@@ -238,4 +270,11 @@ def _configure_connections(sync_engine: Engine, *, busy_timeout_ms: int) -> None
             "temp_store=MEMORY",
         ):
             cursor.execute(f"PRAGMA {pragma}")
+        if inline:
+            # The writer's statements run on the event loop (store/_sqlite_driver.py), where
+            # nothing may wait: its BEGIN fails at once when another process holds the lock
+            # (and is then retried on its thread, on `busy_timeout_ms`), and its commits
+            # leave checkpoints to the checkpointer's thread (store/_sqlite_checkpoints.py).
+            cursor.execute("PRAGMA busy_timeout=0")
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
