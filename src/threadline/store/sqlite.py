@@ -13,6 +13,13 @@ much of a run's latency, and each sleeping writer held a pooled connection. So h
   has a pool of its own, one connection, whose transactions begin with `BEGIN IMMEDIATE`
   (taking SQLite's write lock up front); its page cache stays valid from one write to the
   next, since no other connection of the process writes.
+- **The gate is held for CPU time only.** While it holds the write lock the writer runs its
+  statements on the event loop's thread, not on aiosqlite's (store/_sqlite_driver.py), and a
+  writer whose transaction ended hands the connection back without SQLAlchemy's extra task
+  (`GatedConnection.__aexit__`): from taking the gate to handing it on, a write transaction
+  that awaits nothing else lets no other task run, so in the common case no writer waits for
+  the gate at all. The gate still serializes writers that do await something inside their
+  transaction, and it is what makes a claim's read-then-write exact.
 - **Readers never wait for the writer.** `read_transaction` (store/db.py) opens its
   connection with `reader(engine)`: one of `READERS` connections of the readers' pool (behind
   a gate of their own, for the same bounded waits), whose transactions begin deferred; under
@@ -27,12 +34,18 @@ much of a run's latency, and each sleeping writer held a pooled connection. So h
 - **Other processes** on the same file (`threadline worker`, the admin CLI, `threadline
   migrate`) have gates of their own; between processes SQLite's lock decides, and
   `busy_timeout` stays as the fallback that makes a writer of one process wait for a writer of
-  another instead of failing with "database is locked".
+  another instead of failing with "database is locked" (that wait is on the connection's
+  thread, never on the event loop).
+- **Checkpoints** copy the WAL back into the database file every `EVERY_COMMITS` commits, on
+  a worker thread, while the writer that made the last of them still holds the gate
+  (store/_sqlite_checkpoints.py); the writer's commits never checkpoint themselves.
 
 Durability (`journal_mode=WAL`, `synchronous=NORMAL`): every commit is atomic and survives a
 crash of the process; the WAL is synced to disk at checkpoints rather than at each commit, so
 a power loss or an operating-system crash can lose the last transactions before it (they roll
-back whole; the database is never corrupted).
+back whole; the database is never corrupted). `synchronous=FULL` would sync the WAL at every
+commit: a disk flush inside the COMMIT, on the event loop's thread, for each of a run's seven
+write transactions; kept at NORMAL, the choice SQLite recommends for WAL.
 """
 
 from __future__ import annotations
