@@ -25,9 +25,9 @@ Model:
   between reading the top and appending). A delta is appended once: a batch retried after a
   dead connection carries only its durable events (the script chose the delta's id, so a
   second append would deliver it twice).
-  Each append trims the stream to about `max_len` entries (`MAXLEN ~`) and re-arms the key's
-  expiry, so a thread's stream disappears `ttl_seconds` after its last event (the ids are
-  sequence numbers, not times, so age cannot trim by `MINID`). A failed append is logged and
+  Each append trims the stream to about `max_len` entries (`MAXLEN ~`) and each batch re-arms
+  the key's expiry, so a thread's stream disappears `ttl_seconds` after its last event (the
+  ids are sequence numbers, not times, so age cannot trim by `MINID`). A failed append is logged and
   dropped, as is an event that finds the queue full: a durable event is already in the
   database, and readers notice the hole and catch up from there.
 - Reading: a process reads only the streams of threads its own subscribers watch, over a fixed
@@ -384,6 +384,9 @@ class RedisBus:
         entry id, or the error)."""
         config = self._config
         appends: list[int] = []  # the index of each event's append among the pipe's commands
+        # One expiry per stream per batch, after its appends: one per durable event doubled
+        # the commands (and the replies to parse) a run's events cost.
+        expiring: dict[bytes, None] = {}
         async with self._redis.pipeline(transaction=False) as pipe:
             for event in batch:
                 key = self._key(event.thread_id)
@@ -396,7 +399,7 @@ class RedisBus:
                         maxlen=config.max_len,
                         approximate=True,
                     )
-                    pipe.expire(key, config.ttl_seconds)
+                    expiring[key] = None
                 else:  # the script expires the key itself
                     pipe.eval(
                         _APPEND_EPHEMERAL,
@@ -407,6 +410,8 @@ class RedisBus:
                         config.max_len,
                         config.ttl_seconds,
                     )
+            for key in expiring:
+                pipe.expire(key, config.ttl_seconds)
             results = list(await pipe.execute(raise_on_error=False))
         return [results[index] for index in appends]
 

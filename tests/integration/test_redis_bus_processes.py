@@ -1,0 +1,146 @@
+"""The Redis bus with two real processes on one thread, and what a batch costs Redis.
+
+- Per-thread order across processes (`events/redis_bus.py`): this process and a second one
+  (`tests/bus_publisher.py`) publish on one thread at once, each durable event numbered and
+  published under the thread's lock as `events/publisher.py` does, each followed by a delta:
+  every listener gets every durable event once and in order, every delta once and in place
+  (after the durable event it follows, before its publisher's next one).
+- A batch re-arms a stream's expiry once, not once per event (a private redis-server, whose
+  command counts are this test's alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from tests.bus_publisher import publish_turns
+from tests.private_redis import private_redis
+from threadline.events.redis_bus import RedisBus, RedisBusConfig
+from threadline.events.types import Event, EventType
+
+pytestmark = pytest.mark.integration
+WAIT = 30.0
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@asynccontextmanager
+async def _bus(url: str, prefix: str) -> AsyncIterator[RedisBus]:
+    bus = RedisBus(url, config=RedisBusConfig(prefix=prefix))
+    bus.start()
+    try:
+        yield bus
+    finally:
+        await bus.aclose()
+
+
+async def _until(condition: Callable[[], bool], within: float = WAIT) -> None:
+    async with asyncio.timeout(within):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"tlbus-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def shared_redis(redis_url: str, prefix: str) -> AsyncIterator[str]:
+    yield redis_url
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+def _check_order(seen: list[Event], *, count: int) -> None:
+    """Every durable event once, in seq order; every delta once, after the durable event it
+    follows and before its publisher's next one, with the seq of the durable event just
+    before it (what the gateway sends in place)."""
+    durable = [e.seq for e in seen if e.durable]
+    assert durable == list(range(1, count + 1))
+    deltas = [(e.data["by"], e.data["after"]) for e in seen if not e.durable]
+    assert len(deltas) == len(set(deltas)) == count, "a delta was lost or repeated"
+    last, by_seq = 0, {}
+    for event in seen:
+        if event.durable:
+            last = event.seq
+            by_seq[event.seq] = event.data["by"]
+            continue
+        assert event.seq == last, f"delta {event.data} at seq {event.seq} after durable {last}"
+        after = int(str(event.data["after"]))
+        assert after <= last, f"delta {event.data} before its own durable event"
+        later_own = [s for s in range(after + 1, last + 1) if by_seq.get(s) == event.data["by"]]
+        assert not later_own, f"delta {event.data} after its publisher's next event {later_own}"
+
+
+async def test_two_processes_publishing_on_one_thread_keep_one_order(
+    shared_redis: str, prefix: str
+) -> None:
+    """This process (A) and a real second one (B) take turns on one thread as fast as they
+    can, each durable event numbered and published under the thread's lock, each followed by
+    a delta: A's listener and a third bus's each get all of them once, in order, every delta
+    in place."""
+    count = 150
+    thread = "thr_two"
+    at_a: list[Event] = []
+    at_c: list[Event] = []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    async with _bus(shared_redis, prefix) as a, _bus(shared_redis, prefix) as c:
+        for bus, seen in ((a, at_a), (c, at_c)):
+            bus.subscribe(thread, seen.append)
+            await bus.ready(thread)
+        other = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.bus_publisher", shared_redis, prefix, thread,
+            str(count), "B", cwd=ROOT, env=env,
+        )  # fmt: skip
+        try:
+            await publish_turns(a, shared_redis, prefix, thread, count, "A")
+            async with asyncio.timeout(WAIT):
+                assert await other.wait() == 0
+        finally:
+            if other.returncode is None:
+                other.kill()
+                await other.wait()
+        total = 2 * count
+        await _until(lambda: sum(not e.durable for e in at_a) == total and len(at_c) == 2 * total)
+        assert {e.data["by"] for e in at_a if e.durable} == {"A", "B"}
+    for seen in (at_a, at_c):
+        _check_order(seen, count=total)
+
+
+async def test_a_batch_rearms_its_streams_expiry_once(tmp_path: Path) -> None:
+    prefix = f"tlbus-{uuid.uuid4().hex[:10]}"
+    with private_redis(tmp_path) as server:
+        async with _bus(server.url, prefix) as bus:
+            events = [
+                Event(EventType.THREAD_UPDATED, thread, "usr_test", seq, {"n": seq})
+                for thread in ("thr_a", "thr_b")
+                for seq in range(1, 6)
+            ]
+            client = Redis.from_url(server.url)
+            try:
+                await client.config_resetstat()
+                await bus.publish_many(events)
+                await bus.flush()
+                stats = await client.info("commandstats")
+                ttls = [await client.ttl(f"{prefix}:events:{t}") for t in ("thr_a", "thr_b")]
+            finally:
+                await client.aclose()
+    assert stats["cmdstat_xadd"]["calls"] == 10
+    assert stats["cmdstat_expire"]["calls"] == 2, stats
+    assert all(0 < ttl <= RedisBusConfig().ttl_seconds for ttl in ttls), ttls
