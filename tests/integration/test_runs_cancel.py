@@ -114,6 +114,32 @@ async def test_cancel_of_a_queued_run_is_immediate(h: Harness) -> None:
     ]
 
 
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # SQLite: writers take turns
+async def test_cancel_of_a_run_claimed_while_it_is_cancelled_stops_it(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cancel reads the run queued; a worker claims and starts it before the cancel's write.
+    service = h.services.run_service
+    cancel_queued = service._cancel_queued
+
+    async def claimed_meanwhile(conn: Any, ctx: Any, run: Any, reason: Any) -> bool:
+        await h.wait_tool_started(run.id)
+        return await cancel_queued(conn, ctx, run, reason)
+
+    user = await h.user()
+    thread = await h.thread(user)
+    with monkeypatch.context() as patched:
+        patched.setattr(service, "_cancel_queued", claimed_meanwhile)
+        run = await h.start(user, thread, "what is 1+1?", agent="blocker")
+        response = await h.cancel(user, thread, run["id"])
+    assert response.status_code == 200, response.text
+    done = await h.wait_run(user, thread, run["id"])
+    assert done["status"] == "cancelled" and done["error"] == {"reason": "user"}, done
+    assert await _terminal_events(h, user, thread, run["id"]) == [
+        ("run_cancelled", {"reason": "user"})
+    ]
+
+
 async def test_cancel_of_a_finished_run_returns_it_unchanged(h: Harness) -> None:
     user = await h.user()
     thread = await h.thread(user)

@@ -51,7 +51,10 @@ async def test_a_run_the_local_worker_has_room_for_wakes_no_other_worker(setting
 async def test_a_run_queued_while_the_local_worker_is_full_wakes_the_others(
     settings_factory,
 ) -> None:
-    async with running_app(run_settings(settings_factory, worker_concurrency=1)) as h:
+    # No poll: a poll's claim holds the only slot for a moment, and a run posted then would
+    # notify the others rightly, which is not the case under test for `holding`.
+    settings = run_settings(settings_factory, worker_concurrency=1, worker_poll_seconds=600)
+    async with running_app(settings) as h:
         user = await h.user()
         busy, waiting = await h.thread(user), await h.thread(user, "second")
         async with listening(h) as heard:

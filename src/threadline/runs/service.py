@@ -281,10 +281,12 @@ class RunService:
             run = await self._runs.get(conn, ctx, run_id)
             if run.thread_id != thread_id:
                 raise NotFoundError("run", run_id)
-            if run.status is RunStatus.QUEUED and await self._cancel_queued(
-                conn, ctx, run, CancelReason.USER
-            ):
-                return await self._runs.get(conn, ctx, run_id)
+            if run.status is RunStatus.QUEUED:
+                if await self._cancel_queued(conn, ctx, run, CancelReason.USER):
+                    return await self._runs.get(conn, ctx, run_id)
+                # A worker's claim committed between the read and the cancel (PostgreSQL: the
+                # read locked nothing): cancel the run as it is now.
+                run = await self._runs.get(conn, ctx, run_id)
             if run.status is not RunStatus.RUNNING:
                 return run
             await self._runs.mark_cancel_requested(conn, ctx, run_id)
