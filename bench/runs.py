@@ -126,8 +126,9 @@ TARGETS = {
     "transactions_per_run": 6.0, "round_trips_per_run": 40.0,
     "first_event_p99_ms": 50.0, "completed_p99_ms": 400.0,
 }
-# The best-known open peer's dev server on this machine, same workload (in memory, nothing
-# durable): the reference for ratios.
+# The figure issue 11 was written against: the reference peer's dev server (in memory, nothing
+# durable) on the machine of that day. Machines differ by up to 2x: for ratios, measure the
+# peer in the same sitting with bench/peer/ (README there) and compare with bench/peer/compare.py.
 REFERENCE_PEER = {"runs_per_second": 30.0, "server_cpu_ms_per_run": 28.0}
 TOPOLOGIES = ("serve", "serve-workers-2", "api1-worker1")
 SQLITE_TOPOLOGIES = ("serve",)  # SQLite refuses several processes (one writer, in-process bus)
@@ -685,9 +686,9 @@ def comparison(backend: str, topology: str, result: dict[str, object]) -> list[s
     def mark(ok: bool) -> str:
         return "PASS" if ok else "MISS"
 
-    lines = [f"[{backend} / {topology}] vs issue 11's targets and the reference peer "
+    lines = [f"[{backend} / {topology}] vs issue 11's targets and its reference figure "
              f"(~{peer['runs_per_second']:.0f} runs/s, ~{peer['server_cpu_ms_per_run']:.0f} ms "
-             "CPU/run):"]
+             "CPU/run, another machine: measure the peer here with bench/peer/):"]
     for r in levels:
         users, rate, cpu = r["users"], r["runs_per_second"], r["server_cpu_ms_per_run"]
         at = f"  {r['users']} users (load {r['load_average_after'][0]}):"
@@ -695,12 +696,12 @@ def comparison(backend: str, topology: str, result: dict[str, object]) -> list[s
             lines.append(f"{at} {mark(rate >= own['runs_per_second_at_32'])} runs/s {rate} "
                          f"(target >= {own['runs_per_second_at_32']:.0f}"
                          f"{' with the best 2-core topology' if backend == 'postgres' else ''}; "
-                         f"x{rate / peer['runs_per_second']:.2f} the peer's)")
+                         f"x{rate / peer['runs_per_second']:.2f} the reference figure)")
         else:
             lines.append(f"{at} info runs/s {rate}")
         lines.append(f"{at} {mark(cpu <= own['server_cpu_ms_per_run'])} server CPU/run {cpu} ms "
                      f"(target <= {own['server_cpu_ms_per_run']:.0f}; "
-                     f"x{cpu / peer['server_cpu_ms_per_run']:.2f} the peer's)")
+                     f"x{cpu / peer['server_cpu_ms_per_run']:.2f} the reference figure)")
         counted = r.get("database")
         if isinstance(counted, dict):
             each = counted["per_run"]
