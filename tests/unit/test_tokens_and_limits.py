@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from unittest.mock import patch
 
 import jwt
 import pytest
@@ -125,6 +126,38 @@ def _tamper_payload(token: str) -> str:
 def _alg_none(token: str) -> str:
     payload = jwt.decode(token, options={"verify_signature": False})
     return jwt.encode(payload, None, algorithm="none")
+
+
+def test_a_verified_token_is_checked_again_only_for_its_expiry() -> None:
+    now = [datetime.now(UTC).replace(microsecond=0).timestamp()]
+    codec = TokenCodec(SECRET, ttl_seconds=60, clock=lambda: now[0])
+    issued = codec.issue(new_id(IdPrefix.USER), now=datetime.fromtimestamp(now[0], UTC))
+    assert codec.decode(issued.token) == issued.claims
+    with patch("jwt.decode", side_effect=AssertionError("verified again")):
+        assert codec.decode(issued.token) == issued.claims  # kept: not verified again
+        now[0] = issued.claims.expires_at.timestamp()  # `exp` reached: expired, as PyJWT says
+        with pytest.raises(AuthError) as expired:
+            codec.decode(issued.token)
+    assert expired.value.code == "token_expired"
+
+
+def test_only_verified_tokens_are_kept_and_only_so_many() -> None:
+    codec = TokenCodec(SECRET, ttl_seconds=3600, kept=2)
+    genuine = codec.issue(new_id(IdPrefix.USER)).token
+    codec.decode(genuine)
+    # Same claims, another signature: its own text, verified on its own, refused every time.
+    header, payload, _ = genuine.split(".")
+    forged = f"{header}.{payload}.{_sign(_claims()).split('.')[2]}"
+    for _ in range(2):
+        with pytest.raises(AuthError) as refused:
+            codec.decode(forged)
+        assert refused.value.code == "token_invalid"
+    for _ in range(2):  # two more clients: the least recently used one goes
+        codec.decode(codec.issue(new_id(IdPrefix.USER)).token)
+    verify = patch("jwt.decode", side_effect=AssertionError("verified again"))
+    with verify as verified, pytest.raises(AssertionError):
+        codec.decode(genuine)  # forgotten: verified again
+    assert verified.called
 
 
 @pytest.mark.parametrize(
