@@ -18,6 +18,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from tests.conftest import _delete_prefix
 from tests.private_redis import PrivateRedis, private_redis
 from threadline.api.live.gateway import Connection, Gateway, settled_reader
 from threadline.api.live.streams import subscribe
@@ -74,13 +75,7 @@ def prefix() -> str:
 @pytest.fixture
 async def shared_redis(redis_url: str, prefix: str) -> AsyncIterator[str]:
     yield redis_url
-    client = Redis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=500)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await _delete_prefix(redis_url, prefix)
 
 
 async def test_events_published_by_one_process_arrive_in_order_at_another(

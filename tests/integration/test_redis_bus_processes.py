@@ -15,56 +15,21 @@ import asyncio
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
 from tests.bus_publisher import publish_turns
+from tests.integration.test_redis_bus import WAIT, _bus, _until, prefix, shared_redis
 from tests.private_redis import private_redis
-from threadline.events.redis_bus import RedisBus, RedisBusConfig
+from threadline.events.redis_bus import RedisBusConfig
 from threadline.events.types import Event, EventType
 
+__all__ = ["prefix", "shared_redis"]  # the fixtures, imported for this module's tests
+
 pytestmark = pytest.mark.integration
-WAIT = 30.0
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@asynccontextmanager
-async def _bus(url: str, prefix: str) -> AsyncIterator[RedisBus]:
-    bus = RedisBus(url, config=RedisBusConfig(prefix=prefix))
-    bus.start()
-    try:
-        yield bus
-    finally:
-        await bus.aclose()
-
-
-async def _until(condition: Callable[[], bool], within: float = WAIT) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"tlbus-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-async def shared_redis(redis_url: str, prefix: str) -> AsyncIterator[str]:
-    yield redis_url
-    client = Redis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=500)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 def _check_order(seen: list[Event], *, count: int) -> None:
