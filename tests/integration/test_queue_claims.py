@@ -103,3 +103,41 @@ async def test_many_claimers_at_once_fill_each_user_exactly_to_the_limit(h: Harn
     claimed = [run_id for taken in results for run_id in taken]
     assert len(claimed) == len(set(claimed)) == 2 * limit  # no run claimed twice
     assert await _running_by_user(h) == Counter({alice.id: limit, bob.id: limit})
+
+
+async def test_a_claim_reads_the_same_few_rows_however_many_runs_its_user_has_had(
+    h: Harness,
+) -> None:
+    """The fair claim asks when each waiting user was last served and how many runs they have
+    running; that must cost index probes, not a pass over every run they ever started (which
+    made each claim slower as users' histories grew). Counted, not timed: the rows of `runs`
+    this transaction read, by scans and through indexes (`pg_stat_xact_user_tables`), with
+    3,000 past runs."""
+    alice = await h.user()
+    thread = await h.thread(alice)
+    async with h.services.engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO runs (id, thread_id, user_id, agent, status, input, attempt,"
+                " max_attempts, cancel_requested, created_at, started_at, finished_at)"
+                " SELECT 'run_past_' || n, :thread, :user, 'echo', 'completed', '{}', 1, 1,"
+                " false, now() - n * interval '1 second', now() - n * interval '1 second',"
+                " now() - n * interval '1 second' FROM generate_series(1, 3000) AS n"
+            ),
+            {"thread": thread, "user": alice.id},
+        )
+    waiting = (await _queue(h, alice, 1))[0]
+    async with h.services.engine.begin() as conn:
+        claimed = await h.services.queue.claim_next(
+            conn, worker_id="w-history", lease_seconds=60, per_user_limit=4
+        )
+        read = (
+            await conn.execute(
+                sa.text(
+                    "SELECT seq_tup_read + idx_tup_fetch FROM pg_stat_xact_user_tables"
+                    " WHERE relname = 'runs'"
+                )
+            )
+        ).scalar_one()
+    assert claimed is not None and claimed.id == waiting
+    assert read < 100, f"the claim read {read} rows of runs"
