@@ -25,8 +25,10 @@ Model:
   between reading the top and appending). A delta is appended once: a batch retried after a
   dead connection carries only its durable events (the script chose the delta's id, so a
   second append would deliver it twice).
-  Each append trims the stream to about `max_len` entries (`MAXLEN ~`) and each batch re-arms
-  the key's expiry, so a thread's stream disappears `ttl_seconds` after its last event (the
+  Each append trims the stream to about `max_len` entries (`MAXLEN ~`). A process re-arms a
+  stream's expiry (`ttl_seconds`) with an append when it has not armed that stream for a
+  quarter of it (`_Expiries`), so a thread's stream disappears between three quarters of
+  `ttl_seconds` and `ttl_seconds` after its last event, whichever processes appended it (the
   ids are sequence numbers, not times, so age cannot trim by `MINID`). A failed append is logged and
   dropped, as is an event that finds the queue full: a durable event is already in the
   database, and readers notice the hole and catch up from there.
@@ -46,7 +48,8 @@ Model:
 - Control messages (`events/control.py`) travel by pub/sub on one more connection: a few
   milliseconds to every process. If Redis cannot take one, it is delivered in this process only
   (the run's row records a cancel for the worker's heartbeat either way).
-- Every Redis await has a deadline. The bus owns its tasks: `start()` starts them and
+- Every Redis await has a deadline (an `asyncio.timeout` around the call: see `__init__`).
+  The bus owns its tasks: `start()` starts them and
   `aclose()` stops them, from the lifespan that built the bus.
 """
 
@@ -57,8 +60,10 @@ import contextlib
 import dataclasses
 import json
 import logging
+import time
 import uuid
 import zlib
+from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -197,6 +202,37 @@ def _decode(raw: bytes, *, seq: int) -> Event:
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
+class _Expiries:
+    """When this process last armed each stream's expiry, so that it re-arms a stream at most
+    once per quarter of the expiry rather than with every batch (an EXPIRE per batch was a
+    quarter of the commands a run's events cost). Why a stream still lives at least three
+    quarters of `ttl_seconds` after its last append, from any process: that process armed it
+    with this append or less than a quarter before. Forgetting is always safe (the next append
+    re-arms): the table is bounded, and cleared when Redis may have restarted empty (a stream
+    an append created again has no expiry until armed)."""
+
+    def __init__(self, ttl_seconds: int, capacity: int = 10_000) -> None:
+        self._period = ttl_seconds / 4
+        self._capacity = capacity
+        self._armed: OrderedDict[bytes, float] = OrderedDict()
+
+    def due(self, key: bytes, now: float) -> bool:
+        armed = self._armed.get(key)
+        return armed is None or now - armed >= self._period
+
+    def armed(self, key: bytes, at: float) -> None:
+        self._armed.pop(key, None)
+        self._armed[key] = at
+        if len(self._armed) > self._capacity:
+            self._armed.popitem(last=False)
+
+    def forget(self, key: bytes) -> None:
+        self._armed.pop(key, None)
+
+    def clear(self) -> None:
+        self._armed.clear()
+
+
 def _stream_id(position: _EntryId) -> str:
     return f"{position[0]}-{position[1]}"
 
@@ -221,12 +257,15 @@ class RedisBus:
             raise ValueError("readers and keys_per_read must be positive")
         self._url = url
         self._config = config
+        # No `socket_timeout`, here or on the readers: every call below has its own deadline
+        # (`asyncio.timeout`, which disconnects a connection it interrupts), and with one
+        # redis-py wraps each send in `asyncio.wait_for` (a task per command) and each read in
+        # a timeout of its own: about 3 % of a server's CPU, for deadlines already there.
         self._redis: Redis = Redis(
             connection_pool=BlockingConnectionPool.from_url(
                 url,
                 max_connections=config.max_connections,
                 timeout=config.timeout_seconds,
-                socket_timeout=config.timeout_seconds,
                 socket_connect_timeout=config.timeout_seconds,
             )
         )
@@ -242,6 +281,7 @@ class RedisBus:
             maxsize=_OUTBOX_SIZE
         )
         self._positions = ThreadPositions()
+        self._expiries = _Expiries(config.ttl_seconds)
         self._outbox_full = False
         self._publish_failing = False
 
@@ -294,6 +334,7 @@ class RedisBus:
                 continue
             if event.type is EventType.THREAD_DELETED:
                 self._positions.forget(event.thread_id)
+                self._expiries.forget(self._key(event.thread_id))
             else:
                 self._positions.advance(event.thread_id, event.seq)
             sent = asyncio.get_running_loop().create_future()
@@ -351,7 +392,9 @@ class RedisBus:
                     # A pooled connection that a Redis restart left dead fails at first use;
                     # the pool drops it. Appending the durable events again is safe: their
                     # ids make it idempotent. Redis chose the ephemeral ones' ids, so those
-                    # might be appended twice: they are left out.
+                    # might be appended twice: they are left out. A restarted Redis may have
+                    # lost every expiry: they are all due again.
+                    self._expiries.clear()
                     batch = [event for event in batch if event.durable]
                     if not batch:
                         raise
@@ -384,9 +427,8 @@ class RedisBus:
         entry id, or the error)."""
         config = self._config
         appends: list[int] = []  # the index of each event's append among the pipe's commands
-        # One expiry per stream per batch, after its appends: one per durable event doubled
-        # the commands (and the replies to parse) a run's events cost.
-        expiring: dict[bytes, None] = {}
+        now = time.monotonic()
+        expiring: dict[bytes, None] = {}  # the streams due to be armed, once each, after appends
         async with self._redis.pipeline(transaction=False) as pipe:
             for event in batch:
                 key = self._key(event.thread_id)
@@ -399,7 +441,8 @@ class RedisBus:
                         maxlen=config.max_len,
                         approximate=True,
                     )
-                    expiring[key] = None
+                    if self._expiries.due(key, now):
+                        expiring[key] = None
                 else:  # the script expires the key itself
                     pipe.eval(
                         _APPEND_EPHEMERAL,
@@ -410,9 +453,13 @@ class RedisBus:
                         config.max_len,
                         config.ttl_seconds,
                     )
+            arming = len(pipe)
             for key in expiring:
                 pipe.expire(key, config.ttl_seconds)
             results = list(await pipe.execute(raise_on_error=False))
+        for key, result in zip(expiring, results[arming:], strict=True):
+            if not isinstance(result, Exception):
+                self._expiries.armed(key, now)
         return [results[index] for index in appends]
 
     def subscribe(
@@ -480,7 +527,6 @@ class RedisBus:
             reader: Redis = Redis.from_url(
                 self._url,
                 single_connection_client=True,
-                socket_timeout=config.block_seconds + config.timeout_seconds,
                 socket_connect_timeout=config.timeout_seconds,
             )
             try:
@@ -489,6 +535,7 @@ class RedisBus:
                 if failing:
                     logger.info("Redis reader %d reconnected; subscribers catch up", shard.index)
                     failing, delay = False, _BACKOFF_MIN_SECONDS
+                    self._expiries.clear()  # Redis may have restarted empty
                     for watch in tuple(shard.watches.values()):
                         watch.reset()
                 while True:
