@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from tests.bus_publisher import publish_turns
 from tests.integration.test_redis_bus import WAIT, _bus, _until, prefix, shared_redis
 from tests.private_redis import private_redis
-from threadline.events.redis_bus import RedisBusConfig
+from threadline.events.redis_bus import RedisBusConfig, _Expiries
 from threadline.events.types import Event, EventType
 
 __all__ = ["prefix", "shared_redis"]  # the fixtures, imported for this module's tests
@@ -88,24 +88,53 @@ async def test_two_processes_publishing_on_one_thread_keep_one_order(
         _check_order(seen, count=total)
 
 
-async def test_a_batch_rearms_its_streams_expiry_once(tmp_path: Path) -> None:
+async def test_a_stream_is_armed_once_per_period_and_again_after_redis_restarts(
+    tmp_path: Path,
+) -> None:
+    """One EXPIRE per stream for a batch; none for the next batch within the period; and a
+    Redis restarted empty (every stream and expiry gone) gets the streams armed again by the
+    next append, so none is left without an expiry."""
     prefix = f"tlbus-{uuid.uuid4().hex[:10]}"
+    threads = ("thr_a", "thr_b")
     with private_redis(tmp_path) as server:
         async with _bus(server.url, prefix) as bus:
-            events = [
-                Event(EventType.THREAD_UPDATED, thread, "usr_test", seq, {"n": seq})
-                for thread in ("thr_a", "thr_b")
-                for seq in range(1, 6)
-            ]
-            client = Redis.from_url(server.url)
-            try:
-                await client.config_resetstat()
-                await bus.publish_many(events)
-                await bus.flush()
-                stats = await client.info("commandstats")
-                ttls = [await client.ttl(f"{prefix}:events:{t}") for t in ("thr_a", "thr_b")]
-            finally:
-                await client.aclose()
-    assert stats["cmdstat_xadd"]["calls"] == 10
-    assert stats["cmdstat_expire"]["calls"] == 2, stats
-    assert all(0 < ttl <= RedisBusConfig().ttl_seconds for ttl in ttls), ttls
+
+            async def publish(seqs: range) -> tuple[dict[str, dict[str, int]], list[int]]:
+                events = [
+                    Event(EventType.THREAD_UPDATED, thread, "usr_test", seq, {"n": seq})
+                    for thread in threads
+                    for seq in seqs
+                ]
+                client = Redis.from_url(server.url)
+                try:
+                    await client.config_resetstat()
+                    await bus.publish_many(events)
+                    await bus.flush()
+                    stats = await client.info("commandstats")
+                    ttls = [await client.ttl(f"{prefix}:events:{t}") for t in threads]
+                finally:
+                    await client.aclose()
+                return stats, ttls
+
+            first, first_ttls = await publish(range(1, 6))
+            second, _ = await publish(range(6, 9))
+            server.stop()
+            server.start()  # same port, empty
+            third, third_ttls = await publish(range(9, 11))
+    assert first["cmdstat_xadd"]["calls"] == 10
+    assert first["cmdstat_expire"]["calls"] == 2, first
+    assert second["cmdstat_xadd"]["calls"] == 6
+    assert "cmdstat_expire" not in second, second
+    assert third["cmdstat_expire"]["calls"] == 2, third
+    for ttls in (first_ttls, third_ttls):
+        assert all(0 < ttl <= RedisBusConfig().ttl_seconds for ttl in ttls), ttls
+
+
+def test_a_stream_is_due_again_a_quarter_of_its_expiry_after_it_was_armed() -> None:
+    expiries = _Expiries(ttl_seconds=400)
+    assert expiries.due(b"k", now=0.0)
+    expiries.armed(b"k", at=0.0)
+    assert not expiries.due(b"k", now=99.9)
+    assert expiries.due(b"k", now=100.0)
+    expiries.forget(b"k")
+    assert expiries.due(b"k", now=1.0)
