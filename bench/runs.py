@@ -42,8 +42,9 @@ Measured per backend, topology and number of concurrent users, after a warm-up:
   subscribed, idle sockets (each on a thread of its own), per socket.
 
 `--profile DIR` records every process that does the work (not an idle supervisor) with py-spy
-attached by pid (`--gil`, 200 Hz, raw collapsed stacks), one file per process, named
-`<backend>-<topology>-<pid>.txt`, from start-up to the end of the topology's levels.
+attached by pid (`--gil`, 200 Hz, raw collapsed stacks), one file per process and level, named
+`<backend>-<topology>-<users>u-<pid>.txt`, over the measured runs only (not the set-up, the
+warm-up or the idle sockets), so that it shows the same work as the CPU figure.
 
 The server is a subprocess on a free loopback port: SQLite in a temporary directory, or a fresh
 PostgreSQL database (dropped afterwards) plus Redis under a unique key prefix (deleted
@@ -400,7 +401,8 @@ async def sequential_runs(sock: EventSocket, http: httpx.AsyncClient, count: int
 
 
 async def run_level(deployment: Deployment, http: httpx.AsyncClient, sockets: list[EventSocket],
-                    options: Options, counts: Counts | None) -> dict[str, object]:
+                    options: Options, counts: Counts | None, *, label: str
+                    ) -> dict[str, object]:
     runs = options.runs_for(len(sockets))
     servers, client_proc = deployment.processes, psutil.Process()
     async with asyncio.timeout(LEVEL_TIMEOUT):
@@ -411,11 +413,12 @@ async def run_level(deployment: Deployment, http: httpx.AsyncClient, sockets: li
             idle, before = await idle_rate(counts)
         load_before = os.getloadavg()
         server_cpu, client_cpu = [_cpu(p) for p in servers], _cpu(client_proc)
-        started = time.perf_counter()
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(sequential_runs(sock, http, runs, options.send))
-                     for sock in sockets]
-        wall = time.perf_counter() - started
+        with profiled(servers, options.profile, f"{label}-{len(sockets)}u"):
+            started = time.perf_counter()
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(sequential_runs(sock, http, runs, options.send))
+                         for sock in sockets]
+            wall = time.perf_counter() - started
         server_cpu = [_cpu(p) - before for p, before in zip(servers, server_cpu, strict=True)]
         client_cpu = _cpu(client_proc) - client_cpu
         spread = connections_by_process(deployment)
@@ -540,7 +543,7 @@ async def _bounded(factories: list, limit: int) -> list:  # type: ignore[type-ar
 # --- Per backend ----------------------------------------------------------------------------------
 
 
-async def drive(deployment: Deployment, options: Options, *, metrics_dir: Path,
+async def drive(deployment: Deployment, options: Options, *, metrics_dir: Path, label: str,
                 pg_database: str | None = None) -> dict[str, object]:
     """Every level on one deployment; `metrics_dir`: its processes' PROMETHEUS_MULTIPROC_DIR;
     `pg_database`: the PostgreSQL database it uses, whose pg_stat_database row is read (over
@@ -564,7 +567,8 @@ async def drive(deployment: Deployment, options: Options, *, metrics_dir: Path,
         levels = []
         try:
             for count in options.users:
-                result = await run_level(deployment, http, sockets[:count], options, counts)
+                result = await run_level(deployment, http, sockets[:count], options, counts,
+                                         label=label)
                 levels.append(result)
                 print_level(result)
                 print_database(result)
@@ -591,9 +595,8 @@ def _server_extra(options: Options, workdir: Path) -> dict[str, str]:
 
 async def _measure(topology: str, env: dict[str, str], workdir: Path, options: Options, *,
                    label: str, pg_database: str | None = None) -> dict[str, object]:
-    with deploy(topology, env, workdir) as deployment, \
-            profiled(deployment.processes, options.profile, label):
-        return await drive(deployment, options, metrics_dir=workdir / "metrics",
+    with deploy(topology, env, workdir) as deployment:
+        return await drive(deployment, options, metrics_dir=workdir / "metrics", label=label,
                            pg_database=pg_database)
 
 
