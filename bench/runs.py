@@ -3,13 +3,17 @@ on real WebSockets.
 
     python bench/runs.py --backend sqlite|postgres|both --out bench/results/runs.json \
         [--topology serve,serve-workers-2,api1-worker1] [--users 1,32] [--runs-per-user N] \
-        [--idle-sockets 1000] [--profile DIR]
+        [--idle-sockets 1000] [--past-runs N] [--profile DIR]
 
 Each simulated user has its own account, thread and WebSocket (authenticated with the first
 message, subscribed to its thread). It posts "what is 12*7?" with `"run": {"agent": "demo"}`
 (HTTP `POST /v1/threads/{id}/messages` by default, or the socket's `send_message` with
 `--send ws`) and posts the next message only after `agent_completed` arrived on its socket. The
 demo model answers at once (delay 0): one calculator tool call, then a short streamed answer.
+
+`--past-runs N` gives each user N finished runs on its thread before the first level, written
+straight into the database (no messages): a user with a history, as in production, where what
+a run costs must not grow with the runs before it (the fair claim once did).
 
 Topologies (`--topology`, comma-separated; SQLite runs only `serve`, the one process it can
 have):
@@ -70,7 +74,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -108,7 +112,9 @@ from _support import (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from threadline.settings import Settings
+from threadline.settings import Settings, normalize_database_url
+from threadline.store.db import create_engine
+from threadline.store.tables import runs as runs_table
 
 QUESTION = "what is 12*7?"
 RUN_TIMEOUT = 60.0  # one run, posting to agent_completed
@@ -151,6 +157,7 @@ class Options:
     count_statements: bool
     topologies: tuple[str, ...]
     profile: Path | None
+    past_runs: int = 0
 
     def runs_for(self, users: int) -> int:
         # Enough runs at one user for a p99, and ~640 runs at 32 users: a few seconds each.
@@ -543,8 +550,29 @@ async def _bounded(factories: list, limit: int) -> list:  # type: ignore[type-ar
 # --- Per backend ----------------------------------------------------------------------------------
 
 
+async def seed_past_runs(database_url: str, users: list[BenchUser], count: int) -> None:
+    """`count` completed runs per user on its thread, one second apart, ending a minute ago
+    (`--past-runs`); through the project's own engine and table, so on either backend."""
+    engine = create_engine(normalize_database_url(database_url))
+    ended = datetime.now(UTC) - timedelta(minutes=1)
+    try:
+        for user in users:
+            rows = [
+                {"id": f"run_past{user.thread_id[-16:]}{n:08d}", "thread_id": user.thread_id,
+                 "user_id": user.id, "agent": "demo", "status": "completed", "input": {},
+                 "attempt": 1, "max_attempts": 1, "cancel_requested": False,
+                 "created_at": (moment := ended - timedelta(seconds=count - n)),
+                 "started_at": moment, "finished_at": moment}
+                for n in range(count)
+            ]
+            async with asyncio.timeout(LEVEL_TIMEOUT), engine.begin() as conn:
+                await conn.execute(runs_table.insert(), rows)
+    finally:
+        await engine.dispose()
+
+
 async def drive(deployment: Deployment, options: Options, *, metrics_dir: Path, label: str,
-                pg_database: str | None = None) -> dict[str, object]:
+                database_url: str, pg_database: str | None = None) -> dict[str, object]:
     """Every level on one deployment; `metrics_dir`: its processes' PROMETHEUS_MULTIPROC_DIR;
     `pg_database`: the PostgreSQL database it uses, whose pg_stat_database row is read (over
     `options.postgres_url`'s database) around each level."""
@@ -559,6 +587,8 @@ async def drive(deployment: Deployment, options: Options, *, metrics_dir: Path, 
             counts = Counts(metrics_dir, pg_admin_dsn=admin, database=pg_database)
         async with asyncio.timeout(LEVEL_TIMEOUT):
             users = await register_many(http, most, with_thread=True)
+            if options.past_runs:
+                await seed_past_runs(database_url, users, options.past_runs)
             sockets = [EventSocket(await open_socket(server, u.token, u.thread_id,
                                                      compression=options.ws_compression), u)
                        for u in users]
@@ -597,7 +627,7 @@ async def _measure(topology: str, env: dict[str, str], workdir: Path, options: O
                    label: str, pg_database: str | None = None) -> dict[str, object]:
     with deploy(topology, env, workdir) as deployment:
         return await drive(deployment, options, metrics_dir=workdir / "metrics", label=label,
-                           pg_database=pg_database)
+                           database_url=env["THREADLINE_DATABASE_URL"], pg_database=pg_database)
 
 
 async def run_sqlite(options: Options, topology: str) -> dict[str, object]:
@@ -762,6 +792,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--topology", default="serve",
                         help=f"comma-separated, of {', '.join(TOPOLOGIES)} (default serve; "
                              "SQLite runs serve only)")
+    parser.add_argument("--past-runs", type=int, default=0, metavar="N",
+                        help="finished runs per user written into the database beforehand")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="py-spy raw profiles, one file per working server process")
     args = parser.parse_args(argv)
@@ -770,15 +802,16 @@ def parse_options(argv: list[str] | None = None) -> Options:
         parser.error(f"--topology takes some of {', '.join(TOPOLOGIES)}")
     users = tuple(sorted({int(n) for n in args.users.split(",") if n.strip()}))
     if not users or users[0] < 1 or args.warmup < 0 or args.idle_sockets < 0 \
-            or (args.runs_per_user is not None and args.runs_per_user < 1):
-        parser.error("--users, --runs-per-user, --warmup and --idle-sockets must be positive")
+            or (args.runs_per_user is not None and args.runs_per_user < 1) or args.past_runs < 0:
+        parser.error("--users, --runs-per-user, --warmup, --idle-sockets and --past-runs must "
+                     "be positive")
     return Options(
         backends=("sqlite", "postgres") if args.backend == "both" else (args.backend,),
         out=args.out, postgres_url=args.postgres_url, redis_url=args.redis_url, users=users,
         runs_per_user=args.runs_per_user, warmup=args.warmup, idle_sockets=args.idle_sockets,
         send=args.send, ws_compression=args.ws_compression == "on",
         count_statements=args.count_statements == "on", topologies=topologies,
-        profile=args.profile.resolve() if args.profile else None,
+        profile=args.profile.resolve() if args.profile else None, past_runs=args.past_runs,
     )
 
 
