@@ -29,9 +29,13 @@ Model:
   stream's expiry (`ttl_seconds`) with an append when it has not armed that stream for a
   quarter of it (`_Expiries`), so a thread's stream disappears between three quarters of
   `ttl_seconds` and `ttl_seconds` after its last event, whichever processes appended it (the
-  ids are sequence numbers, not times, so age cannot trim by `MINID`). A failed append is logged and
-  dropped, as is an event that finds the queue full: a durable event is already in the
-  database, and readers notice the hole and catch up from there.
+  ids are sequence numbers, not times, so age cannot trim by `MINID`). An append that does not
+  arm may not create the stream (`NOMKSTREAM`): a stream gone meanwhile (Redis restarted empty,
+  say) is created again by an append that arms it, so no stream is ever left without an
+  expiry. (A durable event that came after a delta the script placed in the new stream is then
+  refused as out of order; readers reset after a restart and catch up from the database.)
+  A failed append is logged and dropped, as is an event that finds the queue full: a durable
+  event is already in the database, and readers notice the hole and catch up from there.
 - Reading: a process reads only the streams of threads its own subscribers watch, over a fixed
   number of reader connections (`readers`) whatever the number of threads. A thread belongs to
   one shard by hash; each shard's task runs `XREAD BLOCK` over all its streams (at most
@@ -208,8 +212,7 @@ class _Expiries:
     quarter of the commands a run's events cost). Why a stream still lives at least three
     quarters of `ttl_seconds` after its last append, from any process: that process armed it
     with this append or less than a quarter before. Forgetting is always safe (the next append
-    re-arms): the table is bounded, and cleared when Redis may have restarted empty (a stream
-    an append created again has no expiry until armed)."""
+    re-arms), so the table is bounded."""
 
     def __init__(self, ttl_seconds: int, capacity: int = 10_000) -> None:
         self._period = ttl_seconds / 4
@@ -225,12 +228,6 @@ class _Expiries:
         self._armed[key] = at
         if len(self._armed) > self._capacity:
             self._armed.popitem(last=False)
-
-    def forget(self, key: bytes) -> None:
-        self._armed.pop(key, None)
-
-    def clear(self) -> None:
-        self._armed.clear()
 
 
 def _stream_id(position: _EntryId) -> str:
@@ -334,7 +331,6 @@ class RedisBus:
                 continue
             if event.type is EventType.THREAD_DELETED:
                 self._positions.forget(event.thread_id)
-                self._expiries.forget(self._key(event.thread_id))
             else:
                 self._positions.advance(event.thread_id, event.seq)
             sent = asyncio.get_running_loop().create_future()
@@ -392,9 +388,7 @@ class RedisBus:
                     # A pooled connection that a Redis restart left dead fails at first use;
                     # the pool drops it. Appending the durable events again is safe: their
                     # ids make it idempotent. Redis chose the ephemeral ones' ids, so those
-                    # might be appended twice: they are left out. A restarted Redis may have
-                    # lost every expiry: they are all due again.
-                    self._expiries.clear()
+                    # might be appended twice: they are left out.
                     batch = [event for event in batch if event.durable]
                     if not batch:
                         raise
@@ -424,24 +418,39 @@ class RedisBus:
 
     async def _append(self, batch: list[Event]) -> list[object]:
         """Each event's append, in order, on one connection; one result per event (its
-        entry id, or the error)."""
+        entry id, or the error). A durable event whose stream was gone is appended again, in
+        a second round trip that creates the stream and arms it (see the module docstring)."""
+        now = time.monotonic()
+        results = await self._append_once(batch, now, arm_all=False)
+        gone = [i for i, event in enumerate(batch) if event.durable and results[i] is None]
+        if gone:
+            again = await self._append_once([batch[i] for i in gone], now, arm_all=True)
+            for index, result in zip(gone, again, strict=True):
+                results[index] = result
+        return results
+
+    async def _append_once(self, batch: list[Event], now: float, *, arm_all: bool) -> list[object]:
+        """One pipeline: each event's append, then an EXPIRE for each stream due (or for every
+        stream, `arm_all`). An append to a stream not due is `NOMKSTREAM`: None if the stream
+        is gone."""
         config = self._config
         appends: list[int] = []  # the index of each event's append among the pipe's commands
-        now = time.monotonic()
-        expiring: dict[bytes, None] = {}  # the streams due to be armed, once each, after appends
+        expiring: dict[bytes, None] = {}  # the streams to arm, once each, after the appends
         async with self._redis.pipeline(transaction=False) as pipe:
             for event in batch:
                 key = self._key(event.thread_id)
                 appends.append(len(pipe))
                 if event.durable:
+                    arming = arm_all or self._expiries.due(key, now)
                     pipe.xadd(
                         key,
                         {b"e": _encode(event)},
                         id=f"{event.seq}-0",
                         maxlen=config.max_len,
                         approximate=True,
+                        nomkstream=not arming,
                     )
-                    if self._expiries.due(key, now):
+                    if arming:
                         expiring[key] = None
                 else:  # the script expires the key itself
                     pipe.eval(
@@ -453,11 +462,11 @@ class RedisBus:
                         config.max_len,
                         config.ttl_seconds,
                     )
-            arming = len(pipe)
+            first_expire = len(pipe)
             for key in expiring:
                 pipe.expire(key, config.ttl_seconds)
             results = list(await pipe.execute(raise_on_error=False))
-        for key, result in zip(expiring, results[arming:], strict=True):
+        for key, result in zip(expiring, results[first_expire:], strict=True):
             if not isinstance(result, Exception):
                 self._expiries.armed(key, now)
         return [results[index] for index in appends]
@@ -535,7 +544,6 @@ class RedisBus:
                 if failing:
                     logger.info("Redis reader %d reconnected; subscribers catch up", shard.index)
                     failing, delay = False, _BACKOFF_MIN_SECONDS
-                    self._expiries.clear()  # Redis may have restarted empty
                     for watch in tuple(shard.watches.values()):
                         watch.reset()
                 while True:
