@@ -23,6 +23,7 @@ import uvicorn
 from pydantic import SecretStr
 from sqlalchemy.exc import DBAPIError
 
+from threadline import heap
 from threadline.cli_admin import admin
 from threadline.errors import ThreadlineError
 from threadline.logs import configure_logging
@@ -171,6 +172,7 @@ def _serve_in_process(settings: Settings, listener: socket.socket) -> None:
             ws_per_message_deflate=False,
         )
     )
+    heap.settle()
     server.run(sockets=[listener])
 
 
@@ -290,6 +292,7 @@ def _work_in_process(settings: Settings) -> None:
     def ready(worker_id: str) -> None:  # announced once it works, so a failure is one line
         _announce(settings, f"Threadline worker {worker_id} on {_redacted(settings.database_url)}")
 
+    heap.settle()
     try:
         asyncio.run(run_worker(settings, on_ready=ready))  # SIGINT and SIGTERM stop it gracefully
     except (ThreadlineError, OSError, DBAPIError) as exc:  # Redis or PostgreSQL unreachable
