@@ -203,11 +203,12 @@ async def check_redis(settings: Settings) -> None:
 
 
 async def _connect_redis(url: str) -> Redis:
-    # No `socket_timeout`: every user of this client bounds its own calls with
-    # `asyncio.timeout` (the rate limiter, the revocation list, /readyz), and redis-py's would
-    # add a task per command (`events/redis_bus.py` says more).
+    # `socket_timeout=None` (redis-py's default is 5 s): every user of this client bounds its
+    # own calls with `asyncio.timeout` (the rate limiter, the revocation list, /readyz), and a
+    # socket timeout would add a task per command (`events/redis_bus.py` says more).
     redis = Redis.from_url(
         url,
+        socket_timeout=None,
         socket_connect_timeout=_REDIS_TIMEOUT_SECONDS,
         health_check_interval=30,
     )

@@ -144,3 +144,31 @@ def test_a_stream_is_due_again_a_quarter_of_its_expiry_after_it_was_armed() -> N
     expiries.armed(b"k", at=0.0)
     assert not expiries.due(b"k", now=99.9)
     assert expiries.due(b"k", now=100.0)
+
+
+async def test_a_reader_outlasts_a_whole_idle_block_on_its_connection(tmp_path: Path) -> None:
+    """A reader blocked in XREAD with nothing to read keeps its connection for the whole block
+    and the next: no socket timeout cuts it (redis-py's default, 5 s, would, and the reader's
+    reconnect would reset every subscriber each time a thread sat idle)."""
+    prefix = f"tlbus-{uuid.uuid4().hex[:10]}"
+    block = 6.0  # longer than redis-py's default socket timeout
+    resets: list[str] = []
+    with private_redis(tmp_path) as server:
+        async with _bus(server.url, prefix, readers=1, block_seconds=block) as bus:
+            bus.subscribe("thr_idle", lambda _event: None, on_reset=lambda: resets.append("x"))
+            await bus.ready("thr_idle")
+            client = Redis.from_url(server.url)
+            try:
+
+                async def reader_age() -> int:
+                    clients = await client.client_list()
+                    return max((int(c["age"]) for c in clients if c["cmd"] == "xread"), default=0)
+
+                async with asyncio.timeout(block + WAIT):
+                    while True:  # polling Redis's view of the connection, bounded
+                        if await reader_age() > block:
+                            break
+                        await asyncio.sleep(0.2)
+            finally:
+                await client.aclose()
+    assert resets == []

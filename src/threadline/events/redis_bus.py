@@ -254,15 +254,17 @@ class RedisBus:
             raise ValueError("readers and keys_per_read must be positive")
         self._url = url
         self._config = config
-        # No `socket_timeout`, here or on the readers: every call below has its own deadline
-        # (`asyncio.timeout`, which disconnects a connection it interrupts), and with one
-        # redis-py wraps each send in `asyncio.wait_for` (a task per command) and each read in
-        # a timeout of its own: about 3 % of a server's CPU, for deadlines already there.
+        # `socket_timeout=None` (redis-py's default is 5 s), here and on the readers: every
+        # call below has its own deadline (`asyncio.timeout`, which disconnects a connection
+        # it interrupts), and with a socket timeout redis-py wraps each send in
+        # `asyncio.wait_for` (a task per command) and each read in a timeout of its own:
+        # about 3 % of a server's CPU, for deadlines already there.
         self._redis: Redis = Redis(
             connection_pool=BlockingConnectionPool.from_url(
                 url,
                 max_connections=config.max_connections,
                 timeout=config.timeout_seconds,
+                socket_timeout=None,
                 socket_connect_timeout=config.timeout_seconds,
             )
         )
@@ -536,6 +538,7 @@ class RedisBus:
             reader: Redis = Redis.from_url(
                 self._url,
                 single_connection_client=True,
+                socket_timeout=None,  # the XREAD's own deadline bounds it (see `__init__`)
                 socket_connect_timeout=config.timeout_seconds,
             )
             try:
