@@ -135,6 +135,34 @@ async def test_interrupt_cancels_the_active_run_and_runs_the_new_one(h: Harness)
     assert unanswered_in_thread(await h.messages(user, thread)) == []
 
 
+async def test_an_interrupting_post_publishes_its_events_in_number_order(h: Harness) -> None:
+    """A thread's events reach the bus in `seq` order: the Redis bus refuses an append below
+    its stream's last one, and a live subscriber takes a number it did not expect for a gap and
+    reads the store. An interrupting post ends the queued run first (its `run_cancelled` takes
+    a number), so its own `run_queued` must come after that, not in a number reserved before."""
+    user = await h.user()
+    thread = await h.thread(user)
+    first = await h.start(user, thread, "what is 1+1?", agent="blocker")
+    await h.wait_tool_started(first["id"])
+    await h.start(user, thread, "what is 2+2?", agent="blocker", strategy="enqueue")
+    published: list[tuple[int, str]] = []
+    unsubscribe = h.services.bus.subscribe(
+        thread, lambda e: published.append((e.seq, e.type.value)) if e.durable else None
+    )
+    try:
+        await h.services.bus.ready(thread)
+        newest = await h.start(user, thread, "what is 12*7?", agent="demo", strategy="interrupt")
+        await h.wait_run(user, thread, newest["id"])
+        await wait_until(
+            lambda: "agent_completed" in {kind for _, kind in published}, what="agent_completed"
+        )
+    finally:
+        unsubscribe()
+    seqs = [seq for seq, _ in published]
+    assert seqs == sorted(set(seqs)), published
+    assert "run_queued" in {kind for _, kind in published}, published
+
+
 async def test_concurrent_posts_on_one_thread_run_one_at_a_time(h: Harness) -> None:
     user = await h.user()
     thread = await h.thread(user)

@@ -134,13 +134,17 @@ class RunService:
             standing = await self._quotas.lock(conn, ctx)
         stored = None
         reserved: int | None = None  # the last event number the message's update reserved
+        # The message's update numbers the run's `run_queued` too, except when the post
+        # interrupts: the queued runs it ends number their `run_cancelled` in between, and a
+        # thread's events must reach the bus in number order (`events/redis_bus.py` refuses an
+        # append below the stream's last; a live subscriber takes a skipped number for a gap).
+        reserves_run = run is not None and run.multitask_strategy is not MultitaskStrategy.INTERRUPT
         if message is not None and message.role is MessageRole.USER:
             # Its thread update takes the thread's row lock, refuses an archived thread (409)
             # and another user's (404), and numbers the events that announce it (its own,
             # and the run's), before anything else is read.
-            events = 2 if run is not None else 1
             stored, reserved = await self._messages.append_announced(
-                conn, ctx, thread_id, message, events=events
+                conn, ctx, thread_id, message, events=1 + reserves_run
             )
         else:
             # The row lock serializes starts on one thread, so two `reject` requests cannot
@@ -172,7 +176,7 @@ class RunService:
                 ctx,
                 thread_id,
                 [(EventType.MESSAGE_CREATED, data)],
-                reserved=None if reserved is None else reserved - (run is not None),
+                reserved=None if reserved is None else reserved - reserves_run,
             )
         if run is not None:
             created, to_cancel = await self._queue(
@@ -182,7 +186,7 @@ class RunService:
                 run,
                 stored,
                 touch_thread=stored is None,
-                reserved=reserved,
+                reserved=reserved if reserves_run else None,
                 notify_workers=notify_workers,
             )
         return Posted(
