@@ -102,7 +102,8 @@ async def test_posting_a_message_with_a_run_is_one_transaction(settings_factory,
     """The account check, the plan's quotas, the message, the run, and both events
     (`message_created`, `run_queued`): one transaction. Statements: account and plan (1),
     the thread's row, giving the message its position and both events their numbers (1),
-    message (1), active runs (1), run with its NOTIFY (1), and each event's insert (2)."""
+    message (1), active runs (1), run with its NOTIFY (1), and both events' insert (1): they
+    are one batch, published together."""
     async with quiet_app(settings_factory(embedded_worker=False)) as app:
         user = await register_user(app.client)
         thread_id = await _thread(app.client, user)
@@ -115,7 +116,7 @@ async def test_posting_a_message_with_a_run_is_one_transaction(settings_factory,
             )
         assert posted.status_code == 201, posted.text
         assert posted.json()["run"]["status"] == "queued"
-        _check("POST /messages with a run", counted, statements=7 + _revocation(backend))
+        _check("POST /messages with a run", counted, statements=6 + _revocation(backend))
 
 
 async def test_creating_and_listing_threads_is_one_transaction_each(

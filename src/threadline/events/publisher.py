@@ -87,27 +87,42 @@ class EventPublisher:
         reserved them already with the update that placed the message they announce
         (`MessageStore.append_announced`). Ephemeral events among `specs` are published in
         their place, not numbered, not stored."""
-        durable = durable_count(specs)
+        return await self.emit_groups(conn, ctx, thread_id, [(run_id, specs)], reserved=reserved)
+
+    async def emit_groups(
+        self,
+        conn: AsyncConnection,
+        ctx: UserContext,
+        thread_id: str,
+        groups: Sequence[tuple[str | None, Sequence[EventSpec]]],
+        *,
+        reserved: int | None = None,
+    ) -> list[Event]:
+        """`emit_many` for events of different runs (or of none) in one batch: each group is
+        its run id and its specs, in order (a post's `message_created`, of no run, and the
+        `run_queued` of the run it queues)."""
+        durable = sum(durable_count(specs) for _, specs in groups)
         if not durable:
             raise ValueError("a batch numbers durable events: use publish_ephemeral")
         if reserved is None:
             reserved = await self._store.reserve(conn, ctx, thread_id, durable)
         seq, now = reserved - durable, datetime.now(UTC)
         batch: list[Event] = []
-        for event_type, data in specs:
-            ephemeral = event_type in EPHEMERAL
-            seq += 0 if ephemeral else 1
-            batch.append(
-                Event(
-                    type=event_type,
-                    thread_id=thread_id,
-                    user_id=ctx.user_id,
-                    seq=0 if ephemeral else seq,  # a delta is placed by the bus
-                    data=data,
-                    run_id=run_id,
-                    ts=now,
+        for run_id, specs in groups:
+            for event_type, data in specs:
+                ephemeral = event_type in EPHEMERAL
+                seq += 0 if ephemeral else 1
+                batch.append(
+                    Event(
+                        type=event_type,
+                        thread_id=thread_id,
+                        user_id=ctx.user_id,
+                        seq=0 if ephemeral else seq,  # a delta is placed by the bus
+                        data=data,
+                        run_id=run_id,
+                        ts=now,
+                    )
                 )
-            )
         await self._store.insert_many(conn, [event for event in batch if event.durable])
         await self._bus.publish_many(batch)
         return batch

@@ -15,6 +15,7 @@ frees a slot or polls.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +27,7 @@ from threadline.errors import ConflictError, NotFoundError, RateLimitedError
 from threadline.events import payloads
 from threadline.events.bus import EventBus
 from threadline.events.control import CancelRun
-from threadline.events.publisher import EventPublisher
+from threadline.events.publisher import EventPublisher, EventSpec
 from threadline.events.types import EventType
 from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
 from threadline.statuses import MultitaskStrategy as MultitaskStrategy  # re-exported
@@ -167,17 +168,14 @@ class RunService:
                     f"At most {self._max_active_per_user} runs may be queued or running per user",
                     retry_after_seconds=5,
                 )
+        announced: list[EventSpec] = []  # the message's event, when it rides with the run's
         if message is not None:
             if stored is None:
                 stored = await self._messages.append(conn, ctx, thread_id, message)
-            data = payloads.message_created(stored)
-            await self._publisher.emit_many(
-                conn,
-                ctx,
-                thread_id,
-                [(EventType.MESSAGE_CREATED, data)],
-                reserved=None if reserved is None else reserved - reserves_run,
-            )
+            announced = [(EventType.MESSAGE_CREATED, payloads.message_created(stored))]
+            if not reserves_run:
+                await self._publisher.emit_many(conn, ctx, thread_id, announced, reserved=reserved)
+                announced = []
         if run is not None:
             created, to_cancel = await self._queue(
                 conn,
@@ -186,6 +184,7 @@ class RunService:
                 run,
                 stored,
                 touch_thread=stored is None,
+                announced=announced,
                 reserved=reserved if reserves_run else None,
                 notify_workers=notify_workers,
             )
@@ -212,10 +211,13 @@ class RunService:
         message: Message | None,
         *,
         touch_thread: bool,
+        announced: Sequence[EventSpec] = (),
         reserved: int | None = None,
         notify_workers: bool = True,
     ) -> tuple[Run, list[Run]]:
-        """`reserved`: the number of its `run_queued`, when this transaction reserved it."""
+        """`announced`: the post's own events (its message's), emitted in one batch with the
+        run's `run_queued` (one insert, one publish); `reserved`: the batch's last number,
+        when this transaction reserved it."""
         to_cancel: list[Run] = []
         if request.multitask_strategy is MultitaskStrategy.ENQUEUE:
             active: list[Run] = []  # queued behind them: nothing to refuse or to cancel
@@ -244,9 +246,9 @@ class RunService:
             touch_thread=touch_thread,
             notify_workers=notify_workers,
         )
-        queued = [(EventType.RUN_QUEUED, payloads.run_queued(run))]
-        await self._publisher.emit_many(
-            conn, ctx, thread_id, queued, run_id=run.id, reserved=reserved
+        queued: list[EventSpec] = [(EventType.RUN_QUEUED, payloads.run_queued(run))]
+        await self._publisher.emit_groups(
+            conn, ctx, thread_id, [(None, announced), (run.id, queued)], reserved=reserved
         )
         return run, to_cancel
 
