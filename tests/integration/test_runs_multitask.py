@@ -135,6 +135,31 @@ async def test_interrupt_cancels_the_active_run_and_runs_the_new_one(h: Harness)
     assert unanswered_in_thread(await h.messages(user, thread)) == []
 
 
+async def test_a_rejected_post_publishes_nothing(h: Harness) -> None:
+    """A post refused with 409 `run_in_progress` rolls back, so no live subscriber may hear of
+    the message it did not store (on the Redis bus such an event would also hold the number
+    the next real event takes, which would then be refused)."""
+    user = await h.user()
+    thread = await h.thread(user)
+    first = await h.start(user, thread, "what is 1+1?", agent="blocker")
+    await h.wait_tool_started(first["id"])
+    published: list[tuple[str, object]] = []
+    unsubscribe = h.services.bus.subscribe(
+        thread,
+        lambda e: published.append((e.type.value, e.data.get("role"))) if e.durable else None,
+    )
+    try:
+        await h.services.bus.ready(thread)
+        rejected = await h.post(user, thread, "and now?", agent="demo", strategy="reject")
+        assert_error(rejected, 409, "run_in_progress")
+        h.controls.gate.set()
+        assert (await h.wait_run(user, thread, first["id"]))["status"] == "completed"
+        await wait_until(lambda: ("agent_completed", None) in published, what="the first run's end")
+    finally:
+        unsubscribe()
+    assert ("message_created", "user") not in published, published
+
+
 async def test_an_interrupting_post_publishes_its_events_in_number_order(h: Harness) -> None:
     """A thread's events reach the bus in `seq` order: the Redis bus refuses an append below
     its stream's last one, and a live subscriber takes a number it did not expect for a gap and
