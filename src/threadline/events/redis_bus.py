@@ -53,8 +53,8 @@ Model:
   milliseconds to every process. If Redis cannot take one, it is delivered in this process only
   (the run's row records a cancel for the worker's heartbeat either way).
 - Every Redis await has a deadline (an `asyncio.timeout` around the call: see `__init__`).
-  The bus owns its tasks: `start()` starts them and
-  `aclose()` stops them, from the lifespan that built the bus.
+  The bus owns its tasks: `start()` starts them and `aclose()` stops them, from the lifespan
+  that built the bus.
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ class RedisBus:
         # call below has its own deadline (`asyncio.timeout`, which disconnects a connection
         # it interrupts), and with a socket timeout redis-py wraps each send in
         # `asyncio.wait_for` (a task per command) and each read in a timeout of its own:
-        # about 3 % of a server's CPU, for deadlines already there.
+        # 2 to 3 % of a server's CPU in a profile, for deadlines already there.
         self._redis: Redis = Redis(
             connection_pool=BlockingConnectionPool.from_url(
                 url,
