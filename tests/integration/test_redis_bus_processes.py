@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from tests.bus_publisher import publish_turns
 from tests.integration.test_redis_bus import WAIT, _bus, _until, prefix, shared_redis
+from tests.integration.test_runs_support import wait_until
 from tests.private_redis import private_redis
 from threadline.events.redis_bus import RedisBusConfig, _Expiries
 from threadline.events.types import Event, EventType
@@ -160,15 +161,17 @@ async def test_a_reader_outlasts_a_whole_idle_block_on_its_connection(tmp_path: 
             client = Redis.from_url(server.url)
             try:
 
-                async def reader_age() -> int:
+                async def reader_outlasted_a_block() -> bool:
                     clients = await client.client_list()
-                    return max((int(c["age"]) for c in clients if c["cmd"] == "xread"), default=0)
+                    ages = [int(c["age"]) for c in clients if c["cmd"] == "xread"]
+                    return max(ages, default=0) > block
 
-                async with asyncio.timeout(block + WAIT):
-                    while True:  # polling Redis's view of the connection, bounded
-                        if await reader_age() > block:
-                            break
-                        await asyncio.sleep(0.2)
+                await wait_until(
+                    reader_outlasted_a_block,
+                    seconds=block + WAIT,
+                    interval=0.2,
+                    what="a reader connection older than one block",
+                )
             finally:
                 await client.aclose()
     assert resets == []
