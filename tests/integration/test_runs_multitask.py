@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -20,6 +21,7 @@ from tests.integration.test_runs_support import (
     unanswered_in_thread,
     wait_until,
 )
+from threadline.events.types import Event
 
 pytestmark = pytest.mark.integration
 
@@ -135,6 +137,24 @@ async def test_interrupt_cancels_the_active_run_and_runs_the_new_one(h: Harness)
     assert unanswered_in_thread(await h.messages(user, thread)) == []
 
 
+@contextlib.asynccontextmanager
+async def _on_the_bus(h: Harness, thread: str) -> AsyncIterator[list[Event]]:
+    """The thread's durable events as the bus carries them to a live listener, in order."""
+    published: list[Event] = []
+    unsubscribe = h.services.bus.subscribe(
+        thread, lambda e: published.append(e) if e.durable else None
+    )
+    try:
+        await h.services.bus.ready(thread)
+        yield published
+    finally:
+        unsubscribe()
+
+
+async def _until_published(published: list[Event], kind: str) -> None:
+    await wait_until(lambda: any(e.type.value == kind for e in published), what=kind)
+
+
 async def test_a_rejected_post_publishes_nothing(h: Harness) -> None:
     """A post refused with 409 `run_in_progress` rolls back, so no live subscriber may hear of
     the message it did not store (on the Redis bus such an event would also hold the number
@@ -143,21 +163,16 @@ async def test_a_rejected_post_publishes_nothing(h: Harness) -> None:
     thread = await h.thread(user)
     first = await h.start(user, thread, "what is 1+1?", agent="blocker")
     await h.wait_tool_started(first["id"])
-    published: list[tuple[str, object]] = []
-    unsubscribe = h.services.bus.subscribe(
-        thread,
-        lambda e: published.append((e.type.value, e.data.get("role"))) if e.durable else None,
-    )
-    try:
-        await h.services.bus.ready(thread)
+    async with _on_the_bus(h, thread) as published:
         rejected = await h.post(user, thread, "and now?", agent="demo", strategy="reject")
         assert_error(rejected, 409, "run_in_progress")
         h.controls.gate.set()
         assert (await h.wait_run(user, thread, first["id"]))["status"] == "completed"
-        await wait_until(lambda: ("agent_completed", None) in published, what="the first run's end")
-    finally:
-        unsubscribe()
-    assert ("message_created", "user") not in published, published
+        await _until_published(published, "agent_completed")
+    users_messages = [
+        e for e in published if e.type.value == "message_created" and e.data.get("role") == "user"
+    ]
+    assert users_messages == [], published
 
 
 async def test_an_interrupting_post_publishes_its_events_in_number_order(h: Harness) -> None:
@@ -170,22 +185,13 @@ async def test_an_interrupting_post_publishes_its_events_in_number_order(h: Harn
     first = await h.start(user, thread, "what is 1+1?", agent="blocker")
     await h.wait_tool_started(first["id"])
     await h.start(user, thread, "what is 2+2?", agent="blocker", strategy="enqueue")
-    published: list[tuple[int, str]] = []
-    unsubscribe = h.services.bus.subscribe(
-        thread, lambda e: published.append((e.seq, e.type.value)) if e.durable else None
-    )
-    try:
-        await h.services.bus.ready(thread)
+    async with _on_the_bus(h, thread) as published:
         newest = await h.start(user, thread, "what is 12*7?", agent="demo", strategy="interrupt")
         await h.wait_run(user, thread, newest["id"])
-        await wait_until(
-            lambda: "agent_completed" in {kind for _, kind in published}, what="agent_completed"
-        )
-    finally:
-        unsubscribe()
-    seqs = [seq for seq, _ in published]
-    assert seqs == sorted(set(seqs)), published
-    assert "run_queued" in {kind for _, kind in published}, published
+        await _until_published(published, "agent_completed")
+    seqs = [e.seq for e in published]
+    assert seqs == sorted(set(seqs)), [(e.seq, e.type.value) for e in published]
+    assert "run_queued" in {e.type.value for e in published}
 
 
 async def test_concurrent_posts_on_one_thread_run_one_at_a_time(h: Harness) -> None:
