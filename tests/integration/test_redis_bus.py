@@ -26,7 +26,7 @@ from threadline.context import UserContext
 from threadline.events.bus import MemoryBus
 from threadline.events.control import CancelRun, SessionEnded
 from threadline.events.publisher import EventPublisher
-from threadline.events.redis_bus import RedisBus, RedisBusConfig
+from threadline.events.redis_bus import RedisBus, RedisBusConfig, _decode
 from threadline.events.types import Event, EventType
 from threadline.runtime import Runtime, open_runtime
 from threadline.settings import Settings
@@ -114,6 +114,47 @@ async def test_redis_refuses_an_out_of_order_or_duplicate_append(
     assert ids == [b"5-0", b"6-0"]
 
 
+async def test_a_step_is_one_entry_but_a_gap_in_its_numbers_splits_it(
+    shared_redis: str, prefix: str
+) -> None:
+    """A batch's consecutive numbers of one thread are one entry; another thread's events, or
+    a gap, start another. The gap matters: here another process appended 3 before this one's
+    sender got to 1, 2 and 4 (its wait ran out). Appended as one entry at 4, 1 and 2 would land
+    after 3; cut at the gap, they are refused as late (listeners read them from the database)
+    and 4 goes after 3."""
+    got: list[tuple[str, int]] = []
+    async with (
+        _bus(shared_redis, prefix) as reader,
+        _bus(shared_redis, prefix) as other,
+        _bus(shared_redis, prefix, start=False) as bus,
+    ):
+        for thread_id in ("thr_s", "thr_o"):
+            reader.subscribe(thread_id, lambda e: got.append((e.thread_id, e.seq)))
+            await reader.ready(thread_id)
+        await other.publish(_event("thr_s", 3))
+        await other.flush()
+        await bus._send(
+            [
+                _event("thr_s", 1),
+                _event("thr_s", 2),
+                _event("thr_s", 4),
+                _event("thr_o", 1),
+                _event("thr_o", 2),
+                _event("thr_s", 5),
+                _event("thr_s", 6),
+            ]
+        )
+        await _until(lambda: ("thr_s", 6) in got)
+        await _until(lambda: ("thr_o", 2) in got)
+        stream = await _entries(shared_redis, f"{prefix}:events:thr_s")
+        other_stream = await _entries(shared_redis, f"{prefix}:events:thr_o")
+    # 4 alone: before it a gap, after it another thread's events.
+    assert stream == [(b"3-0", [3]), (b"4-0", [4]), (b"6-0", [5, 6])]
+    assert other_stream == [(b"2-0", [1, 2])]
+    assert [seq for thread_id, seq in got if thread_id == "thr_s"] == [3, 4, 5, 6]
+    assert [seq for thread_id, seq in got if thread_id == "thr_o"] == [1, 2]
+
+
 def _delta(thread_id: str, text: str) -> Event:
     """A text delta as the publisher hands it over: the bus gives it its place (`seq`)."""
     return Event(
@@ -123,6 +164,18 @@ def _delta(thread_id: str, text: str) -> Event:
         seq=0,
         data={"message_id": "msg_1", "text": text},
     )
+
+
+async def _entries(url: str, key: str) -> list[tuple[bytes, list[int]]]:
+    """Each entry of the stream: its id and the numbers of the events it carries."""
+    client = Redis.from_url(url)
+    try:
+        return [
+            (entry_id, [e.seq for e in _decode(fields, seq=int(entry_id.split(b"-")[0]))])
+            for entry_id, fields in await client.xrange(key)
+        ]
+    finally:
+        await client.aclose()
 
 
 async def _entry_ids(url: str, key: str) -> list[bytes]:
@@ -221,24 +274,33 @@ async def test_a_batch_retried_on_a_dead_connection_leaves_its_deltas_out(
 ) -> None:
     """The first append of a batch may have reached Redis before its connection died: the
     durable events are appended again (their ids make that idempotent), the deltas not
-    (Redis chose their ids, a second append would deliver them twice)."""
+    (Redis chose their ids, a second append would deliver them twice). Here the first attempt
+    got its first event and the delta in, then lost the connection; the retry appends both
+    durable events as one group, whose first event a reader has had already: each event
+    reaches the reader once, in order."""
     appended: list[list[str]] = []
-    async with _bus(shared_redis, prefix, start=False) as bus:
+    got: list[tuple[int, str]] = []
+    async with _bus(shared_redis, prefix) as reader, _bus(shared_redis, prefix, start=False) as bus:
+        reader.subscribe("thr_t", lambda e: got.append((e.seq, e.type.value)))
+        await reader.ready("thr_t")
         real_append = bus._append
 
         async def append(batch: list[Event]) -> list[object]:
             appended.append([event.type.value for event in batch])
             if len(appended) == 1:
+                await real_append(batch[:2])
                 raise RedisConnectionError("connection closed by server")
             return await real_append(batch)
 
         monkeypatch.setattr(bus, "_append", append)
         await bus._send([_event("thr_t", 1), _delta("thr_t", "a"), _event("thr_t", 2)])
+        await _until(lambda: (2, "thread_updated") in got)
     assert appended == [
         ["thread_updated", "message_delta", "thread_updated"],
         ["thread_updated", "thread_updated"],
     ]
-    assert await _entry_ids(shared_redis, f"{prefix}:events:thr_t") == [b"1-0", b"2-0"]
+    assert await _entry_ids(shared_redis, f"{prefix}:events:thr_t") == [b"1-0", b"1-1", b"2-0"]
+    assert got == [(1, "thread_updated"), (1, "message_delta"), (2, "thread_updated")]
 
 
 async def test_a_reader_behind_the_trim_point_sees_the_jump(shared_redis: str, prefix: str) -> None:

@@ -3,14 +3,19 @@
 Model:
 - Publishing queues the event; one sender task per process takes the queue in order and
   appends each batch in one pipelined round trip: `XADD <prefix>:events:<thread_id> <seq>-0`.
+  Consecutive numbers of one thread (a step's events, numbered in one transaction) are one
+  entry, at the last one's id, carrying the group in order: one append and one entry for a
+  reader to parse instead of one per event.
   `publish` (called inside the recording transaction, `events/publisher.py`) waits for its
   append, so that the thread's row lock orders appends across processes as it orders numbers,
   but at most `_PUBLISH_WAIT_SECONDS`, and not at all while Redis is failing: a slow or hung
   Redis cannot hold database transactions for long. The entry id is the event's sequence
-  number, so Redis itself refuses an append that is out of order or a duplicate (a retry, or
-  another process's later event that got there first after a wait ran out): each stream is in
-  `seq` order whatever the publishers do, and a refused durable event reaches listeners from
-  the database (below).
+  number (a group's last), so Redis itself refuses an append that is out of order or a
+  duplicate (a retry, or another process's later event that got there first after a wait ran
+  out): each stream is in `seq` order whatever the publishers do, and a refused durable event
+  reaches listeners from the database (below). A group is only ever consecutive numbers: a
+  number inside it is this process's, so an accepted group starts after every entry before it
+  (or repeats events a lost reply's first attempt appended: readers skip those).
 - Ephemeral events (text deltas) have no number: the sender appends each with a small script
   (`_APPEND_EPHEMERAL`) at `<k>-<n>`, where `k` is the later of the last durable seq this
   process published on the thread (`events/positions.py`) and the `seq` of the stream's last
@@ -172,26 +177,30 @@ class _Shard:
     turn: int = 0
 
 
-def _encode(event: Event) -> bytes:
-    return json.dumps(
-        {
-            "type": event.type.value,
-            "thread_id": event.thread_id,
-            "user_id": event.user_id,
-            "seq": event.seq,
-            "run_id": event.run_id,
-            "ts": event.ts.isoformat(),
-            "data": event.data,
-        },
-        separators=(",", ":"),
-        default=str,
-    ).encode()
+def _wire(event: Event) -> dict[str, object]:
+    return {
+        "type": event.type.value,
+        "thread_id": event.thread_id,
+        "user_id": event.user_id,
+        "seq": event.seq,
+        "run_id": event.run_id,
+        "ts": event.ts.isoformat(),
+        "data": event.data,
+    }
 
 
-def _decode(raw: bytes, *, seq: int) -> Event:
-    """The entry's event; `seq` comes from its id (an ephemeral event's place may be later
-    than the one its publisher knew: the script puts it after the stream's last entry)."""
-    wire = json.loads(raw)
+def _encode(events: Sequence[Event]) -> tuple[bytes, bytes]:
+    """An entry's one field, name and value: one event as `e`, a group (consecutive numbers,
+    see `_groups`) as `g`, the list of them in order."""
+    if len(events) == 1:
+        wire: object = _wire(events[0])
+        name = b"e"
+    else:
+        wire, name = [_wire(event) for event in events], b"g"
+    return name, json.dumps(wire, separators=(",", ":"), default=str).encode()
+
+
+def _from_wire(wire: dict[str, Any], *, seq: int) -> Event:
     return Event(
         type=EventType(wire["type"]),
         thread_id=wire["thread_id"],
@@ -201,6 +210,37 @@ def _decode(raw: bytes, *, seq: int) -> Event:
         run_id=wire["run_id"],
         ts=datetime.fromisoformat(wire["ts"]),
     )
+
+
+def _decode(fields: dict[bytes, bytes], *, seq: int) -> list[Event]:
+    """The entry's events. A single event's `seq` comes from the entry's id (an ephemeral
+    event's place may be later than the one its publisher knew: the script puts it after the
+    stream's last entry); a group's events keep their own, consecutive, numbers."""
+    if b"g" in fields:
+        return [_from_wire(wire, seq=int(wire["seq"])) for wire in json.loads(fields[b"g"])]
+    return [_from_wire(json.loads(fields[b"e"]), seq=seq)]
+
+
+def _groups(batch: Sequence[Event]) -> list[list[Event]]:
+    """`batch` cut into entries, in order: each run of durable events of one thread with
+    consecutive numbers is one entry (a step's events, numbered in one transaction), each
+    ephemeral event one of its own (the script places it). Only consecutive numbers: a group
+    is appended at its last number's id, and a gap might hold another process's events, which
+    must stay after the events before the gap (appended alone, those would be refused)."""
+    groups: list[list[Event]] = []
+    for event in batch:
+        last = groups[-1][-1] if groups else None
+        if (
+            event.durable
+            and last is not None
+            and last.durable
+            and last.thread_id == event.thread_id
+            and event.seq == last.seq + 1
+        ):
+            groups[-1].append(event)
+        else:
+            groups.append([event])
+    return groups
 
 
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
@@ -432,22 +472,24 @@ class RedisBus:
         return results
 
     async def _append_once(self, batch: list[Event], now: float, *, arm_all: bool) -> list[object]:
-        """One pipeline: each event's append, then an EXPIRE for each stream due (or for every
-        stream, `arm_all`). An append to a stream not due is `NOMKSTREAM`: None if the stream
-        is gone."""
+        """One pipeline: each group's append (`_groups`), then an EXPIRE for each stream due
+        (or for every stream, `arm_all`); one result per event, its group's. An append to a
+        stream not due is `NOMKSTREAM`: None if the stream is gone."""
         config = self._config
         appends: list[int] = []  # the index of each event's append among the pipe's commands
         expiring: dict[bytes, None] = {}  # the streams to arm, once each, after the appends
         async with self._redis.pipeline(transaction=False) as pipe:
-            for event in batch:
-                key = self._key(event.thread_id)
-                appends.append(len(pipe))
-                if event.durable:
+            for group in _groups(batch):
+                last = group[-1]
+                key = self._key(last.thread_id)
+                appends.extend([len(pipe)] * len(group))
+                if last.durable:
                     arming = arm_all or self._expiries.due(key, now)
+                    name, value = _encode(group)
                     pipe.xadd(
                         key,
-                        {b"e": _encode(event)},
-                        id=f"{event.seq}-0",
+                        {name: value},
+                        id=f"{last.seq}-0",
                         maxlen=config.max_len,
                         approximate=True,
                         nomkstream=not arming,
@@ -459,8 +501,8 @@ class RedisBus:
                         _APPEND_EPHEMERAL,
                         1,
                         key,
-                        event.seq,
-                        _encode(event),
+                        last.seq,
+                        _encode(group)[1],
                         config.max_len,
                         config.ttl_seconds,
                     )
@@ -593,20 +635,25 @@ class RedisBus:
 
     def _deliver(self, watch: _Watch, entries: _Entries) -> None:
         for entry_id, fields in entries:
-            position = _id_of(entry_id)
-            if watch.position is not None and position <= watch.position:
+            position, before = _id_of(entry_id), watch.position
+            if before is not None and position <= before:
                 continue  # read for an earlier watch of the same thread
             watch.position = position
             try:
-                event = _decode(fields[b"e"], seq=position[0])
+                events = _decode(fields, seq=position[0])
             except (KeyError, ValueError, TypeError) as exc:
                 logger.warning("Skipping a malformed entry %r of %r: %s", entry_id, watch.key, exc)
                 continue
-            for listener in tuple(watch.listeners):
-                try:
-                    listener(event)
-                except Exception:  # one broken listener must not stop the shard's reader
-                    logger.exception("Event listener of thread %s failed", watch.thread_id)
+            for event in events:
+                if before is not None and event.durable and (event.seq, 0) <= before:
+                    # Carried already: a group appended again after a lost reply, whose
+                    # first attempt had appended these events as a group of their own.
+                    continue
+                for listener in tuple(watch.listeners):
+                    try:
+                        listener(event)
+                    except Exception:  # one broken listener must not stop the shard's reader
+                        logger.exception("Event listener of thread %s failed", watch.thread_id)
 
     async def _position_unplaced(self, reader: Redis, shard: _Shard) -> None:
         """Threads nobody positioned (a subscriber that did not await `ready()`, or whose
