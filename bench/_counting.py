@@ -8,7 +8,8 @@ Two sources, read at the same two moments around a measured phase:
   prometheus_client keeps every process's counters in files there, and reads them all with its
   `MultiProcessCollector` (one process's /metrics would show only that process's share);
 - on PostgreSQL, `pg_stat_database` for the benchmark's own database (`xact_commit`,
-  `xact_rollback`), read over a connection to another database so that reading does not count.
+  `xact_rollback`, and `sessions`: connections opened), read over a connection to another
+  database so that reading does not count.
   A backend reports its counts to the statistics system at most about once a second, and an
   idle one within about 10 s (PostgreSQL 15), so the "after" reading waits `PG_STATS_SETTLE_S`
   after the phase; the idle server's own transactions in that wait (the worker's queue polls)
@@ -92,14 +93,19 @@ class Counts:
             conn = await asyncpg.connect(self._pg_admin_dsn)
             try:
                 row = await conn.fetchrow(
-                    "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = $1",
+                    "SELECT xact_commit, xact_rollback, sessions FROM pg_stat_database"
+                    " WHERE datname = $1",
                     self._database,
                 )
             finally:
                 await conn.close(timeout=5)
         if row is None:
             raise RuntimeError(f"pg_stat_database has no row for {self._database!r}")
-        return {"commits": float(row["xact_commit"]), "rollbacks": float(row["xact_rollback"])}
+        return {
+            "commits": float(row["xact_commit"]),
+            "rollbacks": float(row["xact_rollback"]),
+            "sessions": float(row["sessions"]),
+        }
 
     @property
     def settle_s(self) -> float:
@@ -153,6 +159,9 @@ def per_run(before: Snapshot, after: Snapshot, idle_hook_per_s: dict[str, float]
             "transactions_per_run": each(pg["commits"] + pg["rollbacks"]),
             "commits_per_run": each(pg["commits"]),
             "rollbacks_per_run": each(pg["rollbacks"]),
+            # Connections the servers opened meanwhile: a pool too small for the load opens
+            # (and closes) overflow connections, each a backend process started.
+            "sessions_opened": int(pg["sessions"]),
         }
     return result
 
