@@ -173,19 +173,61 @@ def unclaimed(run: Run) -> Run:
     )
 
 
-def _as_seen(run: Run) -> sa.ColumnElement[bool]:
-    """The run row is still exactly as `run` shows it: same status, lease owner and attempt."""
-    held = (
-        runs.c.lease_owner.is_(None)
-        if run.lease_owner is None
-        else runs.c.lease_owner == run.lease_owner
+# The run row is still exactly as the caller's `Run` shows it: same status, lease owner and
+# attempt (`_as_seen`). Built once with the statements below, like the claim's: `IS NOT
+# DISTINCT FROM` (SQLite: `IS`) compares a queued run's NULL lease owner like any other, so one
+# statement serves both.
+_AS_SEEN = sa.and_(
+    runs.c.id == sa.bindparam("seen_id"),
+    runs.c.status == sa.bindparam("seen_status"),
+    runs.c.attempt == sa.bindparam("seen_attempt"),
+    runs.c.lease_owner.is_not_distinct_from(sa.bindparam("seen_owner", type_=sa.String())),
+)
+_HEARTBEAT = (
+    runs.update()
+    .where(_AS_SEEN)
+    .values(lease_expires_at=sa.bindparam("lease_expires_at"))
+    .returning(runs.c.cancel_requested)
+)
+_FINISH = (
+    runs.update()
+    .where(_AS_SEEN)
+    .values(
+        status=sa.bindparam("status"),
+        result=sa.bindparam("result"),
+        error=sa.bindparam("error"),
+        lease_owner=None,
+        lease_expires_at=None,
+        finished_at=sa.bindparam("finished_at"),
     )
-    return sa.and_(
-        runs.c.id == run.id,
-        runs.c.status == run.status.value,
-        runs.c.attempt == run.attempt,
-        held,
+)
+_RELEASE = {
+    count_attempt: runs.update()
+    .where(_AS_SEEN)
+    .values(
+        status=RunStatus.QUEUED.value,
+        lease_owner=None,
+        lease_expires_at=None,
+        attempt=runs.c.attempt if count_attempt else runs.c.attempt - 1,
     )
+    for count_attempt in (False, True)
+}
+_REQUEUE = (
+    runs.update()
+    .where(_AS_SEEN)
+    .values(status=RunStatus.QUEUED.value, lease_owner=None, lease_expires_at=None)
+)
+_STATUS_OF = sa.select(runs.c.status).where(runs.c.id == sa.bindparam("run_id"))
+
+
+def _as_seen(run: Run) -> dict[str, object]:
+    """The parameters of `_AS_SEEN` for `run`."""
+    return {
+        "seen_id": run.id,
+        "seen_status": run.status.value,
+        "seen_attempt": run.attempt,
+        "seen_owner": run.lease_owner,
+    }
 
 
 class RunQueue:
@@ -314,19 +356,15 @@ class RunQueue:
         self, conn: AsyncConnection, run: Run, *, lease_seconds: float
     ) -> bool | None:
         """Extend the lease. Returns whether a cancel was requested; None if the lease is lost."""
+        expires = datetime.now(UTC) + timedelta(seconds=lease_seconds)
         row = (
-            await conn.execute(
-                runs.update()
-                .where(_as_seen(run))
-                .values(lease_expires_at=datetime.now(UTC) + timedelta(seconds=lease_seconds))
-                .returning(runs.c.cancel_requested)
-            )
+            await conn.execute(_HEARTBEAT, {**_as_seen(run), "lease_expires_at": expires})
         ).first()
         return None if row is None else bool(row.cancel_requested)
 
     async def status_of(self, conn: AsyncConnection, run_id: str) -> RunStatus | None:
         """The run's status now; None when it no longer exists (its thread was deleted)."""
-        status = await conn.scalar(sa.select(runs.c.status).where(runs.c.id == run_id))
+        status = await conn.scalar(_STATUS_OF, {"run_id": run_id})
         return None if status is None else RunStatus(status)
 
     async def finish(
@@ -342,16 +380,14 @@ class RunQueue:
         of the attempt that ends it, or still queued). Returns whether it applied. Only
         `runs/outcomes.RunFinisher` calls this: ending a run is more than this write."""
         result_proxy = await conn.execute(
-            runs.update()
-            .where(_as_seen(run))
-            .values(
-                status=status.value,
-                result=result,
-                error=error,
-                lease_owner=None,
-                lease_expires_at=None,
-                finished_at=datetime.now(UTC),
-            )
+            _FINISH,
+            {
+                **_as_seen(run),
+                "status": status.value,
+                "result": result,
+                "error": error,
+                "finished_at": datetime.now(UTC),
+            },
         )
         return result_proxy.rowcount == 1
 
@@ -360,16 +396,7 @@ class RunQueue:
     ) -> bool:
         """Hand a running run back to the queue. A graceful shutdown's hand-back does not count
         as an attempt; one after a failure (a lost database connection) does."""
-        result = await conn.execute(
-            runs.update()
-            .where(_as_seen(run))
-            .values(
-                status=RunStatus.QUEUED.value,
-                lease_owner=None,
-                lease_expires_at=None,
-                attempt=runs.c.attempt if count_attempt else runs.c.attempt - 1,
-            )
-        )
+        result = await conn.execute(_RELEASE[count_attempt], _as_seen(run))
         return result.rowcount == 1
 
     async def expired(self, conn: AsyncConnection, *, limit: int = 100) -> list[Run]:
@@ -387,11 +414,7 @@ class RunQueue:
         return [run_from_row(row) for row in (await conn.execute(query)).all()]
 
     async def requeue_expired(self, conn: AsyncConnection, run: Run) -> bool:
-        result = await conn.execute(
-            runs.update()
-            .where(_as_seen(run))
-            .values(status=RunStatus.QUEUED.value, lease_owner=None, lease_expires_at=None)
-        )
+        result = await conn.execute(_REQUEUE, _as_seen(run))
         return result.rowcount == 1
 
     async def count_by_status(self, conn: AsyncConnection) -> dict[str, int]:
