@@ -3,7 +3,7 @@ on real WebSockets.
 
     python bench/runs.py --backend sqlite|postgres|both --out bench/results/runs.json \
         [--topology serve,serve-workers-2,api1-worker1] [--users 1,32] [--runs-per-user N] \
-        [--idle-sockets 1000] [--past-runs N] [--profile DIR]
+        [--idle-sockets 1000] [--past-runs N] [--profile DIR] [--server-env THREADLINE_X=V]
 
 Each simulated user has its own account, thread and WebSocket (authenticated with the first
 message, subscribed to its thread). It posts "what is 12*7?" with `"run": {"agent": "demo"}`
@@ -158,6 +158,7 @@ class Options:
     topologies: tuple[str, ...]
     profile: Path | None
     past_runs: int = 0
+    server_env: tuple[tuple[str, str], ...] = ()
 
     def runs_for(self, users: int) -> int:
         # Enough runs at one user for a p99, and ~640 runs at 32 users: a few seconds each.
@@ -616,7 +617,8 @@ async def drive(deployment: Deployment, options: Options, *, metrics_dir: Path, 
 def _server_extra(options: Options, workdir: Path) -> dict[str, str]:
     extra = {"THREADLINE_MAX_CONCURRENT_RUNS_PER_USER": "1000",
              "THREADLINE_DEMO_DELAY_SECONDS": "0",
-             "THREADLINE_DEBUG_COUNT_STATEMENTS": str(options.count_statements).lower()}
+             "THREADLINE_DEBUG_COUNT_STATEMENTS": str(options.count_statements).lower(),
+             **dict(options.server_env)}
     if options.count_statements:  # every process's counters in files there (_counting.py)
         (workdir / "metrics").mkdir()
         extra["PROMETHEUS_MULTIPROC_DIR"] = str(workdir / "metrics")
@@ -796,7 +798,16 @@ def parse_options(argv: list[str] | None = None) -> Options:
                         help="finished runs per user written into the database beforehand")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="py-spy raw profiles, one file per working server process")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a THREADLINE_* setting for the servers (repeatable), to compare "
+                             "settings in one sitting")
     args = parser.parse_args(argv)
+    server_env: list[tuple[str, str]] = []
+    for item in args.server_env:
+        name, equals, value = item.partition("=")
+        if not equals or not name.startswith("THREADLINE_"):
+            parser.error("--server-env takes THREADLINE_NAME=VALUE")
+        server_env.append((name, value))
     topologies = tuple(dict.fromkeys(t.strip() for t in args.topology.split(",") if t.strip()))
     if not topologies or set(topologies) - set(TOPOLOGIES):
         parser.error(f"--topology takes some of {', '.join(TOPOLOGIES)}")
@@ -812,6 +823,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         send=args.send, ws_compression=args.ws_compression == "on",
         count_statements=args.count_statements == "on", topologies=topologies,
         profile=args.profile.resolve() if args.profile else None, past_runs=args.past_runs,
+        server_env=tuple(server_env),
     )
 
 
