@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
 import sqlalchemy as sa
 from asgi_lifespan import LifespanManager
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tests.conftest import TestUser
 from threadline.api.app import create_app
 from threadline.settings import Settings
+from threadline.store.sqlite import sync_engines
 
 
 @asynccontextmanager
@@ -29,6 +31,36 @@ async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://threadline") as c:
             yield c
+
+
+@contextmanager
+def recorded_transactions(engine: AsyncEngine) -> Iterator[list[list[str]]]:
+    """Every transaction begun on `engine` meanwhile (also one that then rolls back), as the
+    list of its statements, whitespace collapsed. Recorded with the engine's own events
+    (`begin`, `before_cursor_execute`), per connection, on SQLite on the writer's and the
+    readers' pools; SQLite's BEGIN, sent as a statement, is the transaction, not one of them."""
+    seen: list[list[str]] = []
+    current: dict[int, list[str]] = {}
+
+    def on_begin(conn: Any) -> None:
+        current[id(conn)] = statements = []
+        seen.append(statements)
+
+    def on_statement(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        text = " ".join(statement.split())
+        if text.upper() not in ("BEGIN", "BEGIN IMMEDIATE") and id(conn) in current:
+            current[id(conn)].append(text)
+
+    engines = sync_engines(engine)
+    for sync_engine in engines:
+        event.listen(sync_engine, "begin", on_begin)
+        event.listen(sync_engine, "before_cursor_execute", on_statement)
+    try:
+        yield seen
+    finally:
+        for sync_engine in engines:
+            event.remove(sync_engine, "begin", on_begin)
+            event.remove(sync_engine, "before_cursor_execute", on_statement)
 
 
 def error_code(response: httpx.Response) -> str:

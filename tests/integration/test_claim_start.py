@@ -18,50 +18,20 @@ claim within a test's deadline came from a wake-up, not from the poll.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.integration._support import recorded_transactions
 from tests.integration.test_runs_support import Harness, run_settings, running_app, wait_until
 from threadline.store.queue import Claimed
-from threadline.store.sqlite import sync_engines
 
 pytestmark = pytest.mark.integration
 
 _CANDIDATE = "WITH queued AS"
-
-
-@contextmanager
-def transactions(engine: AsyncEngine) -> Iterator[list[list[str]]]:
-    """Every transaction begun on `engine` meanwhile, as the list of its statements."""
-    seen: list[list[str]] = []
-    current: dict[int, list[str]] = {}
-
-    def on_begin(conn: Any) -> None:
-        current[id(conn)] = statements = []
-        seen.append(statements)
-
-    def on_statement(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        text = " ".join(statement.split())
-        if text.upper() not in ("BEGIN", "BEGIN IMMEDIATE") and id(conn) in current:
-            current[id(conn)].append(text)
-
-    engines = sync_engines(engine)  # SQLite: the writer's and the readers' pools
-    for sync_engine in engines:
-        event.listen(sync_engine, "begin", on_begin)
-        event.listen(sync_engine, "before_cursor_execute", on_statement)
-    try:
-        yield seen
-    finally:
-        for sync_engine in engines:
-            event.remove(sync_engine, "begin", on_begin)
-            event.remove(sync_engine, "before_cursor_execute", on_statement)
 
 
 def _claims(seen: list[list[str]]) -> list[list[str]]:
@@ -84,7 +54,7 @@ async def _run(h: Harness, user: Any, text: str = "hello", agent: str = "echo") 
 async def test_a_claim_that_saw_nothing_more_is_not_followed_by_an_empty_one(h: Harness) -> None:
     user = await h.user()
     assert (await _run(h, user))["status"] == "completed"  # the worker's first claims are past
-    with transactions(h.services.engine) as seen:
+    with recorded_transactions(h.services.engine) as seen:
         for _ in range(2):
             assert (await _run(h, user, "what is 12*7?", agent="counter"))["status"] == (
                 "completed"

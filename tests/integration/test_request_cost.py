@@ -2,63 +2,50 @@
 transaction each and a bounded number of statements, on both backends. A change that adds a
 transaction (or a statement) to them fails here; raise a bound only on purpose.
 
-Counted with the engine's own events on the app's engines (on SQLite the writer's and the
-readers'): every transaction begun (`begin`,
-also when it then rolls back) and every statement sent (`before_cursor_execute`; SQLite's
-BEGIN is excluded, it is the transaction). The embedded worker is off, so only the request's
-own work is seen.
+Counted with the engine's own events (`tests/integration/_support.recorded_transactions`):
+every transaction begun, also when it then rolls back, and every statement sent in it. The
+embedded worker is off, so only the request's own work is seen.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import TestUser, register_user
+from tests.integration._support import recorded_transactions
 from threadline.api.app import create_app
 from threadline.runtime import Runtime
 from threadline.settings import Settings
 from threadline.store.queue import RunQueue
-from threadline.store.sqlite import sync_engines
 
 pytestmark = pytest.mark.integration
 
 
 @dataclass
 class Counted:
-    transactions: int = 0
-    statements: list[str] = field(default_factory=list)
+    seen: list[list[str]]
+    """Each transaction's statements (`recorded_transactions`)."""
+
+    @property
+    def transactions(self) -> int:
+        return len(self.seen)
+
+    @property
+    def statements(self) -> list[str]:
+        return [statement[:100] for transaction in self.seen for statement in transaction]
 
 
 @contextmanager
 def counting(engine: AsyncEngine) -> Iterator[Counted]:
-    counted = Counted()
-
-    def on_begin(_connection: Any) -> None:
-        counted.transactions += 1
-
-    def on_statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.strip().upper() not in ("BEGIN", "BEGIN IMMEDIATE"):
-            counted.statements.append(" ".join(statement.split())[:100])
-
-    engines = sync_engines(engine)  # SQLite: the writer's and the readers' pools
-    for sync_engine in engines:
-        event.listen(sync_engine, "begin", on_begin)
-        event.listen(sync_engine, "before_cursor_execute", on_statement)
-    try:
-        yield counted
-    finally:
-        for sync_engine in engines:
-            event.remove(sync_engine, "begin", on_begin)
-            event.remove(sync_engine, "before_cursor_execute", on_statement)
+    with recorded_transactions(engine) as seen:
+        yield Counted(seen)
 
 
 @dataclass
