@@ -177,6 +177,32 @@ async def test_a_run_crossing_its_token_budget_stops_at_the_next_step_with_a_val
         assert usage["runs"] == 1 and usage["total_tokens"] > 1, "the spent step is counted"
 
 
+async def test_a_run_starts_with_the_token_budget_of_its_users_own_plan(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """The budget comes from the plan the user is on when the run is claimed (the claim reads
+    it), not from the default plan: a user on a one-token plan of their own is stopped at the
+    next step, while a user on the default plan's million completes."""
+    settings = settings_factory(
+        plans={"tiny": TINY, "thrifty": {**TINY, "tokens_per_day": 1}}, default_plan="tiny"
+    )
+    async with app_client(settings) as client:
+        thrifty, roomy = await register_user(client), await register_user(client)
+        engine = create_engine(settings.database_url)
+        try:
+            async with engine.begin() as conn:
+                await AccountStore().set_plan(conn, thrifty.id, "thrifty")
+        finally:
+            await engine.dispose()
+        results = {}
+        for user in (thrifty, roomy):
+            thread = await create_thread(client, user)
+            results[user.id] = await _run(client, user, thread["id"], "what is 12*7?")
+    assert results[thrifty.id]["status"] == "failed", results[thrifty.id]
+    assert results[thrifty.id]["error"]["code"] == "token_budget_exceeded"
+    assert results[roomy.id]["status"] == "completed", results[roomy.id]
+
+
 async def test_max_threads_never_overshoots_under_concurrent_requests(
     settings_factory: Callable[..., Settings],
 ) -> None:

@@ -49,6 +49,7 @@ from threadline.llm.providers import ProviderSet
 from threadline.llm.types import ChatMessage, ModelProvider, Usage
 from threadline.logs import bound
 from threadline.metrics import Metrics
+from threadline.plans import UserPlan
 from threadline.runs.conversation import to_chat_history
 from threadline.runs.outcomes import CancelReason, Outcome, RunFinisher
 from threadline.runs.sink import RunEventSink
@@ -142,7 +143,7 @@ class ExecutionEngine:
     def running_for(self, user_id: str) -> int:
         return self._slots.get(user_id, 0)
 
-    async def begin(self, conn: AsyncConnection, run: Run) -> BegunRun:
+    async def begin(self, conn: AsyncConnection, run: Run, *, user_plan: str | None) -> BegunRun:
         """Start the claimed `run` in the caller's transaction: the claim's own (`Worker`), so
         that claiming and starting a run cost one transaction. `execute` takes the result on
         once that transaction committed. Call it last in the transaction: the start's events
@@ -151,7 +152,8 @@ class ExecutionEngine:
         What the start does is `execute`'s first step otherwise: build the agent (if that
         fails, `agent_started` is written all the same, and the run fails with the error once
         executed), read the token budget and the history, place the input message, and emit
-        `agent_started` with what the loop does first.
+        `agent_started` with what the loop does first. `user_plan`: the user's plan as the
+        claim read it (`Claimed.user_plan`), for the token budget.
 
         Raises:
             RunLimitError: this process executes the user's limit already; the caller rolls
@@ -168,7 +170,8 @@ class ExecutionEngine:
         sink = self._sink(ctx)
         with bound(ctx):
             try:
-                return await self._begin(conn, run, ctx, sink)
+                plan = self._quotas.plans.resolve(user_plan) if self._quotas else None
+                return await self._begin(conn, run, ctx, sink, plan)
             except Exception as exc:
                 if is_database_unavailable(exc):
                     raise
@@ -305,7 +308,7 @@ class ExecutionEngine:
     ) -> AgentOutcome:
         if begun is None:
             async with self._db.begin() as conn:
-                begun = await self._begin(conn, run, ctx, sink)
+                begun = await self._begin(conn, run, ctx, sink, None)
         start = begun.start
         if isinstance(start, Exception):
             raise start  # the agent could not be built; its agent_started went out
@@ -333,9 +336,15 @@ class ExecutionEngine:
         )
 
     async def _begin(
-        self, conn: AsyncConnection, run: Run, ctx: UserContext, sink: RunEventSink
+        self,
+        conn: AsyncConnection,
+        run: Run,
+        ctx: UserContext,
+        sink: RunEventSink,
+        plan: UserPlan | None,
     ) -> BegunRun:
-        """The run's start in `conn`'s transaction, its first: the agent built, then `_start`."""
+        """The run's start in `conn`'s transaction, its first: the agent built, then `_start`.
+        `plan`: the user's, when the caller knows it (None: `_start` reads it)."""
         try:
             agent = self.registry.build(run.agent)
             provider, model = self.providers.resolve(agent.model)
@@ -346,7 +355,7 @@ class ExecutionEngine:
             await sink.write(conn, [(EventType.AGENT_STARTED, started)])
             return BegunRun(run=run, ctx=ctx, sink=sink, start=exc)
         built = _Built(agent=agent, provider=provider, model=model, deps=deps)
-        start = await self._start(conn, run, ctx, built, sink)
+        start = await self._start(conn, run, ctx, built, sink, plan)
         return BegunRun(run=run, ctx=ctx, sink=sink, start=start)
 
     def _deps_for(self, run: Run, ctx: UserContext, agent: Agent) -> object:
@@ -356,13 +365,19 @@ class ExecutionEngine:
         return self._deps(info)
 
     async def _start(
-        self, conn: AsyncConnection, run: Run, ctx: UserContext, built: _Built, sink: RunEventSink
+        self,
+        conn: AsyncConnection,
+        run: Run,
+        ctx: UserContext,
+        built: _Built,
+        sink: RunEventSink,
+        plan: UserPlan | None,
     ) -> _Start:
         """The token budget, the input message placed after the output of the runs it waited
         behind, the history read, and `agent_started` with what the loop does first (its model
         call, or the calls a retried run resumes), last, in the caller's transaction."""
         agent = built.agent
-        budget = await self._quotas.token_budget(conn, run.user_id) if self._quotas else None
+        budget = await self._quotas.token_budget(conn, run.user_id, plan) if self._quotas else None
         stored, moved = await self._stored(conn, run, ctx, agent)
         answered = _stored_answer(stored, run)
         history = _history(stored, run, agent)

@@ -246,7 +246,8 @@ class Worker:
                 self._held_back = claimed.held_back
                 if claimed.run is None:
                     return None, False
-                return await self.engine.begin(conn, claimed.run), claimed.more
+                begun = await self.engine.begin(conn, claimed.run, user_plan=claimed.user_plan)
+                return begun, claimed.more
         except RunLimitError:
             # Rolled back: the run stays queued until one of this user's runs here ends,
             # which wakes the claim.

@@ -41,7 +41,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from threadline.store.runs import JSONObject, Run, RunStatus, run_from_row
-from threadline.store.tables import runs
+from threadline.store.tables import runs, users
 
 # First key of the two-key advisory lock that serializes one user's claims (the second is the
 # hash of the user id); an arbitrary constant, so other advisory-lock users cannot collide.
@@ -103,6 +103,13 @@ _USER_HAS_ROOM = """(SELECT count(*) FROM runs AS mine
      WHERE mine.user_id = runs.user_id AND mine.status = 'running') < {user_limit}"""
 
 
+# The run's user's plan, read by the take for the run's start (its token budget), rather than
+# by a statement of its own: the same unlocked read, one round trip fewer per run.
+_USER_PLAN = (
+    sa.select(users.c.plan).where(users.c.id == runs.c.user_id).scalar_subquery().label("user_plan")
+)
+
+
 @dataclass(frozen=True, slots=True)
 class _ClaimStatements:
     candidate: sa.Executable
@@ -128,7 +135,7 @@ class _ClaimStatements:
                 lease_expires_at=sa.bindparam("claim_expires"),
                 started_at=sa.func.coalesce(runs.c.started_at, sa.bindparam("claim_now")),
             )
-            .returning(*runs.c)
+            .returning(*runs.c, _USER_PLAN)
         )
         take_if_room = None
         if dialect == "postgresql":
@@ -149,6 +156,8 @@ class Claimed:
     """Queued runs remain that no claim may take now (behind their thread's active run, their
     user at the limit, or being claimed by another worker): a run that ends may free one.
     True when the claim could not tell (it found no candidate at all)."""
+    user_plan: str | None = None
+    """The plan of the run's user (`users.plan`) when the run was taken; None: none."""
 
 
 def _next_stays_claimable(rows: Sequence[sa.Row[Any]]) -> bool:
@@ -327,7 +336,8 @@ class RunQueue:
             if taken is not None:
                 more = _next_stays_claimable(rows)
                 held_back = bool(skipped) or int(rows[0].waiting) > 1 + more
-                return Claimed(taken, more=more, held_back=held_back)
+                run, user_plan = taken
+                return Claimed(run, more=more, held_back=held_back, user_plan=user_plan)
             # The candidate's row is locked by this transaction, so it is still queued: the
             # user is at the limit (another worker's claim committed meanwhile), or another
             # claimer holds the user's lock.
@@ -348,9 +358,10 @@ class RunQueue:
         statement: sa.Executable,
         run_id: str,
         params: Mapping[str, object],
-    ) -> Run | None:
+    ) -> tuple[Run, str | None] | None:
+        """The run taken, with its user's plan; None: not taken."""
         row = (await conn.execute(statement, {**params, "claim_run": run_id})).first()
-        return run_from_row(row) if row is not None else None
+        return (run_from_row(row), row.user_plan) if row is not None else None
 
     async def heartbeat(
         self, conn: AsyncConnection, run: Run, *, lease_seconds: float

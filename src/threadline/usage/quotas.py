@@ -172,10 +172,13 @@ class Quotas:
             retry_after=decision.retry_after_seconds,
         )
 
-    async def token_budget(self, conn: AsyncConnection, user_id: str) -> int | None:
+    async def token_budget(
+        self, conn: AsyncConnection, user_id: str, plan: UserPlan | None = None
+    ) -> int | None:
         """Tokens the user may still spend today; None: unlimited. In the caller's transaction
-        (a run's first one)."""
-        plan = await self.plan(conn, user_id)
+        (a run's first one). `plan`: the user's, if the caller read it already."""
+        if plan is None:
+            plan = await self.plan(conn, user_id)
         if plan.limits.tokens_per_day is None:
             return None
         used = await self._usage.tokens_on(conn, user_id, utc_day())
