@@ -74,8 +74,9 @@ class Counts:
     """Reads both sources; `pg_admin_dsn`/`database` only on PostgreSQL. `metrics_dir` is the
     servers' `PROMETHEUS_MULTIPROC_DIR`."""
 
-    def __init__(self, metrics_dir: Path, *, pg_admin_dsn: str | None = None,
-                 database: str | None = None) -> None:
+    def __init__(
+        self, metrics_dir: Path, *, pg_admin_dsn: str | None = None, database: str | None = None
+    ) -> None:
         self._metrics_dir = metrics_dir
         self._pg_admin_dsn = pg_admin_dsn
         self._database = database
@@ -123,8 +124,14 @@ def round_trips(hook: dict[str, float], *, postgres: bool) -> float:
     return hook["statements"] + transactions
 
 
-def per_run(before: Snapshot, after: Snapshot, idle_hook_per_s: dict[str, float], runs: int,
-            *, postgres: bool) -> dict[str, object]:
+def per_run(
+    before: Snapshot,
+    after: Snapshot,
+    idle_hook_per_s: dict[str, float],
+    runs: int,
+    *,
+    postgres: bool,
+) -> dict[str, object]:
     """The counted figures of one measured phase, in total and per completed run."""
     window = after.at - before.at
     hook = {k: after.hook[k] - before.hook[k] for k in _HOOK}

@@ -107,8 +107,14 @@ def summarize(
     The count's key is `count_key`; every other key ends with `suffix` (`"p50_ms"` for "_ms").
     """
     if not values:
-        return {count_key: 0, f"p50{suffix}": None, f"p90{suffix}": None, f"p99{suffix}": None,
-                f"max{suffix}": None, f"mean{suffix}": None}
+        return {
+            count_key: 0,
+            f"p50{suffix}": None,
+            f"p90{suffix}": None,
+            f"p99{suffix}": None,
+            f"max{suffix}": None,
+            f"mean{suffix}": None,
+        }
     ordered = sorted(values)
     return {
         count_key: len(ordered),
@@ -130,8 +136,9 @@ def git_commit() -> str | None:
         if not head.startswith("ref: "):
             return head
         ref = head.removeprefix("ref: ")
-        common = Path((git / "commondir").read_text().strip()) if (git / "commondir").is_file() \
-            else None
+        common = (
+            Path((git / "commondir").read_text().strip()) if (git / "commondir").is_file() else None
+        )
         for base in (git, (git / common).resolve() if common else None):
             if base is not None and (base / ref).is_file():
                 return (base / ref).read_text().strip()
@@ -146,8 +153,19 @@ def git_commit() -> str | None:
     return None
 
 
-PACKAGES = ("threadline", "fastapi", "uvicorn", "sqlalchemy", "asyncpg", "aiosqlite", "redis",
-            "httpx", "websockets", "uvloop", "httptools")
+PACKAGES = (
+    "threadline",
+    "fastapi",
+    "uvicorn",
+    "sqlalchemy",
+    "asyncpg",
+    "aiosqlite",
+    "redis",
+    "httpx",
+    "websockets",
+    "uvloop",
+    "httptools",
+)
 
 
 def machine_info(
@@ -246,7 +264,10 @@ def server_env(database_url: str, workdir: Path, extra: dict[str, str]) -> dict[
 
 @contextmanager
 def server_process(
-    env: dict[str, str], workdir: Path, *, profile: Path | None = None,
+    env: dict[str, str],
+    workdir: Path,
+    *,
+    profile: Path | None = None,
     args: Sequence[str] = (),
 ) -> Iterator[Server]:
     """Start `threadline serve [args]` on a free loopback port, wait until ready, always stop it.
@@ -257,18 +278,42 @@ def server_process(
     (collapsed stacks) and wraps it: then `Server.pid` is py-spy's and `Server.profiled` is set.
     """
     port = free_port()
-    command = [sys.executable, "-m", "threadline", "serve", "--host", "127.0.0.1",
-               "--port", str(port), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "threadline",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
     if profile is not None:
         # Collapsed stacks: flamegraph.pl and speedscope read them, and so does `sort | uniq`.
         # --gil: sample only the thread holding the GIL, i.e. where Python CPU time goes (the
         # driver threads of aiosqlite otherwise dominate the samples while they wait).
-        command = ["py-spy", "record", "--gil", "--rate", "200", "--format", "raw",
-                   "--output", str(profile), "--", *command]
+        command = [
+            "py-spy",
+            "record",
+            "--gil",
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--output",
+            str(profile),
+            "--",
+            *command,
+        ]
     log_path = workdir / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            command, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+            command,
+            env=env,
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stopped as one, never orphaned
         )
         server = Server(f"http://127.0.0.1:{port}", process.pid, log_path, profile is not None)
@@ -286,15 +331,20 @@ def server_process(
 
 
 @contextmanager
-def worker_process(env: dict[str, str], workdir: Path, *, args: Sequence[str] = ()
-                   ) -> Iterator[subprocess.Popen[bytes]]:
+def worker_process(
+    env: dict[str, str], workdir: Path, *, args: Sequence[str] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
     """Start `threadline worker [args]` (not waited for: runs queue until it claims them),
     always stop it (SIGINT, as `stop`); its log's tail is printed if it failed."""
     log_path = workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "threadline", "worker", *args], env=env, cwd=workdir,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "threadline", "worker", *args],
+            env=env,
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         yield process
@@ -370,7 +420,11 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 def migrate(env: dict[str, str], workdir: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "threadline", "migrate"],
-        env=env, cwd=workdir, capture_output=True, text=True, timeout=180,
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     if done.returncode != 0:
         raise BenchError(f"threadline migrate failed:\n{done.stdout}\n{done.stderr}")
@@ -475,14 +529,16 @@ async def create_thread(http: httpx.AsyncClient, user: BenchUser, title: str = "
     return str(thread.json()["id"])
 
 
-async def register_many(http: httpx.AsyncClient, count: int, *, with_thread: bool,
-                        at_once: int = 4) -> list[BenchUser]:
+async def register_many(
+    http: httpx.AsyncClient, count: int, *, with_thread: bool, at_once: int = 4
+) -> list[BenchUser]:
     """`count` users, a few at a time: each costs two argon2 operations on the server."""
     users: list[BenchUser] = []
     while len(users) < count:
         batch = min(at_once, count - len(users))
         async with asyncio.TaskGroup() as group:
-            made = [group.create_task(register(http, with_thread=with_thread))
-                    for _ in range(batch)]
+            made = [
+                group.create_task(register(http, with_thread=with_thread)) for _ in range(batch)
+            ]
         users.extend(task.result() for task in made)
     return users

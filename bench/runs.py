@@ -130,8 +130,10 @@ TERMINAL = frozenset({"agent_completed", "agent_failed", "run_cancelled"})
 TARGETS = {
     "postgres": {"runs_per_second_at_32": 90.0, "server_cpu_ms_per_run": 10.0},
     "sqlite": {"runs_per_second_at_32": 60.0, "server_cpu_ms_per_run": 15.0},
-    "transactions_per_run": 6.0, "round_trips_per_run": 40.0,
-    "first_event_p99_ms": 50.0, "completed_p99_ms": 400.0,
+    "transactions_per_run": 6.0,
+    "round_trips_per_run": 40.0,
+    "first_event_p99_ms": 50.0,
+    "completed_p99_ms": 400.0,
 }
 # The figure issue 11 was written against: the reference peer's dev server (in memory, nothing
 # durable) on the machine of that day. Machines differ by up to 2x: for ratios, measure the
@@ -225,8 +227,7 @@ def deploy(topology: str, env: dict[str, str], workdir: Path) -> Iterator[Deploy
 
 
 @contextlib.contextmanager
-def profiled(processes: list[psutil.Process], directory: Path | None, label: str
-             ) -> Iterator[None]:
+def profiled(processes: list[psutil.Process], directory: Path | None, label: str) -> Iterator[None]:
     """py-spy attached to every process that has no children (the ones doing the work), one
     raw file each; written when py-spy gets SIGINT at the end."""
     if directory is None:
@@ -235,11 +236,25 @@ def profiled(processes: list[psutil.Process], directory: Path | None, label: str
     directory.mkdir(parents=True, exist_ok=True)
     spies = [
         subprocess.Popen(
-            ["py-spy", "record", "--pid", str(p.pid), "--gil", "--rate", "200", "--format",
-             "raw", "--output", str(directory / f"{label}-{p.pid}.txt")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                "py-spy",
+                "record",
+                "--pid",
+                str(p.pid),
+                "--gil",
+                "--rate",
+                "200",
+                "--format",
+                "raw",
+                "--output",
+                str(directory / f"{label}-{p.pid}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
-        for p in processes if not p.children()
+        for p in processes
+        if not p.children()
     ]
     try:
         yield
@@ -258,8 +273,11 @@ def connections_by_process(deployment: Deployment) -> dict[str, int]:
     """Established client connections each server process holds on the server's port."""
     counts = {}
     for process in deployment.processes:
-        held = [c for c in process.net_connections(kind="tcp")
-                if c.laddr and c.laddr.port == deployment.port and c.status == "ESTABLISHED"]
+        held = [
+            c
+            for c in process.net_connections(kind="tcp")
+            if c.laddr and c.laddr.port == deployment.port and c.status == "ESTABLISHED"
+        ]
         if held:
             counts[str(process.pid)] = len(held)
     return counts
@@ -268,17 +286,26 @@ def connections_by_process(deployment: Deployment) -> dict[str, int]:
 # --- The client's sockets -------------------------------------------------------------------------
 
 
-async def open_socket(server: Server, token: str, thread_id: str, *, compression: bool
-                      ) -> ClientConnection:
+async def open_socket(
+    server: Server, token: str, thread_id: str, *, compression: bool
+) -> ClientConnection:
     """Connect, authenticate with the first message, subscribe; returns after the snapshot."""
     async with asyncio.timeout(CONNECT_TIMEOUT):
-        ws = await connect(server.ws_url, open_timeout=CONNECT_TIMEOUT, ping_interval=None,
-                           compression="deflate" if compression else None, max_size=2**22)
+        ws = await connect(
+            server.ws_url,
+            open_timeout=CONNECT_TIMEOUT,
+            ping_interval=None,
+            compression="deflate" if compression else None,
+            max_size=2**22,
+        )
         try:
             await ws.send(json.dumps({"type": "auth", "token": token}))
             await _expect_reply(ws, "authenticated")
-            await ws.send(json.dumps({"type": "subscribe", "thread_id": thread_id,
-                                      "after_seq": SUBSCRIBE_AFTER_SEQ}))
+            await ws.send(
+                json.dumps(
+                    {"type": "subscribe", "thread_id": thread_id, "after_seq": SUBSCRIBE_AFTER_SEQ}
+                )
+            )
             await _expect_reply(ws, "snapshot")
         except BaseException:
             await ws.close()
@@ -370,8 +397,11 @@ class EventSocket:
             raise BenchError(f"run {run_id} ended with {terminal.type}")
         if not self.replies.empty():
             raise BenchError(f"unexpected reply on the socket: {self.replies.get_nowait()}")
-        mine = [e for e in self.events if e.run_id == run_id
-                or (e.type == "message_created" and e.message_id == message_id)]
+        mine = [
+            e
+            for e in self.events
+            if e.run_id == run_id or (e.type == "message_created" and e.message_id == message_id)
+        ]
         agent_started = next((e for e in mine if e.type == "agent_started"), None)
         return RunSample(
             post_ms=(posted - started) * 1000,
@@ -386,14 +416,23 @@ class EventSocket:
         thread_id = self.user.thread_id
         if send == "http":
             response = await http.post(
-                f"/v1/threads/{thread_id}/messages", headers=self.user.headers,
+                f"/v1/threads/{thread_id}/messages",
+                headers=self.user.headers,
                 json={"content": QUESTION, "run": {"agent": "demo"}},
             )
             expect(response, 201)
             body = response.json()
             return str(body["id"]), str(body["run"]["id"])
-        await self.ws.send(json.dumps({"type": "send_message", "thread_id": thread_id,
-                                       "content": QUESTION, "agent": "demo"}))
+        await self.ws.send(
+            json.dumps(
+                {
+                    "type": "send_message",
+                    "thread_id": thread_id,
+                    "content": QUESTION,
+                    "agent": "demo",
+                }
+            )
+        )
         reply = await self.replies.get()
         if reply.get("type") != "message_accepted" or not reply.get("run_id"):
             raise BenchError(f"send_message was refused: {reply}")
@@ -403,14 +442,21 @@ class EventSocket:
 # --- Phases ---------------------------------------------------------------------------------------
 
 
-async def sequential_runs(sock: EventSocket, http: httpx.AsyncClient, count: int, send: str
-                          ) -> list[RunSample]:
+async def sequential_runs(
+    sock: EventSocket, http: httpx.AsyncClient, count: int, send: str
+) -> list[RunSample]:
     return [await sock.one_run(http, send) for _ in range(count)]
 
 
-async def run_level(deployment: Deployment, http: httpx.AsyncClient, sockets: list[EventSocket],
-                    options: Options, counts: Counts | None, *, label: str
-                    ) -> dict[str, object]:
+async def run_level(
+    deployment: Deployment,
+    http: httpx.AsyncClient,
+    sockets: list[EventSocket],
+    options: Options,
+    counts: Counts | None,
+    *,
+    label: str,
+) -> dict[str, object]:
     runs = options.runs_for(len(sockets))
     servers, client_proc = deployment.processes, psutil.Process()
     async with asyncio.timeout(LEVEL_TIMEOUT):
@@ -424,8 +470,10 @@ async def run_level(deployment: Deployment, http: httpx.AsyncClient, sockets: li
         with profiled(servers, options.profile, f"{label}-{len(sockets)}u"):
             started = time.perf_counter()
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(sequential_runs(sock, http, runs, options.send))
-                         for sock in sockets]
+                tasks = [
+                    group.create_task(sequential_runs(sock, http, runs, options.send))
+                    for sock in sockets
+                ]
             wall = time.perf_counter() - started
         server_cpu = [_cpu(p) - before for p, before in zip(servers, server_cpu, strict=True)]
         client_cpu = _cpu(client_proc) - client_cpu
@@ -434,8 +482,15 @@ async def run_level(deployment: Deployment, http: httpx.AsyncClient, sockets: li
             await asyncio.sleep(counts.settle_s)  # pg_stat_database lags behind (_counting.py)
             after = await counts.snapshot()
     samples = [sample for task in tasks for sample in task.result()]
-    result = level_result(samples, users=len(sockets), runs=runs, warmup=options.warmup,
-                          wall=wall, server_cpu=sum(server_cpu), client_cpu=client_cpu)
+    result = level_result(
+        samples,
+        users=len(sockets),
+        runs=runs,
+        warmup=options.warmup,
+        wall=wall,
+        server_cpu=sum(server_cpu),
+        client_cpu=client_cpu,
+    )
     result["server_cpu_ms_per_run_by_process"] = {
         f"{p.pid} {_role(p, deployment)}": round(cpu / len(samples) * 1000, 3)
         for p, cpu in zip(servers, server_cpu, strict=True)
@@ -443,8 +498,7 @@ async def run_level(deployment: Deployment, http: httpx.AsyncClient, sockets: li
     result["connections_by_process"] = spread
     result["load_average_before"] = [round(x, 2) for x in load_before]
     if counts is not None:
-        result["database"] = per_run(before, after, idle, len(samples),
-                                     postgres=counts.postgres)
+        result["database"] = per_run(before, after, idle, len(samples), postgres=counts.postgres)
     return result
 
 
@@ -459,8 +513,16 @@ def _cpu(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def level_result(samples: list[RunSample], *, users: int, runs: int, warmup: int, wall: float,
-                 server_cpu: float, client_cpu: float) -> dict[str, object]:
+def level_result(
+    samples: list[RunSample],
+    *,
+    users: int,
+    runs: int,
+    warmup: int,
+    wall: float,
+    server_cpu: float,
+    client_cpu: float,
+) -> dict[str, object]:
     emitted = [(kind, ms) for sample in samples for kind, ms in sample.emit_ms]
     by_type: dict[str, list[float]] = {}
     for kind, ms in emitted:
@@ -487,9 +549,14 @@ def level_result(samples: list[RunSample], *, users: int, runs: int, warmup: int
     }
 
 
-async def idle_socket_memory(deployment: Deployment, http: httpx.AsyncClient,
-                             users: list[BenchUser], count: int, *, compression: bool
-                             ) -> dict[str, object]:
+async def idle_socket_memory(
+    deployment: Deployment,
+    http: httpx.AsyncClient,
+    users: list[BenchUser],
+    count: int,
+    *,
+    compression: bool,
+) -> dict[str, object]:
     """RSS (summed over the server processes) before and after `count` authenticated,
     subscribed sockets, each on its own thread."""
     server = deployment.server
@@ -559,11 +626,20 @@ async def seed_past_runs(database_url: str, users: list[BenchUser], count: int) 
     try:
         for user in users:
             rows = [
-                {"id": f"run_past{user.thread_id[-16:]}{n:08d}", "thread_id": user.thread_id,
-                 "user_id": user.id, "agent": "demo", "status": "completed", "input": {},
-                 "attempt": 1, "max_attempts": 1, "cancel_requested": False,
-                 "created_at": (moment := ended - timedelta(seconds=count - n)),
-                 "started_at": moment, "finished_at": moment}
+                {
+                    "id": f"run_past{user.thread_id[-16:]}{n:08d}",
+                    "thread_id": user.thread_id,
+                    "user_id": user.id,
+                    "agent": "demo",
+                    "status": "completed",
+                    "input": {},
+                    "attempt": 1,
+                    "max_attempts": 1,
+                    "cancel_requested": False,
+                    "created_at": (moment := ended - timedelta(seconds=count - n)),
+                    "started_at": moment,
+                    "finished_at": moment,
+                }
                 for n in range(count)
             ]
             async with asyncio.timeout(LEVEL_TIMEOUT), engine.begin() as conn:
@@ -572,16 +648,24 @@ async def seed_past_runs(database_url: str, users: list[BenchUser], count: int) 
         await engine.dispose()
 
 
-async def drive(deployment: Deployment, options: Options, *, metrics_dir: Path, label: str,
-                database_url: str, pg_database: str | None = None) -> dict[str, object]:
+async def drive(
+    deployment: Deployment,
+    options: Options,
+    *,
+    metrics_dir: Path,
+    label: str,
+    database_url: str,
+    pg_database: str | None = None,
+) -> dict[str, object]:
     """Every level on one deployment; `metrics_dir`: its processes' PROMETHEUS_MULTIPROC_DIR;
     `pg_database`: the PostgreSQL database it uses, whose pg_stat_database row is read (over
     `options.postgres_url`'s database) around each level."""
     server = deployment.server
     most = max(options.users)
     limits = httpx.Limits(max_connections=most + 8, max_keepalive_connections=most + 8)
-    async with httpx.AsyncClient(base_url=server.base_url, limits=limits, timeout=HTTP_TIMEOUT,
-                                 trust_env=False) as http:
+    async with httpx.AsyncClient(
+        base_url=server.base_url, limits=limits, timeout=HTTP_TIMEOUT, trust_env=False
+    ) as http:
         counts = None
         if options.count_statements:
             admin = _asyncpg_dsn(options.postgres_url) if pg_database else None
@@ -590,16 +674,23 @@ async def drive(deployment: Deployment, options: Options, *, metrics_dir: Path, 
             users = await register_many(http, most, with_thread=True)
             if options.past_runs:
                 await seed_past_runs(database_url, users, options.past_runs)
-            sockets = [EventSocket(await open_socket(server, u.token, u.thread_id,
-                                                     compression=options.ws_compression), u)
-                       for u in users]
+            sockets = [
+                EventSocket(
+                    await open_socket(
+                        server, u.token, u.thread_id, compression=options.ws_compression
+                    ),
+                    u,
+                )
+                for u in users
+            ]
         for sock in sockets:
             sock.start()
         levels = []
         try:
             for count in options.users:
-                result = await run_level(deployment, http, sockets[:count], options, counts,
-                                         label=label)
+                result = await run_level(
+                    deployment, http, sockets[:count], options, counts, label=label
+                )
                 levels.append(result)
                 print_level(result)
                 print_database(result)
@@ -608,40 +699,60 @@ async def drive(deployment: Deployment, options: Options, *, metrics_dir: Path, 
                 await sock.aclose()
         idle = None
         if options.idle_sockets:
-            idle = await idle_socket_memory(deployment, http, users, options.idle_sockets,
-                                            compression=options.ws_compression)
+            idle = await idle_socket_memory(
+                deployment, http, users, options.idle_sockets, compression=options.ws_compression
+            )
             print_idle(idle)
     return {"levels": levels, "idle_sockets": idle}
 
 
 def _server_extra(options: Options, workdir: Path) -> dict[str, str]:
-    extra = {"THREADLINE_MAX_CONCURRENT_RUNS_PER_USER": "1000",
-             "THREADLINE_DEMO_DELAY_SECONDS": "0",
-             "THREADLINE_DEBUG_COUNT_STATEMENTS": str(options.count_statements).lower(),
-             **dict(options.server_env)}
+    extra = {
+        "THREADLINE_MAX_CONCURRENT_RUNS_PER_USER": "1000",
+        "THREADLINE_DEMO_DELAY_SECONDS": "0",
+        "THREADLINE_DEBUG_COUNT_STATEMENTS": str(options.count_statements).lower(),
+        **dict(options.server_env),
+    }
     if options.count_statements:  # every process's counters in files there (_counting.py)
         (workdir / "metrics").mkdir()
         extra["PROMETHEUS_MULTIPROC_DIR"] = str(workdir / "metrics")
     return extra
 
 
-async def _measure(topology: str, env: dict[str, str], workdir: Path, options: Options, *,
-                   label: str, pg_database: str | None = None) -> dict[str, object]:
+async def _measure(
+    topology: str,
+    env: dict[str, str],
+    workdir: Path,
+    options: Options,
+    *,
+    label: str,
+    pg_database: str | None = None,
+) -> dict[str, object]:
     with deploy(topology, env, workdir) as deployment:
-        return await drive(deployment, options, metrics_dir=workdir / "metrics", label=label,
-                           database_url=env["THREADLINE_DATABASE_URL"], pg_database=pg_database)
+        return await drive(
+            deployment,
+            options,
+            metrics_dir=workdir / "metrics",
+            label=label,
+            database_url=env["THREADLINE_DATABASE_URL"],
+            pg_database=pg_database,
+        )
 
 
 async def run_sqlite(options: Options, topology: str) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="threadline-bench-") as tmp:
         workdir = Path(tmp)
-        env = server_env(f"sqlite:///{workdir / 'bench.db'}", workdir,
-                         _server_extra(options, workdir))
+        env = server_env(
+            f"sqlite:///{workdir / 'bench.db'}", workdir, _server_extra(options, workdir)
+        )
         result = await _measure(topology, env, workdir, options, label=f"sqlite-{topology}")
     import sqlite3
 
-    return {"topology": topology, "services": {"database": f"SQLite {sqlite3.sqlite_version}"},
-            **result}
+    return {
+        "topology": topology,
+        "services": {"database": f"SQLite {sqlite3.sqlite_version}"},
+        **result,
+    }
 
 
 async def run_postgres(options: Options, topology: str) -> dict[str, object]:
@@ -650,18 +761,27 @@ async def run_postgres(options: Options, topology: str) -> dict[str, object]:
     prefix = f"threadline-bench-runs-{uuid.uuid4().hex[:10]}"
     with tempfile.TemporaryDirectory(prefix="threadline-bench-") as tmp:
         workdir = Path(tmp)
-        extra = {**_server_extra(options, workdir), "THREADLINE_REDIS_URL": options.redis_url,
-                 "THREADLINE_REDIS_PREFIX": prefix}
+        extra = {
+            **_server_extra(options, workdir),
+            "THREADLINE_REDIS_URL": options.redis_url,
+            "THREADLINE_REDIS_PREFIX": prefix,
+        }
         async with postgres_database(options.postgres_url, label="runs") as database_url:
             env = server_env(database_url, workdir, extra)
             try:
                 await asyncio.to_thread(migrate, env, workdir)
                 result = await _measure(
-                    topology, env, workdir, options, label=f"postgres-{topology}",
+                    topology,
+                    env,
+                    workdir,
+                    options,
+                    label=f"postgres-{topology}",
                     pg_database=urlsplit(database_url).path.lstrip("/"),
                 )
-                services = {"database": await postgres_version(database_url),
-                            "redis": await redis_version(options.redis_url)}
+                services = {
+                    "database": await postgres_version(database_url),
+                    "redis": await redis_version(options.redis_url),
+                }
             finally:
                 await delete_redis_prefix(options.redis_url, prefix)
     return {"topology": topology, "services": services, **result}
@@ -675,21 +795,29 @@ def print_level(r: dict[str, object]) -> None:
         s = r[key]
         return f"{s['p50']:>8.2f}/{s['p99']:<8.2f}"  # type: ignore[index]
 
-    print(f"{r['users']:>5}{r['completed_runs']:>6}{r['runs_per_second']:>8.1f}"
-          f"{r['server_cpu_ms_per_run']:>9.2f}{r['client_cpu_ms_per_run']:>9.2f}  {p('post_ms')}"
-          f"{p('first_event_ms')}{p('agent_started_ms')}{p('agent_completed_ms')}"
-          f"{p('emit_to_socket_ms')}  load {r['load_average_before'][0]}->"  # type: ignore[index]
-          f"{r['load_average_after'][0]}", flush=True)  # type: ignore[index]
+    print(
+        f"{r['users']:>5}{r['completed_runs']:>6}{r['runs_per_second']:>8.1f}"
+        f"{r['server_cpu_ms_per_run']:>9.2f}{r['client_cpu_ms_per_run']:>9.2f}  {p('post_ms')}"
+        f"{p('first_event_ms')}{p('agent_started_ms')}{p('agent_completed_ms')}"
+        f"{p('emit_to_socket_ms')}  load {r['load_average_before'][0]}->"  # type: ignore[index]
+        f"{r['load_average_after'][0]}",
+        flush=True,
+    )  # type: ignore[index]
     shares = r.get("server_cpu_ms_per_run_by_process")
     if isinstance(shares, dict) and len(shares) > 1:
-        print(f"      server CPU ms/run by process: {shares}; client connections by process: "
-              f"{r['connections_by_process']}", flush=True)
+        print(
+            f"      server CPU ms/run by process: {shares}; client connections by process: "
+            f"{r['connections_by_process']}",
+            flush=True,
+        )
 
 
-HEADER = (f"{'users':>5}{'runs':>6}{'runs/s':>8}{'srv CPU':>9}{'cli CPU':>9}  "
-          f"{'post p50/p99':<18}{'1st event':<18}{'started':<18}{'completed':<18}"
-          f"{'emit->socket':<18}{'load (1 min)'}\n{'':>19}{'ms/run':>9}{'ms/run':>9}"
-          "  (all times in ms)")
+HEADER = (
+    f"{'users':>5}{'runs':>6}{'runs/s':>8}{'srv CPU':>9}{'cli CPU':>9}  "
+    f"{'post p50/p99':<18}{'1st event':<18}{'started':<18}{'completed':<18}"
+    f"{'emit->socket':<18}{'load (1 min)'}\n{'':>19}{'ms/run':>9}{'ms/run':>9}"
+    "  (all times in ms)"
+)
 
 
 def print_database(r: dict[str, object]) -> None:
@@ -697,20 +825,27 @@ def print_database(r: dict[str, object]) -> None:
     if not isinstance(counted, dict):
         return
     each = counted["per_run"]
-    line = (f"      database per run (counting hook): {each['transactions']} transactions "
-            f"({each['commits']} commit, {each['rollbacks']} rollback), {each['statements']} "
-            f"statements, {each['pre_pings']} pre-pings, {each['round_trips']} round trips")
+    line = (
+        f"      database per run (counting hook): {each['transactions']} transactions "
+        f"({each['commits']} commit, {each['rollbacks']} rollback), {each['statements']} "
+        f"statements, {each['pre_pings']} pre-pings, {each['round_trips']} round trips"
+    )
     pg = counted.get("pg_stat_database")
     if isinstance(pg, dict):
-        line += (f"; pg_stat_database: {pg['transactions_per_run']} transactions "
-                 f"({pg['commits_per_run']} commit, {pg['rollbacks_per_run']} rollback)")
+        line += (
+            f"; pg_stat_database: {pg['transactions_per_run']} transactions "
+            f"({pg['commits_per_run']} commit, {pg['rollbacks_per_run']} rollback)"
+        )
     print(line, flush=True)
 
 
 def print_idle(r: dict[str, object]) -> None:
-    print(f"idle sockets: {r['sockets']} (extensions {r['extensions_negotiated']}, fds "
-          f"{r['server_fds_before']} -> {r['server_fds_after']}): RSS {r['rss_before_mb']} -> "
-          f"{r['rss_after_mb']} MB = {r['kb_per_socket']} KB per socket", flush=True)
+    print(
+        f"idle sockets: {r['sockets']} (extensions {r['extensions_negotiated']}, fds "
+        f"{r['server_fds_before']} -> {r['server_fds_after']}): RSS {r['rss_before_mb']} -> "
+        f"{r['rss_after_mb']} MB = {r['kb_per_socket']} KB per socket",
+        flush=True,
+    )
 
 
 def comparison(backend: str, topology: str, result: dict[str, object]) -> list[str]:
@@ -721,22 +856,28 @@ def comparison(backend: str, topology: str, result: dict[str, object]) -> list[s
     def mark(ok: bool) -> str:
         return "PASS" if ok else "MISS"
 
-    lines = [f"[{backend} / {topology}] vs issue 11's targets and its reference figure "
-             f"(~{peer['runs_per_second']:.0f} runs/s, ~{peer['server_cpu_ms_per_run']:.0f} ms "
-             "CPU/run, another machine: measure the peer here with bench/peer/):"]
+    lines = [
+        f"[{backend} / {topology}] vs issue 11's targets and its reference figure "
+        f"(~{peer['runs_per_second']:.0f} runs/s, ~{peer['server_cpu_ms_per_run']:.0f} ms "
+        "CPU/run, another machine: measure the peer here with bench/peer/):"
+    ]
     for r in levels:
         users, rate, cpu = r["users"], r["runs_per_second"], r["server_cpu_ms_per_run"]
         at = f"  {r['users']} users (load {r['load_average_after'][0]}):"
         if users >= 32:
-            lines.append(f"{at} {mark(rate >= own['runs_per_second_at_32'])} runs/s {rate} "
-                         f"(target >= {own['runs_per_second_at_32']:.0f}"
-                         f"{' with the best 2-core topology' if backend == 'postgres' else ''}; "
-                         f"x{rate / peer['runs_per_second']:.2f} the reference figure)")
+            lines.append(
+                f"{at} {mark(rate >= own['runs_per_second_at_32'])} runs/s {rate} "
+                f"(target >= {own['runs_per_second_at_32']:.0f}"
+                f"{' with the best 2-core topology' if backend == 'postgres' else ''}; "
+                f"x{rate / peer['runs_per_second']:.2f} the reference figure)"
+            )
         else:
             lines.append(f"{at} info runs/s {rate}")
-        lines.append(f"{at} {mark(cpu <= own['server_cpu_ms_per_run'])} server CPU/run {cpu} ms "
-                     f"(target <= {own['server_cpu_ms_per_run']:.0f}; "
-                     f"x{cpu / peer['server_cpu_ms_per_run']:.2f} the reference figure)")
+        lines.append(
+            f"{at} {mark(cpu <= own['server_cpu_ms_per_run'])} server CPU/run {cpu} ms "
+            f"(target <= {own['server_cpu_ms_per_run']:.0f}; "
+            f"x{cpu / peer['server_cpu_ms_per_run']:.2f} the reference figure)"
+        )
         counted = r.get("database")
         if isinstance(counted, dict):
             each = counted["per_run"]
@@ -744,13 +885,15 @@ def comparison(backend: str, topology: str, result: dict[str, object]) -> list[s
                 f"{at} {mark(each['transactions'] <= t['transactions_per_run'])} transactions/run "
                 f"{each['transactions']} (target <= {t['transactions_per_run']:.0f}); "
                 f"{mark(each['round_trips'] <= t['round_trips_per_run'])} round trips/run "
-                f"{each['round_trips']} (target <= {t['round_trips_per_run']:.0f})")
+                f"{each['round_trips']} (target <= {t['round_trips_per_run']:.0f})"
+            )
         first, done = r["first_event_ms"], r["agent_completed_ms"]
         lines.append(
             f"{at} {mark(first['p99'] < t['first_event_p99_ms'])} first event p50/p99 "
             f"{first['p50']}/{first['p99']} ms (target p99 < {t['first_event_p99_ms']:.0f}); "
             f"{mark(done['p99'] < t['completed_p99_ms'])} completion p50/p99 "
-            f"{done['p50']}/{done['p99']} ms (target p99 < {t['completed_p99_ms']:.0f})")
+            f"{done['p50']}/{done['p99']} ms (target p99 < {t['completed_p99_ms']:.0f})"
+        )
     idle = result.get("idle_sockets")
     if idle:
         lines.append(f"  info idle socket: {idle['kb_per_socket']} KB each")  # type: ignore[index]
@@ -776,31 +919,67 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "runs.json")
-    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL,
-                        help="a PostgreSQL server where the benchmark may create a database")
+    parser.add_argument(
+        "--postgres-url",
+        default=DEFAULT_POSTGRES_URL,
+        help="a PostgreSQL server where the benchmark may create a database",
+    )
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     parser.add_argument("--users", default="1,32", help="concurrency levels, comma-separated")
-    parser.add_argument("--runs-per-user", type=int, default=None,
-                        help="measured runs per user (default: max(20, 200/users))")
+    parser.add_argument(
+        "--runs-per-user",
+        type=int,
+        default=None,
+        help="measured runs per user (default: max(20, 200/users))",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured runs per user")
     parser.add_argument("--idle-sockets", type=int, default=1000, help="0 skips the phase")
-    parser.add_argument("--send", choices=["http", "ws"], default="http",
-                        help="post through HTTP POST .../messages or the socket's send_message")
-    parser.add_argument("--count-statements", choices=["on", "off"], default="on",
-                        help="count the server's database transactions and round trips "
-                             "(THREADLINE_DEBUG_COUNT_STATEMENTS; default on)")
-    parser.add_argument("--ws-compression", choices=["on", "off"], default="on",
-                        help="offer permessage-deflate, as browsers do (default on)")
-    parser.add_argument("--topology", default="serve",
-                        help=f"comma-separated, of {', '.join(TOPOLOGIES)} (default serve; "
-                             "SQLite runs serve only)")
-    parser.add_argument("--past-runs", type=int, default=0, metavar="N",
-                        help="finished runs per user written into the database beforehand")
-    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
-                        help="py-spy raw profiles, one file per working server process")
-    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="a THREADLINE_* setting for the servers (repeatable), to compare "
-                             "settings in one sitting")
+    parser.add_argument(
+        "--send",
+        choices=["http", "ws"],
+        default="http",
+        help="post through HTTP POST .../messages or the socket's send_message",
+    )
+    parser.add_argument(
+        "--count-statements",
+        choices=["on", "off"],
+        default="on",
+        help="count the server's database transactions and round trips "
+        "(THREADLINE_DEBUG_COUNT_STATEMENTS; default on)",
+    )
+    parser.add_argument(
+        "--ws-compression",
+        choices=["on", "off"],
+        default="on",
+        help="offer permessage-deflate, as browsers do (default on)",
+    )
+    parser.add_argument(
+        "--topology",
+        default="serve",
+        help=f"comma-separated, of {', '.join(TOPOLOGIES)} (default serve; SQLite runs serve only)",
+    )
+    parser.add_argument(
+        "--past-runs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="finished runs per user written into the database beforehand",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="py-spy raw profiles, one file per working server process",
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a THREADLINE_* setting for the servers (repeatable), to compare "
+        "settings in one sitting",
+    )
     args = parser.parse_args(argv)
     server_env: list[tuple[str, str]] = []
     for item in args.server_env:
@@ -812,17 +991,32 @@ def parse_options(argv: list[str] | None = None) -> Options:
     if not topologies or set(topologies) - set(TOPOLOGIES):
         parser.error(f"--topology takes some of {', '.join(TOPOLOGIES)}")
     users = tuple(sorted({int(n) for n in args.users.split(",") if n.strip()}))
-    if not users or users[0] < 1 or args.warmup < 0 or args.idle_sockets < 0 \
-            or (args.runs_per_user is not None and args.runs_per_user < 1) or args.past_runs < 0:
-        parser.error("--users, --runs-per-user, --warmup, --idle-sockets and --past-runs must "
-                     "be positive")
+    if (
+        not users
+        or users[0] < 1
+        or args.warmup < 0
+        or args.idle_sockets < 0
+        or (args.runs_per_user is not None and args.runs_per_user < 1)
+        or args.past_runs < 0
+    ):
+        parser.error(
+            "--users, --runs-per-user, --warmup, --idle-sockets and --past-runs must be positive"
+        )
     return Options(
         backends=("sqlite", "postgres") if args.backend == "both" else (args.backend,),
-        out=args.out, postgres_url=args.postgres_url, redis_url=args.redis_url, users=users,
-        runs_per_user=args.runs_per_user, warmup=args.warmup, idle_sockets=args.idle_sockets,
-        send=args.send, ws_compression=args.ws_compression == "on",
-        count_statements=args.count_statements == "on", topologies=topologies,
-        profile=args.profile.resolve() if args.profile else None, past_runs=args.past_runs,
+        out=args.out,
+        postgres_url=args.postgres_url,
+        redis_url=args.redis_url,
+        users=users,
+        runs_per_user=args.runs_per_user,
+        warmup=args.warmup,
+        idle_sockets=args.idle_sockets,
+        send=args.send,
+        ws_compression=args.ws_compression == "on",
+        count_statements=args.count_statements == "on",
+        topologies=topologies,
+        profile=args.profile.resolve() if args.profile else None,
+        past_runs=args.past_runs,
         server_env=tuple(server_env),
     )
 
@@ -834,8 +1028,11 @@ async def run(options: Options, open_files: dict[str, int]) -> dict[str, object]
         allowed = SQLITE_TOPOLOGIES if backend == "sqlite" else TOPOLOGIES
         skipped = [t for t in options.topologies if t not in allowed]
         if skipped:
-            print(f"\n[{backend}] skips {', '.join(skipped)}: SQLite runs in one process "
-                  "(serve refuses --workers above 1 on it)", flush=True)
+            print(
+                f"\n[{backend}] skips {', '.join(skipped)}: SQLite runs in one process "
+                "(serve refuses --workers above 1 on it)",
+                flush=True,
+            )
         for topology in (t for t in options.topologies if t in allowed):
             print(f"\n[{backend} / {topology}] posting via {options.send}\n{HEADER}", flush=True)
             runner = run_sqlite if backend == "sqlite" else run_postgres
@@ -854,8 +1051,11 @@ async def run(options: Options, open_files: dict[str, int]) -> dict[str, object]
         "benchmark": "bench/runs.py",
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "duration_s": round(time.perf_counter() - started, 1),
-        "machine": {**machine_info(("psutil",)), "client_event_loop": _loop_name(),
-                    "open_files": open_files},
+        "machine": {
+            **machine_info(("psutil",)),
+            "client_event_loop": _loop_name(),
+            "open_files": open_files,
+        },
         "config": config,
         "targets": {**TARGETS, "reference_peer": REFERENCE_PEER},
         # As before: each backend's `serve` result (levels, idle_sockets, services)...

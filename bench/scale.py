@@ -107,8 +107,9 @@ async def stored_log(server: Server, user: BenchUser) -> list[tuple[int, str, st
     async with asyncio.timeout(CONNECT_TIMEOUT * 4):
         async with connect(server.ws_url, ping_interval=None, max_size=2**24) as ws:
             await ws.send(json.dumps({"type": "auth", "token": user.token}))
-            await ws.send(json.dumps({"type": "subscribe", "thread_id": user.thread_id,
-                                      "after_seq": 0}))
+            await ws.send(
+                json.dumps({"type": "subscribe", "thread_id": user.thread_id, "after_seq": 0})
+            )
             await ws.send(json.dumps({"type": "ping"}))  # answered after the whole replay
             async for raw in ws:
                 message = json.loads(raw)
@@ -121,8 +122,9 @@ async def stored_log(server: Server, user: BenchUser) -> list[tuple[int, str, st
     raise BenchError("the replay ended without a pong")
 
 
-def integrity(received: list[tuple[int, str, str | None]],
-              stored: list[tuple[int, str, str | None]]) -> dict[str, int]:
+def integrity(
+    received: list[tuple[int, str, str | None]], stored: list[tuple[int, str, str | None]]
+) -> dict[str, int]:
     """Received live against stored, from the first event after the socket's subscribe (what
     came before was in the subscribe's replay, which `open_socket` does not record)."""
     if received:
@@ -144,8 +146,10 @@ def integrity(received: list[tuple[int, str, str | None]],
 
 
 async def measure(apis: list[Server], options: Options) -> dict[str, object]:
-    clients = [httpx.AsyncClient(base_url=api.base_url, timeout=HTTP_TIMEOUT, trust_env=False)
-               for api in apis]
+    clients = [
+        httpx.AsyncClient(base_url=api.base_url, timeout=HTTP_TIMEOUT, trust_env=False)
+        for api in apis
+    ]
     try:
         users = await register_many(clients[0], options.users, with_thread=True)
         sockets = []
@@ -165,8 +169,12 @@ async def measure(apis: list[Server], options: Options) -> dict[str, object]:
             await client.aclose()
 
 
-async def _phases(sockets: list[TrackedSocket], clients: list[httpx.AsyncClient],
-                  apis: list[Server], options: Options) -> dict[str, object]:
+async def _phases(
+    sockets: list[TrackedSocket],
+    clients: list[httpx.AsyncClient],
+    apis: list[Server],
+    options: Options,
+) -> dict[str, object]:
     def poster(n: int) -> httpx.AsyncClient:
         return clients[(n + 1) % len(clients)]
 
@@ -182,8 +190,10 @@ async def _phases(sockets: list[TrackedSocket], clients: list[httpx.AsyncClient]
             group.create_task(runs(n, sock, options.warmup))
     started = time.perf_counter()
     async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(runs(n, sock, options.runs_per_user))
-                 for n, sock in enumerate(sockets)]
+        tasks = [
+            group.create_task(runs(n, sock, options.runs_per_user))
+            for n, sock in enumerate(sockets)
+        ]
     wall = time.perf_counter() - started
     latencies = [ms for task in tasks for ms in task.result()]
     totals: Counter[str] = Counter()
@@ -203,9 +213,12 @@ async def _phases(sockets: list[TrackedSocket], clients: list[httpx.AsyncClient]
 
 async def run_layout(options: Options, api_count: int, worker_count: int) -> dict[str, object]:
     prefix = f"threadline-bench-scale-{uuid.uuid4().hex[:10]}"
-    extra = {"THREADLINE_REDIS_URL": options.redis_url, "THREADLINE_REDIS_PREFIX": prefix,
-             "THREADLINE_MAX_CONCURRENT_RUNS_PER_USER": "1000",
-             "THREADLINE_DEMO_DELAY_SECONDS": "0"}
+    extra = {
+        "THREADLINE_REDIS_URL": options.redis_url,
+        "THREADLINE_REDIS_PREFIX": prefix,
+        "THREADLINE_MAX_CONCURRENT_RUNS_PER_USER": "1000",
+        "THREADLINE_DEMO_DELAY_SECONDS": "0",
+    }
     if options.worker_poll_seconds is not None:
         extra["THREADLINE_WORKER_POLL_SECONDS"] = str(options.worker_poll_seconds)
     with tempfile.TemporaryDirectory(prefix="threadline-bench-scale-") as tmp:
@@ -216,16 +229,22 @@ async def run_layout(options: Options, api_count: int, worker_count: int) -> dic
                 await asyncio.to_thread(migrate, env, workdir)
                 with contextlib.ExitStack() as stack:
                     api_env = {**env, "THREADLINE_EMBEDDED_WORKER": "false"}
-                    apis = [stack.enter_context(server_process(api_env, _dir(workdir, "api", n)))
-                            for n in range(api_count)]
+                    apis = [
+                        stack.enter_context(server_process(api_env, _dir(workdir, "api", n)))
+                        for n in range(api_count)
+                    ]
                     for n in range(worker_count):
                         stack.enter_context(worker_process(env, _dir(workdir, "worker", n)))
                     async with asyncio.timeout(LAYOUT_TIMEOUT):
                         result = await measure(apis, options)
             finally:
                 await delete_redis_prefix(options.redis_url, prefix)
-    return {"layout": f"{api_count} API + {worker_count} worker", "api_processes": api_count,
-            "worker_processes": worker_count, **result}
+    return {
+        "layout": f"{api_count} API + {worker_count} worker",
+        "api_processes": api_count,
+        "worker_processes": worker_count,
+        **result,
+    }
 
 
 def _dir(workdir: Path, kind: str, n: int) -> Path:
@@ -236,37 +255,57 @@ def _dir(workdir: Path, kind: str, n: int) -> Path:
 
 def print_layout(r: dict[str, object]) -> None:
     latency = r["emit_to_socket_ms"]
-    print(f"{r['layout']:<20} {r['runs_per_second']:>8} runs/s  "
-          f"emit->socket p50 {latency['p50']} ms  p99 {latency['p99']} ms  "  # type: ignore[index]
-          f"integrity {r['integrity']}", flush=True)
+    print(
+        f"{r['layout']:<20} {r['runs_per_second']:>8} runs/s  "
+        f"emit->socket p50 {latency['p50']} ms  p99 {latency['p99']} ms  "  # type: ignore[index]
+        f"integrity {r['integrity']}",
+        flush=True,
+    )
 
 
 def parse_options(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
-    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL,
-                        help="a PostgreSQL server where the benchmark may create a database")
+    parser.add_argument(
+        "--postgres-url",
+        default=DEFAULT_POSTGRES_URL,
+        help="a PostgreSQL server where the benchmark may create a database",
+    )
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     parser.add_argument("--layouts", default="1x1,1x2,2x2", help="APIxWORKERS, comma-separated")
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--runs-per-user", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured runs per user")
-    parser.add_argument("--worker-poll-seconds", type=float, default=None,
-                        help="THREADLINE_WORKER_POLL_SECONDS of the workers (default: its default)")
+    parser.add_argument(
+        "--worker-poll-seconds",
+        type=float,
+        default=None,
+        help="THREADLINE_WORKER_POLL_SECONDS of the workers (default: its default)",
+    )
     args = parser.parse_args(argv)
     try:
         layouts = tuple(tuple(int(x) for x in item.split("x")) for item in args.layouts.split(","))
     except ValueError:
         parser.error("--layouts looks like 1x1,2x2")
-    if any(len(lay) != 2 or min(lay) < 1 for lay in layouts) or args.users < 1 \
-            or args.runs_per_user < 1 or args.warmup < 0:
+    if (
+        any(len(lay) != 2 or min(lay) < 1 for lay in layouts)
+        or args.users < 1
+        or args.runs_per_user < 1
+        or args.warmup < 0
+    ):
         parser.error("--layouts, --users, --runs-per-user and --warmup must be positive")
     require_loopback(args.postgres_url, "--postgres-url")
     require_loopback(args.redis_url, "--redis-url")
-    return Options(out=args.out, postgres_url=args.postgres_url, redis_url=args.redis_url,
-                   layouts=layouts, users=args.users,  # type: ignore[arg-type]
-                   runs_per_user=args.runs_per_user, warmup=args.warmup,
-                   worker_poll_seconds=args.worker_poll_seconds)
+    return Options(
+        out=args.out,
+        postgres_url=args.postgres_url,
+        redis_url=args.redis_url,
+        layouts=layouts,
+        users=args.users,  # type: ignore[arg-type]
+        runs_per_user=args.runs_per_user,
+        warmup=args.warmup,
+        worker_poll_seconds=args.worker_poll_seconds,
+    )
 
 
 async def run(options: Options) -> dict[str, object]:
@@ -283,11 +322,12 @@ async def run(options: Options) -> dict[str, object]:
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "duration_s": round(time.perf_counter() - started, 1),
         "machine": machine_info(("psutil",)),
-        "services": {"database": await postgres_version(options.postgres_url),
-                     "redis": await redis_version(options.redis_url)},
+        "services": {
+            "database": await postgres_version(options.postgres_url),
+            "redis": await redis_version(options.redis_url),
+        },
         "config": config,
-        "targets": {"emit_to_socket_p99_ms_at_32_users": TARGET_P99_MS, "lost": 0,
-                    "duplicated": 0},
+        "targets": {"emit_to_socket_p99_ms_at_32_users": TARGET_P99_MS, "lost": 0, "duplicated": 0},
         "layouts": layouts,
     }
 

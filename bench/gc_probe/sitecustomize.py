@@ -37,8 +37,10 @@ def _observe(phase: str, info: dict[str, int]) -> None:
 def _write() -> None:
     path = os.path.join(_DIRECTORY or ".", f"gc-{os.getpid()}.json")
     with open(path, "w") as out:
-        json.dump({"pauses": _pauses, "tracked": len(gc.get_objects()),
-                   "frozen": gc.get_freeze_count()}, out)
+        json.dump(
+            {"pauses": _pauses, "tracked": len(gc.get_objects()), "frozen": gc.get_freeze_count()},
+            out,
+        )
 
 
 if _DIRECTORY:

@@ -31,9 +31,11 @@ async def test_the_counting_hook_counts_statements_and_transactions(settings_fac
         before = await _metrics(h.client)
         await h.thread(user)
         after = await _metrics(h.client)
-    for name in ("threadline_db_statements_total",
-                 'threadline_db_transactions_total{outcome="commit"}',
-                 "threadline_db_pool_checkouts_total"):
+    for name in (
+        "threadline_db_statements_total",
+        'threadline_db_transactions_total{outcome="commit"}',
+        "threadline_db_pool_checkouts_total",
+    ):
         assert _value(after, name) > _value(before, name), name
     assert _value(after, "threadline_db_pings_total") == 0  # the pool does not pre-ping
 
