@@ -21,10 +21,10 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.bus_publisher import publish_turns
-from tests.integration.test_redis_bus import WAIT, _bus, _until, prefix, shared_redis
+from tests.integration.test_redis_bus import WAIT, _bus, _entries, _until, prefix, shared_redis
 from tests.integration.test_runs_support import wait_until
 from tests.private_redis import private_redis
-from threadline.events.redis_bus import RedisBusConfig, _decode, _Expiries
+from threadline.events.redis_bus import RedisBusConfig, _Expiries
 from threadline.events.types import Event, EventType
 
 __all__ = ["prefix", "shared_redis"]  # the fixtures, imported for this module's tests
@@ -116,16 +116,7 @@ async def test_a_stream_is_armed_once_per_period_and_again_after_redis_restarts(
                     await bus.flush()
                     stats = await client.info("commandstats")
                     ttls = [await client.ttl(f"{prefix}:events:{t}") for t in threads]
-                    entries = [
-                        [
-                            (
-                                entry_id,
-                                [e.seq for e in _decode(fields, seq=int(entry_id.split(b"-")[0]))],
-                            )
-                            for entry_id, fields in await client.xrange(f"{prefix}:events:{t}")
-                        ]
-                        for t in threads
-                    ]
+                    entries = [await _entries(server.url, f"{prefix}:events:{t}") for t in threads]
                 finally:
                     await client.aclose()
                 return stats, ttls, entries
