@@ -262,6 +262,17 @@ def server_env(database_url: str, workdir: Path, extra: dict[str, str]) -> dict[
     return env
 
 
+_PY_SPY_RECORD = ("py-spy", "record", "--gil", "--rate", "200", "--format", "raw")
+
+
+def py_spy_record(output: Path) -> list[str]:
+    """The py-spy command that records into `output`; add `--pid N`, or `-- <command>`.
+    Collapsed stacks: flamegraph.pl and speedscope read them, and so does `sort | uniq`.
+    --gil: sample only the thread holding the GIL, i.e. where Python CPU time goes (the driver
+    threads of aiosqlite otherwise dominate the samples while they wait)."""
+    return [*_PY_SPY_RECORD, "--output", str(output)]
+
+
 @contextmanager
 def server_process(
     env: dict[str, str],
@@ -290,22 +301,7 @@ def server_process(
         *args,
     ]
     if profile is not None:
-        # Collapsed stacks: flamegraph.pl and speedscope read them, and so does `sort | uniq`.
-        # --gil: sample only the thread holding the GIL, i.e. where Python CPU time goes (the
-        # driver threads of aiosqlite otherwise dominate the samples while they wait).
-        command = [
-            "py-spy",
-            "record",
-            "--gil",
-            "--rate",
-            "200",
-            "--format",
-            "raw",
-            "--output",
-            str(profile),
-            "--",
-            *command,
-        ]
+        command = [*py_spy_record(profile), "--", *command]
     log_path = workdir / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(

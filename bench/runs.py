@@ -98,6 +98,7 @@ from _support import (
     postgres_database,
     postgres_version,
     process_tree,
+    py_spy_record,
     redis_version,
     register_many,
     report_failures,
@@ -236,19 +237,7 @@ def profiled(processes: list[psutil.Process], directory: Path | None, label: str
     directory.mkdir(parents=True, exist_ok=True)
     spies = [
         subprocess.Popen(
-            [
-                "py-spy",
-                "record",
-                "--pid",
-                str(p.pid),
-                "--gil",
-                "--rate",
-                "200",
-                "--format",
-                "raw",
-                "--output",
-                str(directory / f"{label}-{p.pid}.txt"),
-            ],
+            [*py_spy_record(directory / f"{label}-{p.pid}.txt"), "--pid", str(p.pid)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
