@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import TestUser, register_user
 from tests.integration._support import all_messages, app_client, assert_error, create_thread
@@ -118,6 +119,11 @@ async def _finished_run(
     return await wait_until(terminal, what=f"run {run_id} to finish")
 
 
+async def _put_on_plan(engine: AsyncEngine, user: TestUser, plan: str) -> None:
+    async with engine.begin() as conn:
+        await AccountStore().set_plan(conn, user.id, plan)
+
+
 async def _run(client: httpx.AsyncClient, user: TestUser, thread_id: str, content: str) -> Any:
     response = await client.post(
         f"/v1/threads/{thread_id}/messages",
@@ -190,8 +196,7 @@ async def test_a_run_starts_with_the_token_budget_of_its_users_own_plan(
         thrifty, roomy = await register_user(client), await register_user(client)
         engine = create_engine(settings.database_url)
         try:
-            async with engine.begin() as conn:
-                await AccountStore().set_plan(conn, thrifty.id, "thrifty")
+            await _put_on_plan(engine, thrifty, "thrifty")
         finally:
             await engine.dispose()
         results = {}
@@ -230,8 +235,7 @@ async def test_concurrent_runs_follow_the_users_plan_in_the_queue(
         tiny, other = await register_user(client), await register_user(client)
         engine = create_engine(settings.database_url)
         try:
-            async with engine.begin() as conn:
-                await AccountStore().set_plan(conn, tiny.id, "tiny")
+            await _put_on_plan(engine, tiny, "tiny")
             for user in (tiny, tiny, other, other):
                 thread = await create_thread(client, user)
                 posted = await client.post(
