@@ -126,6 +126,72 @@ def summarize(
     }
 
 
+def process_cpu_seconds(process: psutil.Process) -> float:
+    """User plus system CPU seconds `process` has used so far."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all of the machine's cores have spent busy so far, whoever used them: the
+    server, the client, PostgreSQL, Redis and anything else (psutil, from /proc/stat)."""
+    times = psutil.cpu_times()
+    busy = times.user + times.nice + times.system
+    return float(busy + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0))
+
+
+SERVICE_PROCESSES = ("postgres", "redis-server")
+"""The services whose CPU `service_cpu` reports, by process name, when they run on this machine."""
+
+
+def service_cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """Each local PostgreSQL and Redis process's CPU seconds so far, by pid."""
+    snapshot = {}
+    for process in psutil.process_iter(["name"]):
+        name = process.info["name"]
+        if name in SERVICE_PROCESSES:
+            with contextlib.suppress(psutil.Error):
+                snapshot[process.pid] = (name, process_cpu_seconds(process))
+    return snapshot
+
+
+def service_cpu(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], *, runs: int
+) -> dict[str, float]:
+    """CPU ms per run of each service between two snapshots. A process that started in between
+    counts from zero; one that exited in between is missed (PostgreSQL's pooled backends live
+    through a level)."""
+    totals = dict.fromkeys(SERVICE_PROCESSES, 0.0)
+    for pid, (name, seconds) in after.items():
+        totals[name] += seconds - before.get(pid, (name, 0.0))[1]
+    return {name: round(seconds / runs * 1000, 3) for name, seconds in totals.items()}
+
+
+def machine_cpu(
+    busy_s: float, *, runs: int, wall_s: float, server_s: float, client_s: float
+) -> dict[str, float | int]:
+    """The whole machine's CPU per run over a measured phase, and what of it was neither the
+    server's nor the client's (the database, Redis, the rest of the machine). With every core
+    busy, `cores / machine_cpu_ms_per_run` bounds the runs per second the machine can do."""
+    return {
+        "machine_cpu_ms_per_run": round(busy_s / runs * 1000, 3),
+        "rest_cpu_ms_per_run": round((busy_s - server_s - client_s) / runs * 1000, 3),
+        "cores_busy": round(busy_s / wall_s, 2),
+        "cores": psutil.cpu_count() or 1,
+    }
+
+
+def print_machine_cpu(result: dict[str, object]) -> None:
+    services = result.get("service_cpu_ms_per_run") or {}
+    shares = ", ".join(f"{name} {ms}" for name, ms in services.items())  # type: ignore[attr-defined]
+    print(
+        f"      machine CPU per run: {result['machine_cpu_ms_per_run']} ms, of which neither "
+        f"server nor client {result['rest_cpu_ms_per_run']} ms ({shares or 'no local services'}); "
+        f"cores busy {result['cores_busy']} of {result['cores']}",
+        flush=True,
+    )
+
+
 def git_commit() -> str | None:
     """The checked-out commit, read from `.git` directly (no git process)."""
     git = ROOT / ".git"

@@ -36,6 +36,11 @@ Measured per backend, topology and number of concurrent users, after a warm-up:
 - server CPU (user + system, psutil) over the measured phase, per completed run, summed over
   every server process (a supervisor and its children, API and worker processes), each one's
   share beside it;
+- the whole machine's CPU per run over the same phase (every core's busy time, whoever used
+  it), what of it was neither the server's nor the client's, and of that the local PostgreSQL
+  and Redis processes' share; and how many cores were busy on average. With every core busy,
+  cores ÷ machine CPU per run is the most runs per second this machine can do, whatever the
+  topology;
 - database transactions and round trips per completed run, counted (`--count-statements`, on
   by default): the server's counting hook (THREADLINE_DEBUG_COUNT_STATEMENTS) summed over every
   server process, on both backends, and on PostgreSQL also `pg_stat_database`'s xact_commit and
@@ -93,10 +98,14 @@ from _support import (
     create_thread,
     delete_redis_prefix,
     expect,
+    machine_busy_seconds,
+    machine_cpu,
     machine_info,
     migrate,
     postgres_database,
     postgres_version,
+    print_machine_cpu,
+    process_cpu_seconds,
     process_tree,
     py_spy_record,
     redis_version,
@@ -105,6 +114,8 @@ from _support import (
     require_loopback,
     server_env,
     server_process,
+    service_cpu,
+    service_cpu_snapshot,
     summarize,
     wait_all_accepting,
     worker_process,
@@ -455,7 +466,9 @@ async def run_level(
         if counts is not None:
             idle, before = await idle_rate(counts)
         load_before = os.getloadavg()
-        server_cpu, client_cpu = [_cpu(p) for p in servers], _cpu(client_proc)
+        server_cpu = [process_cpu_seconds(p) for p in servers]
+        client_cpu, busy = process_cpu_seconds(client_proc), machine_busy_seconds()
+        services = service_cpu_snapshot()
         with profiled(servers, options.profile, f"{label}-{len(sockets)}u"):
             started = time.perf_counter()
             async with asyncio.TaskGroup() as group:
@@ -464,8 +477,12 @@ async def run_level(
                     for sock in sockets
                 ]
             wall = time.perf_counter() - started
-        server_cpu = [_cpu(p) - before for p, before in zip(servers, server_cpu, strict=True)]
-        client_cpu = _cpu(client_proc) - client_cpu
+        busy = machine_busy_seconds() - busy
+        services_after = service_cpu_snapshot()
+        server_cpu = [
+            process_cpu_seconds(p) - before for p, before in zip(servers, server_cpu, strict=True)
+        ]
+        client_cpu = process_cpu_seconds(client_proc) - client_cpu
         spread = connections_by_process(deployment)
         if counts is not None:
             await asyncio.sleep(counts.settle_s)  # pg_stat_database lags behind (_counting.py)
@@ -480,6 +497,10 @@ async def run_level(
         server_cpu=sum(server_cpu),
         client_cpu=client_cpu,
     )
+    result |= machine_cpu(
+        busy, runs=len(samples), wall_s=wall, server_s=sum(server_cpu), client_s=client_cpu
+    )
+    result["service_cpu_ms_per_run"] = service_cpu(services, services_after, runs=len(samples))
     result["server_cpu_ms_per_run_by_process"] = {
         f"{p.pid} {_role(p, deployment)}": round(cpu / len(samples) * 1000, 3)
         for p, cpu in zip(servers, server_cpu, strict=True)
@@ -495,11 +516,6 @@ def _role(process: psutil.Process, deployment: Deployment) -> str:
     if process.pid == deployment.server.pid:
         return "supervisor" if len(deployment.processes) > 1 and process.children() else "serve"
     return "worker" if "worker" in process.cmdline() else "serve child"
-
-
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
 
 
 def level_result(
@@ -792,6 +808,7 @@ def print_level(r: dict[str, object]) -> None:
         f"{r['load_average_after'][0]}",
         flush=True,
     )  # type: ignore[index]
+    print_machine_cpu(r)
     shares = r.get("server_cpu_ms_per_run_by_process")
     if isinstance(shares, dict) and len(shares) > 1:
         print(

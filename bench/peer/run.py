@@ -25,6 +25,8 @@ Measured per number of concurrent users, after a warm-up, as bench/runs.py does:
   done: the same key as bench/runs.py's, so the two JSON files compare key by key);
 - server CPU (user + system, psutil) over the measured phase, per completed run, summed over
   the server process and any children; the client's own CPU beside it;
+- the whole machine's CPU per run and the cores busy, as bench/runs.py reports them (the peer
+  keeps everything in its own process, so almost nothing is left beside server and client);
 - the machine's load average before and after each level.
 Percentiles are bench/_support.py's (nearest rank), so both benchmarks compute them alike.
 """
@@ -56,8 +58,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _support import (  # noqa: E402
     BenchError,
     free_port,
+    machine_busy_seconds,
+    machine_cpu,
     machine_info,
+    print_machine_cpu,
+    process_cpu_seconds,
     report_failures,
+    service_cpu,
+    service_cpu_snapshot,
     stop,
     summarize,
     tail,
@@ -306,11 +314,6 @@ async def sequential_runs(
 # --- Levels ---------------------------------------------------------------------------------------
 
 
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
-
-
 async def run_level(
     server: PeerServer, http: httpx.AsyncClient, users: int, options: Options
 ) -> dict[str, object]:
@@ -322,7 +325,9 @@ async def run_level(
             for thread_id in threads:
                 group.create_task(sequential_runs(http, thread_id, options.warmup, options))
         load_before = os.getloadavg()
-        server_before, client_before = [_cpu(p) for p in server.processes], _cpu(client)
+        server_before = [process_cpu_seconds(p) for p in server.processes]
+        client_before, busy = process_cpu_seconds(client), machine_busy_seconds()
+        services = service_cpu_snapshot()
         started = time.perf_counter()
         async with asyncio.TaskGroup() as group:
             tasks = [
@@ -330,8 +335,12 @@ async def run_level(
                 for thread_id in threads
             ]
         wall = time.perf_counter() - started
-        server_cpu = [_cpu(p) - b for p, b in zip(server.processes, server_before, strict=True)]
-        client_cpu = _cpu(client) - client_before
+        busy = machine_busy_seconds() - busy
+        services_after = service_cpu_snapshot()
+        server_cpu = [
+            process_cpu_seconds(p) - b for p, b in zip(server.processes, server_before, strict=True)
+        ]
+        client_cpu = process_cpu_seconds(client) - client_before
     samples = [sample for task in tasks for sample in task.result()]
     result = level_result(
         samples,
@@ -342,6 +351,10 @@ async def run_level(
         server_cpu=sum(server_cpu),
         client_cpu=client_cpu,
     )
+    result |= machine_cpu(
+        busy, runs=len(samples), wall_s=wall, server_s=sum(server_cpu), client_s=client_cpu
+    )
+    result["service_cpu_ms_per_run"] = service_cpu(services, services_after, runs=len(samples))
     result["server_cpu_ms_per_run_by_process"] = {
         f"{p.pid} {p.name()}": round(cpu / len(samples) * 1000, 3)
         for p, cpu in zip(server.processes, server_cpu, strict=True)
@@ -404,6 +417,7 @@ def print_level(r: dict[str, object]) -> None:
         f"{r['load_average_after'][0]}",
         flush=True,
     )  # type: ignore[index]
+    print_machine_cpu(r)
 
 
 # --- Entry point ----------------------------------------------------------------------------------
