@@ -40,7 +40,7 @@ Measured per backend, topology and number of concurrent users, after a warm-up:
   it), what of it was neither the server's nor the client's, and of that the local PostgreSQL
   and Redis processes' share; and how many cores were busy on average. With every core busy,
   cores ÷ machine CPU per run is the most runs per second this machine can do, whatever the
-  topology;
+  topology (with `--profile`, py-spy's own CPU is in the machine's figure too);
 - database transactions and round trips per completed run, counted (`--count-statements`, on
   by default): the server's counting hook (THREADLINE_DEBUG_COUNT_STATEMENTS) summed over every
   server process, on both backends, and on PostgreSQL also `pg_stat_database`'s xact_commit and
