@@ -132,7 +132,7 @@ def process_cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def machine_busy_seconds() -> float:
+def _machine_busy_seconds() -> float:
     """CPU seconds all of the machine's cores have spent busy so far, whoever used them: the
     server, the client, PostgreSQL, Redis and anything else (psutil, from /proc/stat)."""
     times = psutil.cpu_times()
@@ -141,10 +141,10 @@ def machine_busy_seconds() -> float:
 
 
 SERVICE_PROCESSES = ("postgres", "redis-server")
-"""The services whose CPU `service_cpu` reports, by process name, when they run on this machine."""
+"""The local services whose CPU `MachineMeter` reports, by process name."""
 
 
-def service_cpu_snapshot() -> dict[int, tuple[str, float]]:
+def _service_cpu_seconds() -> dict[int, tuple[str, float]]:
     """Each local PostgreSQL and Redis process's CPU seconds so far, by pid."""
     snapshot = {}
     for process in psutil.process_iter(["name"]):
@@ -155,30 +155,42 @@ def service_cpu_snapshot() -> dict[int, tuple[str, float]]:
     return snapshot
 
 
-def service_cpu(
-    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], *, runs: int
-) -> dict[str, float]:
-    """CPU ms per run of each service between two snapshots. A process that started in between
-    counts from zero; one that exited in between is missed (PostgreSQL's pooled backends live
-    through a level)."""
-    totals = dict.fromkeys(SERVICE_PROCESSES, 0.0)
-    for pid, (name, seconds) in after.items():
-        totals[name] += seconds - before.get(pid, (name, 0.0))[1]
-    return {name: round(seconds / runs * 1000, 3) for name, seconds in totals.items()}
+class MachineMeter:
+    """The whole machine's CPU over a measured phase: every core's busy time, whoever used it,
+    and of it the local PostgreSQL and Redis processes' share. Made just before the phase,
+    `stop()`ped just after it.
 
+    A service process that started during the phase counts from zero; one that exited during
+    it is missed (PostgreSQL's pooled backends live through a level)."""
 
-def machine_cpu(
-    busy_s: float, *, runs: int, wall_s: float, server_s: float, client_s: float
-) -> dict[str, float | int]:
-    """The whole machine's CPU per run over a measured phase, and what of it was neither the
-    server's nor the client's (the database, Redis, the rest of the machine). With every core
-    busy, `cores / machine_cpu_ms_per_run` bounds the runs per second the machine can do."""
-    return {
-        "machine_cpu_ms_per_run": round(busy_s / runs * 1000, 3),
-        "rest_cpu_ms_per_run": round((busy_s - server_s - client_s) / runs * 1000, 3),
-        "cores_busy": round(busy_s / wall_s, 2),
-        "cores": psutil.cpu_count() or 1,
-    }
+    def __init__(self) -> None:
+        self._busy_s = _machine_busy_seconds()
+        self._services = _service_cpu_seconds()
+
+    def stop(self) -> None:
+        self._busy_s = _machine_busy_seconds() - self._busy_s
+        after = _service_cpu_seconds()
+        self._service_s = dict.fromkeys(SERVICE_PROCESSES, 0.0)
+        for pid, (name, seconds) in after.items():
+            self._service_s[name] += seconds - self._services.get(pid, (name, 0.0))[1]
+
+    def per_run(
+        self, *, runs: int, wall_s: float, server_s: float, client_s: float
+    ) -> dict[str, object]:
+        """Per run: the machine's CPU, what of it was neither the server's nor the client's,
+        and each service's; and the cores busy on average. With every core busy,
+        `cores / machine_cpu_ms_per_run` bounds the runs per second the machine can do."""
+
+        def ms(seconds: float) -> float:
+            return round(seconds / runs * 1000, 3)
+
+        return {
+            "machine_cpu_ms_per_run": ms(self._busy_s),
+            "rest_cpu_ms_per_run": ms(self._busy_s - server_s - client_s),
+            "service_cpu_ms_per_run": {name: ms(s) for name, s in self._service_s.items()},
+            "cores_busy": round(self._busy_s / wall_s, 2),
+            "cores": psutil.cpu_count() or 1,
+        }
 
 
 def print_machine_cpu(result: dict[str, object]) -> None:

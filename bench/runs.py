@@ -93,13 +93,12 @@ from _support import (
     ROOT,
     BenchError,
     BenchUser,
+    MachineMeter,
     Server,
     _asyncpg_dsn,
     create_thread,
     delete_redis_prefix,
     expect,
-    machine_busy_seconds,
-    machine_cpu,
     machine_info,
     migrate,
     postgres_database,
@@ -114,8 +113,6 @@ from _support import (
     require_loopback,
     server_env,
     server_process,
-    service_cpu,
-    service_cpu_snapshot,
     summarize,
     wait_all_accepting,
     worker_process,
@@ -467,8 +464,7 @@ async def run_level(
             idle, before = await idle_rate(counts)
         load_before = os.getloadavg()
         server_cpu = [process_cpu_seconds(p) for p in servers]
-        client_cpu, busy = process_cpu_seconds(client_proc), machine_busy_seconds()
-        services = service_cpu_snapshot()
+        client_cpu, machine = process_cpu_seconds(client_proc), MachineMeter()
         with profiled(servers, options.profile, f"{label}-{len(sockets)}u"):
             started = time.perf_counter()
             async with asyncio.TaskGroup() as group:
@@ -477,8 +473,7 @@ async def run_level(
                     for sock in sockets
                 ]
             wall = time.perf_counter() - started
-        busy = machine_busy_seconds() - busy
-        services_after = service_cpu_snapshot()
+        machine.stop()
         server_cpu = [
             process_cpu_seconds(p) - before for p, before in zip(servers, server_cpu, strict=True)
         ]
@@ -497,10 +492,9 @@ async def run_level(
         server_cpu=sum(server_cpu),
         client_cpu=client_cpu,
     )
-    result |= machine_cpu(
-        busy, runs=len(samples), wall_s=wall, server_s=sum(server_cpu), client_s=client_cpu
+    result |= machine.per_run(
+        runs=len(samples), wall_s=wall, server_s=sum(server_cpu), client_s=client_cpu
     )
-    result["service_cpu_ms_per_run"] = service_cpu(services, services_after, runs=len(samples))
     result["server_cpu_ms_per_run_by_process"] = {
         f"{p.pid} {_role(p, deployment)}": round(cpu / len(samples) * 1000, 3)
         for p, cpu in zip(servers, server_cpu, strict=True)

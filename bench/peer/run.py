@@ -57,15 +57,12 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _support import (  # noqa: E402
     BenchError,
+    MachineMeter,
     free_port,
-    machine_busy_seconds,
-    machine_cpu,
     machine_info,
     print_machine_cpu,
     process_cpu_seconds,
     report_failures,
-    service_cpu,
-    service_cpu_snapshot,
     stop,
     summarize,
     tail,
@@ -326,8 +323,7 @@ async def run_level(
                 group.create_task(sequential_runs(http, thread_id, options.warmup, options))
         load_before = os.getloadavg()
         server_before = [process_cpu_seconds(p) for p in server.processes]
-        client_before, busy = process_cpu_seconds(client), machine_busy_seconds()
-        services = service_cpu_snapshot()
+        client_before, machine = process_cpu_seconds(client), MachineMeter()
         started = time.perf_counter()
         async with asyncio.TaskGroup() as group:
             tasks = [
@@ -335,8 +331,7 @@ async def run_level(
                 for thread_id in threads
             ]
         wall = time.perf_counter() - started
-        busy = machine_busy_seconds() - busy
-        services_after = service_cpu_snapshot()
+        machine.stop()
         server_cpu = [
             process_cpu_seconds(p) - b for p, b in zip(server.processes, server_before, strict=True)
         ]
@@ -351,10 +346,9 @@ async def run_level(
         server_cpu=sum(server_cpu),
         client_cpu=client_cpu,
     )
-    result |= machine_cpu(
-        busy, runs=len(samples), wall_s=wall, server_s=sum(server_cpu), client_s=client_cpu
+    result |= machine.per_run(
+        runs=len(samples), wall_s=wall, server_s=sum(server_cpu), client_s=client_cpu
     )
-    result["service_cpu_ms_per_run"] = service_cpu(services, services_after, runs=len(samples))
     result["server_cpu_ms_per_run_by_process"] = {
         f"{p.pid} {p.name()}": round(cpu / len(samples) * 1000, 3)
         for p, cpu in zip(server.processes, server_cpu, strict=True)
